@@ -1,0 +1,3 @@
+"""Type stubs for the Rust core (`rust/src/python/`)."""
+
+def version() -> str: ...
