@@ -64,6 +64,8 @@ def run_demo(steps: int = 60, output_dir: str | None = None, seed: int = 0, show
     """Train, save, reload, merge; returns the losses and the largest output differences."""
     from oxpeft import LoraConfig, PeftModel, get_peft_model
 
+    if steps < 10:
+        raise ValueError(f"the demo needs at least 10 training steps to show the loss going down, got {steps}")
     tokens = torch.tensor(list(DEMO_TEXT.encode("utf-8")), dtype=torch.long)
     model = get_peft_model(
         _tiny_llama(seed), LoraConfig(
