@@ -20,6 +20,10 @@ from oxpeft.peft_model import (
 from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.ia3 import IA3Config, IA3Model
+from oxpeft.tuners.loha import LoHaConfig, LoHaModel
+from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
+from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
 
 __version__: str = _native_version()
 
@@ -30,6 +34,14 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "IA3Config",
+    "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -6,16 +6,32 @@ from torch import nn
 
 from oxpeft.config import PeftConfig, PeftType, TaskType
 from oxpeft.peft_model import TASK_MODEL_CLASSES, PeftModel
+from oxpeft.tuners.adalora.config import AdaLoraConfig
+from oxpeft.tuners.adalora.model import AdaLoraModel
 from oxpeft.tuners.base import BaseTuner
+from oxpeft.tuners.ia3.config import IA3Config
+from oxpeft.tuners.ia3.model import IA3Model
+from oxpeft.tuners.loha.config import LoHaConfig
+from oxpeft.tuners.loha.model import LoHaModel
+from oxpeft.tuners.lokr.config import LoKrConfig
+from oxpeft.tuners.lokr.model import LoKrModel
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
 
 PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
     PeftType.LORA: LoraConfig,
+    PeftType.IA3: IA3Config,
+    PeftType.LOHA: LoHaConfig,
+    PeftType.LOKR: LoKrConfig,
+    PeftType.ADALORA: AdaLoraConfig,
 }
 
 PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type[BaseTuner]] = {
     PeftType.LORA: LoraModel,
+    PeftType.IA3: IA3Model,
+    PeftType.LOHA: LoHaModel,
+    PeftType.LOKR: LoKrModel,
+    PeftType.ADALORA: AdaLoraModel,
 }
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = TASK_MODEL_CLASSES

@@ -17,7 +17,7 @@ from torch import nn
 
 from oxpeft._io import atomic_path
 from oxpeft.hub import resolve_file
-from oxpeft.tuners.base import BaseTunerLayer, ModulesToSaveWrapper, matches_targets
+from oxpeft.tuners.base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, matches_targets
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -74,9 +74,12 @@ def get_peft_model_state_dict(
     """The tensors of one adapter, keyed as in PEFT's adapter_model.safetensors."""
     config = model.peft_config[adapter_name]
     tensors = state_dict if state_dict is not None else _model_tensors(model)
-    out: dict[str, torch.Tensor] = {}
-    for model_key, ckpt_key in adapter_key_map(model, adapter_name).items():
-        out[ckpt_key] = tensors[model_key]
+    key_map = adapter_key_map(model, adapter_name)
+    selected = {model_key: tensors[model_key] for model_key in key_map}
+    tuner = _tuner_of(model)
+    if tuner is not None:
+        selected = tuner.adapter_tensors_to_save(model, selected, adapter_name)
+    out: dict[str, torch.Tensor] = {ckpt_key: selected[model_key] for model_key, ckpt_key in key_map.items()}
 
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -95,6 +98,14 @@ def get_peft_model_state_dict(
                 key = f"{name}.base_layer.weight"
                 out[key] = tensors[key]
     return {k: v.detach() for k, v in out.items()}
+
+
+def _tuner_of(model: nn.Module) -> BaseTuner | None:
+    """The tuner inside a PeftModel, or `model` itself when it is a tuner."""
+    if isinstance(model, BaseTuner):
+        return model
+    inner = getattr(model, "base_model", None)
+    return inner if isinstance(inner, BaseTuner) else None
 
 
 def _save_embeddings(model: nn.Module, config: Any, save_embedding_layers: bool | str) -> bool:

@@ -1,6 +1,8 @@
 """Machinery shared by every injection-based method (LoRA, IA3, LoHa, LoKr, AdaLoRA).
 
 - `BaseTunerLayer`: the mixin of a layer that wraps a base layer and holds per-adapter parameters.
+- `DeltaTunerLayer`: a `BaseTunerLayer` whose adapters add a weight delta (AdaLoRA, LoHa, LoKr): shared forward,
+  merge and unmerge.
 - `ModulesToSaveWrapper`: a trainable per-adapter copy of a whole module (`modules_to_save`).
 - `BaseTuner`: the nn.Module that wraps a model, finds the target modules, injects layers and
   implements adapter management, merge and unload.
@@ -25,6 +27,41 @@ from tqdm.auto import tqdm
 from oxpeft.config import PeftConfig, TaskType
 
 ALL_LINEAR = "all-linear"
+
+# Per-architecture defaults used when target_modules is None by the low-rank methods (LoRA, LoHa, LoKr):
+# the attention query/value projections. HF PEFT uses the same table for all three.
+LOW_RANK_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
+}
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -111,6 +148,28 @@ class BaseTunerLayer:
             else:
                 yield from item.parameters()
 
+    def _base_weight_ref(self) -> torch.Tensor | None:
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+
+    def _move_adapter_to_base(self, adapter_name: str, adapter_dtype: torch.dtype | None) -> None:
+        """Put a new adapter's tensors on the base weight's device, in `adapter_dtype` (default: the base's)."""
+        ref = self._base_weight_ref()
+        device = ref.device if ref is not None and ref.device.type != "meta" else None
+        dtype = adapter_dtype
+        if dtype is None and ref is not None and ref.dtype.is_floating_point:
+            dtype = ref.dtype
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.data.to(device=device, dtype=dtype))
+            else:
+                item.to(device=device, dtype=dtype)
+
     # --- switching -----------------------------------------------------------------------------------------------
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active (and trainable) adapters of this layer; others are frozen."""
@@ -156,6 +215,56 @@ def check_merged_weight(weight: torch.Tensor, adapter_name: str) -> None:
     """`safe_merge`: refuse a merged weight with NaN or inf (nothing has been written yet)."""
     if not torch.isfinite(weight).all():
         raise ValueError(f"merging adapter '{adapter_name}' would produce NaN/inf weights; the model is unchanged")
+
+
+class DeltaTunerLayer(nn.Module, BaseTunerLayer):
+    """A layer whose adapters each add a weight delta `get_delta_weight(name)` (in the base weight's layout).
+
+    It is an nn.Module itself so that its `forward` comes before `nn.Module.forward` in subclasses' MRO.
+
+    Forward is ``base(x) + sum(adapter_output(name, x))`` over the active adapters; merging adds the delta computed
+    in fp32 to the base weight and rounds once, unmerging subtracts it again.
+    """
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adapter_output(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """What adapter `adapter_name` adds to the base output for input `x` (None: nothing this time)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        result_dtype = result.dtype
+        available = self.adapter_names()
+        for name in self._active_adapter:
+            if name not in available:
+                continue
+            out = self._adapter_output(name, x, *args, **kwargs)
+            if out is not None:
+                result = result + out
+        return result.to(result_dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for name in self._adapters_to_merge(adapter_names):
+            merged = base.weight.float() + self.get_delta_weight(name).detach().float()
+            if safe_merge:
+                check_merged_weight(merged, name)
+            base.weight.data = merged.to(base.weight.dtype)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data = (base.weight.float() - self.get_delta_weight(name).detach().float()).to(base.weight.dtype)
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -323,6 +432,25 @@ class BaseTuner(nn.Module, abc.ABC):
         current_key: str,
     ) -> None:
         """Wrap `target` (child `target_name` of `parent`) for `adapter_name`, or add the adapter to its wrapper."""
+
+    def _adapter_dtype(self, target: nn.Module) -> torch.dtype | None:
+        """The dtype of new adapter weights: fp32 for half-precision bases (autocast_adapter_dtype), else the base's."""
+        weight = getattr(target, "weight", None)
+        if weight is None or not weight.dtype.is_floating_point:
+            return torch.float32
+        if self.autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return weight.dtype
+
+    def adapter_tensors_to_save(
+        self, model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str
+    ) -> dict[str, torch.Tensor]:
+        """Adjust an adapter's tensors (keyed by `model`'s state-dict keys) before they are written to a file.
+
+        `model` is the module whose state dict the keys come from (the PeftModel or this tuner). The default keeps
+        them as they are; AdaLoRA drops its pruned ranks here.
+        """
+        return tensors
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         """Refuse combinations that cannot hold together across several adapters."""
@@ -641,6 +769,10 @@ class BaseTuner(nn.Module, abc.ABC):
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.peft_config)}")
+        unsupported = sorted({type(m).__name__ for _, m in self._tuner_modules()
+                              if isinstance(m, BaseTunerLayer) and not hasattr(m, "_batch_adapter_names")})
+        if unsupported:
+            raise ValueError(f"per-sample adapter_names is not supported by {', '.join(unsupported)} layers")
         layers = [m for _, m in self._tuner_modules() if hasattr(m, "_batch_adapter_names")]
         for layer in layers:
             layer._batch_adapter_names = list(adapter_names)

@@ -89,27 +89,6 @@ class LoraLayer(BaseTunerLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
 
-    def _base_weight_ref(self) -> torch.Tensor | None:
-        base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
-        return weight if isinstance(weight, torch.Tensor) else None
-
-    def _move_adapter_to_base(self, adapter_name: str, adapter_dtype: torch.dtype | None) -> None:
-        ref = self._base_weight_ref()
-        device = ref.device if ref is not None and ref.device.type != "meta" else None
-        dtype = adapter_dtype
-        if dtype is None and ref is not None and ref.dtype.is_floating_point:
-            dtype = ref.dtype
-        for attr in self.adapter_layer_names:
-            container = getattr(self, attr)
-            if adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if isinstance(item, nn.Parameter):
-                container[adapter_name] = nn.Parameter(item.data.to(device=device, dtype=dtype))
-            else:
-                item.to(device=device, dtype=dtype)
-
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Any) -> None:
         if init_lora_weights is False:

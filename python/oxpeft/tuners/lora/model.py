@@ -5,44 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from oxpeft.tuners.base import BaseTuner, pattern_key
+from oxpeft.tuners.base import LOW_RANK_TARGET_MODULES, BaseTuner, pattern_key
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
 from oxpeft.tuners.lora.weighted import add_weighted_adapter
 
-# Per-architecture defaults used when target_modules is None (the attention query/value projections).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "phi3": ["qkv_proj"],
-    "stablelm": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "deberta": ["in_proj"],
-    "codegen": ["qkv_proj"],
-    "mpt": ["Wqkv"],
-}
+# Kept under this name for callers of the LoRA package; the table is shared with LoHa and LoKr.
+DEFAULT_TARGET_MODULES = LOW_RANK_TARGET_MODULES
 
 
 class LoraModel(BaseTuner):
@@ -53,14 +22,6 @@ class LoraModel(BaseTuner):
 
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
         return DEFAULT_TARGET_MODULES.get(model_type or "")
-
-    def _adapter_dtype(self, target: nn.Module) -> torch.dtype | None:
-        weight = getattr(target, "weight", None)
-        if weight is None or not weight.dtype.is_floating_point:
-            return torch.float32
-        if self.autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return weight.dtype
 
     def _create_and_replace(
         self,

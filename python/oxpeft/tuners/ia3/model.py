@@ -1,0 +1,153 @@
+"""`IA3Model`: injects (IA)³ layers into the target modules of a model."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+from torch import nn
+
+from oxpeft.tuners.base import BaseTuner, matches_list_entry
+from oxpeft.tuners.ia3.config import IA3Config
+from oxpeft.tuners.ia3.layer import Conv2d, IA3Layer, Linear
+
+# Per-architecture defaults used when target_modules / feedforward_modules are None (HF PEFT's tables).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+
+DEFAULT_FEEDFORWARD_MODULES: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+}
+
+
+def is_feedforward(config: IA3Config, key: str) -> bool:
+    """Whether target `key` scales its input. A list entry matches a name that ENDS with it (HF PEFT's rule, kept
+    so that the same config gives the same vector shapes in both libraries)."""
+    ff = config.feedforward_modules
+    if isinstance(ff, str):
+        return re.fullmatch(ff, key) is not None
+    return any(key.endswith(entry) for entry in ff or ())
+
+
+class IA3Model(BaseTuner):
+    """The (IA)³ tuner. Usually created through `get_peft_model`."""
+
+    prefix = "ia3_"
+    layer_cls = IA3Layer
+
+    def _default_target_modules(self, model_type: str | None) -> list[str] | None:
+        return DEFAULT_TARGET_MODULES.get(model_type or "")
+
+    def _resolve_target_modules(self, config: IA3Config) -> None:
+        super()._resolve_target_modules(config)
+        if config.feedforward_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            default = DEFAULT_FEEDFORWARD_MODULES.get(model_type or "")
+            if default is None:
+                raise ValueError(
+                    f"feedforward_modules is not set and oxpeft has no default for model_type {model_type!r}; "
+                    "set feedforward_modules (the targets whose input is scaled; [] for none)"
+                )
+            config.feedforward_modules = set(default)
+
+    def _check_targets_matched(self, config: IA3Config, names: list[str], targets: list[str], strict: bool) -> None:
+        super()._check_targets_matched(config, names, targets, strict)
+        ff = config.feedforward_modules
+        if isinstance(ff, str):
+            unmatched = [] if any(is_feedforward(config, k) for k in targets) else [ff]
+        else:
+            unmatched = sorted(e for e in ff or () if not any(matches_list_entry(k, e) for k in targets))
+        if unmatched:
+            message = f"feedforward_modules {unmatched} match no targeted module (targets: {sorted(targets)[:6]})"
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=4)
+
+    def _create_and_replace(
+        self,
+        config: IA3Config,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        if isinstance(target, IA3Layer):
+            target.update_layer(adapter_name, config.init_ia3_weights, self._adapter_dtype(target.get_base_layer()))
+            return
+        layer_cls, fan_in_fan_out = _layer_for(target, current_key, config.fan_in_fan_out)
+        new_module = layer_cls(
+            target,
+            adapter_name,
+            is_feedforward=is_feedforward(config, current_key),
+            fan_in_fan_out=fan_in_fan_out,
+            init_ia3_weights=config.init_ia3_weights,
+            adapter_dtype=self._adapter_dtype(target),
+        )
+        setattr(parent, target_name, new_module)
+
+
+def _layer_for(target: nn.Module, key: str, fan_in_fan_out: bool) -> tuple[type[IA3Layer], bool]:
+    """The (IA)³ class for a base layer and the fan_in_fan_out its weight layout requires."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(target, nn.Conv2d):
+        return Conv2d, False
+    if isinstance(target, (nn.Linear, Conv1D)):
+        required = isinstance(target, Conv1D)
+        if required != fan_in_fan_out:
+            warnings.warn(
+                f"'{key}': fan_in_fan_out={fan_in_fan_out} does not fit its layer type; using {required}", stacklevel=5
+            )
+        return Linear, required
+    raise ValueError(
+        f"(IA)³ does not support '{key}' of type {type(target).__name__}; supported: nn.Linear, transformers Conv1D "
+        "and nn.Conv2d"
+    )

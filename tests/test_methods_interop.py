@@ -1,0 +1,263 @@
+"""IA3, LoHa, LoKr and AdaLoRA adapters move both ways between oxpeft and the real HF PEFT with equal outputs;
+merged equals unmerged; a short training run lowers the loss; bad configs get clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import oxpeft
+from conftest import MODEL_FACTORIES, twin
+
+peft = pytest.importorskip("peft", reason="HF PEFT is the oracle for these tests (pip install '.[test]')")
+
+ATOL = 1e-5
+
+
+class TinyConvNet(nn.Module):
+    """A small image model with a 3x3 and a 1x1 convolution, for the Conv2d paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(12, 6, 1)
+        self.head = nn.Linear(6 * 5 * 5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(self.conv3(x).flatten(1))
+
+
+def make_conv(seed: int = 0) -> TinyConvNet:
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
+FACTORIES = dict(MODEL_FACTORIES, conv=make_conv)
+
+# name -> (model kind, config class name (same in both libraries), kwargs)
+CASES = {
+    "ia3-llama": ("llama", "IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "ia3-llama-default": ("llama", "IA3Config", dict()),
+    "ia3-gpt2-conv1d": (
+        "gpt2",
+        "IA3Config",
+        dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+    ),
+    "ia3-bert-seqcls": (
+        "bert",
+        "IA3Config",
+        dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"], task_type="SEQ_CLS"),
+    ),
+    "ia3-conv": ("conv", "IA3Config", dict(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"])),
+    "loha-llama": ("llama", "LoHaConfig", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "loha-patterns": (
+        "llama",
+        "LoHaConfig",
+        dict(r=4, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16}),
+    ),
+    "loha-conv": ("conv", "LoHaConfig", dict(r=3, alpha=6, target_modules=["conv1", "conv2", "conv3", "head"])),
+    "loha-conv-effective": (
+        "conv",
+        "LoHaConfig",
+        dict(r=3, target_modules=["conv1", "conv2", "conv3"], use_effective_conv2d=True),
+    ),
+    "lokr-llama": ("llama", "LoKrConfig", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])),
+    "lokr-decomposed": (
+        "llama",
+        "LoKrConfig",
+        dict(r=2, target_modules=["q_proj", "o_proj", "gate_proj"], decompose_both=True, decompose_factor=4),
+    ),
+    "lokr-conv": ("conv", "LoKrConfig", dict(r=1, target_modules=["conv1", "conv2", "conv3", "head"])),
+    "lokr-conv-effective": (
+        "conv",
+        "LoKrConfig",
+        dict(r=1, target_modules=["conv2"], use_effective_conv2d=True, decompose_factor=2),
+    ),
+    "adalora-llama": (
+        "llama",
+        "AdaLoraConfig",
+        dict(init_r=6, target_r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10),
+    ),
+    "adalora-gpt2-conv1d": (
+        "gpt2",
+        "AdaLoraConfig",
+        dict(init_r=4, target_r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, total_step=10),
+    ),
+}
+
+
+def model_input(kind: str) -> torch.Tensor:
+    torch.manual_seed(99)
+    if kind == "conv":
+        return torch.randn(2, 4, 5, 5)
+    return torch.randint(0, 256, (2, 10))
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if x.is_floating_point():
+            return model(x)
+        return model(input_ids=x).logits
+
+
+@torch.no_grad()
+def perturb_trainable(model: nn.Module, seed: int = 7, scale: float = 0.2) -> None:
+    """Move every trainable (adapter) parameter off its identity init, reproducibly and in any framework."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def make_pair(case: str, lib) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    kind, cls_name, kwargs = CASES[case]
+    base = FACTORIES[kind]()
+    model = lib.get_peft_model(twin(base), getattr(lib, cls_name)(**kwargs))
+    perturb_trainable(model)
+    model.eval()
+    return base, model, model_input(kind)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_oxpeft_adapter_loads_in_peft(case, tmp_path):
+    base, ours, x = make_pair(case, oxpeft)
+    expected = run(ours, x)
+    assert not torch.allclose(expected, run(base, x), atol=1e-3), "the adapter must change the output"
+    ours.save_pretrained(tmp_path)
+
+    theirs = peft.PeftModel.from_pretrained(twin(base), str(tmp_path))
+    torch.testing.assert_close(run(theirs, x), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_loads_in_oxpeft(case, tmp_path):
+    base, theirs, x = make_pair(case, peft)
+    expected = run(theirs, x)
+    assert not torch.allclose(expected, run(base, x), atol=1e-3), "the adapter must change the output"
+    theirs.save_pretrained(tmp_path)
+
+    ours = oxpeft.PeftModel.from_pretrained(twin(base), str(tmp_path))
+    torch.testing.assert_close(run(ours, x), expected, atol=ATOL, rtol=0)
+
+    # Merging in place and back gives the same outputs; so does merging for good.
+    ours.merge_adapter()
+    torch.testing.assert_close(run(ours, x), expected, atol=ATOL, rtol=1e-5)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(run(ours, x), expected, atol=ATOL, rtol=1e-5)
+    merged = ours.merge_and_unload()
+    assert not any(isinstance(m, oxpeft.tuners.base.BaseTunerLayer) for m in merged.modules())
+    torch.testing.assert_close(run(merged, x), expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case", ["ia3-llama", "ia3-gpt2-conv1d", "loha-patterns", "loha-conv-effective", "lokr-decomposed", "adalora-llama"]
+)
+def test_saved_files_match_peft(case, tmp_path):
+    """Same tensor keys and shapes, same config keys and values as HF PEFT writes for the same config."""
+    kind, cls_name, kwargs = CASES[case]
+    base = FACTORIES[kind]()
+    oxpeft.get_peft_model(twin(base), getattr(oxpeft, cls_name)(**kwargs)).save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(twin(base), getattr(peft, cls_name)(**kwargs)).save_pretrained(tmp_path / "theirs")
+
+    def tensors(d):
+        with safe_open(os.path.join(d, "adapter_model.safetensors"), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert tensors(tmp_path / "ours") == tensors(tmp_path / "theirs")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    ours.pop("auto_mapping"), theirs.pop("auto_mapping")  # names the base class's module, which differs for conv
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        a, b = ours[key], theirs[key]
+        if isinstance(a, list) and isinstance(b, list):
+            a, b = sorted(a), sorted(b)
+        assert a == b, key
+
+
+def test_ia3_unmerge_restores_weights():
+    base = FACTORIES["gpt2"]()
+    model = oxpeft.get_peft_model(twin(base), oxpeft.IA3Config(**CASES["ia3-gpt2-conv1d"][2]))
+    perturb_trainable(model)
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "ia3_l" not in k}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    after = model.get_base_model().state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls_name", ["IA3Config", "LoHaConfig", "LoKrConfig", "AdaLoraConfig"])
+def test_training_lowers_loss(cls_name):
+    kwargs = {
+        "IA3Config": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "LoHaConfig": dict(r=4, target_modules=["q_proj", "v_proj"]),
+        "LoKrConfig": dict(r=4, target_modules=["q_proj", "v_proj"]),
+        "AdaLoraConfig": dict(init_r=6, target_r=2, target_modules=["q_proj", "v_proj"], total_step=20, tinit=2, tfinal=5),
+    }[cls_name]
+    model = oxpeft.get_peft_model(FACTORIES["llama"](), getattr(oxpeft, cls_name)(**kwargs))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=2e-2)
+    torch.manual_seed(5)
+    batch = torch.randint(0, 256, (4, 16))
+    losses = []
+    for step in range(20):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        if cls_name == "AdaLoraConfig":
+            model.update_and_allocate(step)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+BAD_CONFIGS = [
+    ("IA3Config", dict(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "subset of target_modules"),
+    ("IA3Config", dict(target_modules=["k_proj"], init_ia3_weights="yes"), "init_ia3_weights"),
+    ("LoHaConfig", dict(r=0), "r must be a positive integer"),
+    ("LoHaConfig", dict(rank_dropout=1.0), "rank_dropout"),
+    ("LoHaConfig", dict(init_weights="lycoris"), "init_weights"),
+    ("LoKrConfig", dict(decompose_factor=0), "decompose_factor"),
+    ("LoKrConfig", dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
+    ("LoKrConfig", dict(layers_pattern="layers"), "layers_to_transform"),
+    ("AdaLoraConfig", dict(init_r=4, target_r=8, total_step=10), "target_r"),
+    ("AdaLoraConfig", dict(total_step=10, tinit=6, tfinal=4), "tinit"),
+    ("AdaLoraConfig", dict(), "total_step"),
+    ("AdaLoraConfig", dict(total_step=10, beta1=1.0), "beta1"),
+    ("AdaLoraConfig", dict(total_step=10, orth_reg_weight=-1), "orth_reg_weight"),
+    ("AdaLoraConfig", dict(total_step=10, use_dora=True), "use_dora"),
+]
+
+
+@pytest.mark.parametrize("cls_name,kwargs,message", BAD_CONFIGS)
+def test_bad_configs_are_refused(cls_name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(oxpeft, cls_name)(**kwargs)
+
+
+def test_bad_targets_name_the_problem():
+    with pytest.raises(ValueError, match="'v_prj' matches no module"):
+        oxpeft.get_peft_model(FACTORIES["llama"](), oxpeft.LoHaConfig(target_modules=["q_proj", "v_prj"]))
+    with pytest.raises(ValueError, match="feedforward_modules \\['up_proj'\\] match no targeted module"):
+        config = oxpeft.IA3Config(target_modules=r".*\.k_proj", feedforward_modules=["up_proj"])
+        oxpeft.get_peft_model(FACTORIES["llama"](), config)
+    with pytest.raises(ValueError, match="LoKrLayer supports nn.Linear and nn.Conv2d, not Embedding"):
+        oxpeft.get_peft_model(FACTORIES["llama"](), oxpeft.LoKrConfig(target_modules=["embed_tokens"]))
+
+
+def test_per_sample_adapters_are_refused_for_these_methods():
+    model = oxpeft.get_peft_model(FACTORIES["llama"](), oxpeft.LoHaConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="per-sample adapter_names is not supported by LoHaLayer"):
+        model(input_ids=model_input("llama"), adapter_names=["default", "__base__"])
