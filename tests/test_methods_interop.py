@@ -196,28 +196,27 @@ def test_ia3_unmerge_restores_weights():
         torch.testing.assert_close(after[key], value, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls_name", ["IA3Config", "LoHaConfig", "LoKrConfig", "AdaLoraConfig"])
+@pytest.mark.parametrize("cls_name", ["IA3Config", "LoHaConfig", "LoKrConfig"])
 def test_training_lowers_loss(cls_name):
+    """(AdaLoRA's training run, with its rank budget, is in test_adalora.py.)"""
     kwargs = {
         "IA3Config": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "LoHaConfig": dict(r=4, target_modules=["q_proj", "v_proj"]),
         "LoKrConfig": dict(r=4, target_modules=["q_proj", "v_proj"]),
-        "AdaLoraConfig": dict(init_r=6, target_r=2, target_modules=["q_proj", "v_proj"], total_step=20, tinit=2, tfinal=5),
     }[cls_name]
     model = oxpeft.get_peft_model(FACTORIES["llama"](), getattr(oxpeft, cls_name)(**kwargs))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(n for n, p in model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=2e-2)
+    prefix = model.base_model.prefix
+    assert trainable and all(prefix in n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=0.2 if cls_name == "IA3Config" else 2e-2)
     torch.manual_seed(5)
-    batch = torch.randint(0, 256, (4, 16))
+    batch = torch.randint(0, 256, (2, 12))
     losses = []
-    for step in range(20):
+    for _ in range(12):
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
-        if cls_name == "AdaLoraConfig":
-            model.update_and_allocate(step)
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
