@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 
+import oxpeft
 import pytest
 import torch
-from safetensors import safe_open
-
-import oxpeft
 from conftest import make_llama, twin
+from safetensors import safe_open
 
 peft = pytest.importorskip("peft", reason="HF PEFT is the oracle for these tests (pip install '.[test]')")
 
@@ -37,9 +36,7 @@ def perturb_trainable(model, seed: int = 3, scale: float = 0.1) -> None:
 
 def kept_ranks(model) -> int:
     """Triplets still alive: nonzero singular values over all AdaLoRA layers."""
-    return sum(
-        int((e != 0).sum()) for n, e in model.named_parameters() if ".lora_E." in n
-    )
+    return sum(int((e != 0).sum()) for n, e in model.named_parameters() if ".lora_E." in n)
 
 
 def train(model, update, batch: torch.Tensor) -> tuple[list[float], list[int]]:
@@ -76,8 +73,15 @@ def trained(tmp_path_factory):
     ours.save_pretrained(root / "ours")
     theirs.save_pretrained(root / "theirs")
     return dict(
-        base=base, batch=batch, root=root, ours=ours, theirs=theirs,
-        our_losses=our_losses, our_kept=our_kept, their_losses=their_losses, their_kept=their_kept,
+        base=base,
+        batch=batch,
+        root=root,
+        ours=ours,
+        theirs=theirs,
+        our_losses=our_losses,
+        our_kept=our_kept,
+        their_losses=their_losses,
+        their_kept=their_kept,
     )
 
 
@@ -93,9 +97,7 @@ def test_budget_reaches_target_r_by_tfinal(trained):
     # From total_step - tfinal on, exactly target_r ranks per module on average stay, and stay pruned.
     assert kept[final_step:] == [target_budget] * (SCHEDULE["total_step"] - final_step), kept
     pattern = trained["ours"].peft_config["default"].rank_pattern
-    assert sorted(pattern) == sorted(
-        f"model.layers.{i}.self_attn.{t}.lora_E" for i in range(2) for t in TARGETS
-    )
+    assert sorted(pattern) == sorted(f"model.layers.{i}.self_attn.{t}.lora_E" for i in range(2) for t in TARGETS)
     assert sum(sum(mask) for mask in pattern.values()) == target_budget
 
 
@@ -146,7 +148,10 @@ def test_pruned_adapter_reloads(trained, saved_by, loader):
     if loader == "oxpeft":
         layer = loaded.base_model.model.model.layers[0].self_attn.q_proj
         pattern = trained[saved_by].peft_config["default"].rank_pattern
-        mask = pattern.get("model.layers.0.self_attn.q_proj.lora_E") or pattern["model.layers.0.self_attn.q_proj.lora_E.default"]
+        mask = (
+            pattern.get("model.layers.0.self_attn.q_proj.lora_E")
+            or pattern["model.layers.0.self_attn.q_proj.lora_E.default"]
+        )
         assert layer.r["default"] == sum(mask) and layer.ranknum["default"] == SCHEDULE["init_r"]
         merged = loaded.merge_and_unload()
         with torch.no_grad():

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import oxpeft
 import pytest
 import torch
+from conftest import MODEL_FACTORIES, twin
 from safetensors import safe_open
 from torch import nn
-
-import oxpeft
-from conftest import MODEL_FACTORIES, twin
 
 peft = pytest.importorskip("peft", reason="HF PEFT is the oracle for these tests (pip install '.[test]')")
 
@@ -44,7 +43,11 @@ FACTORIES = dict(MODEL_FACTORIES, conv=make_conv)
 
 # name -> (model kind, config class name (same in both libraries), kwargs)
 CASES = {
-    "ia3-llama": ("llama", "IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "ia3-llama": (
+        "llama",
+        "IA3Config",
+        dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
     "ia3-llama-default": ("llama", "IA3Config", dict()),
     "ia3-gpt2-conv1d": (
         "gpt2",
@@ -54,14 +57,18 @@ CASES = {
     "ia3-bert-seqcls": (
         "bert",
         "IA3Config",
-        dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"], task_type="SEQ_CLS"),
+        dict(
+            target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"], task_type="SEQ_CLS"
+        ),
     ),
     "ia3-conv": ("conv", "IA3Config", dict(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"])),
     "loha-llama": ("llama", "LoHaConfig", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "loha-patterns": (
         "llama",
         "LoHaConfig",
-        dict(r=4, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16}),
+        dict(
+            r=4, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16}
+        ),
     ),
     "loha-conv": ("conv", "LoHaConfig", dict(r=3, alpha=6, target_modules=["conv1", "conv2", "conv3", "head"])),
     "loha-conv-effective": (
@@ -260,3 +267,32 @@ def test_per_sample_adapters_are_refused_for_these_methods():
     model = oxpeft.get_peft_model(FACTORIES["llama"](), oxpeft.LoHaConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="per-sample adapter_names is not supported by LoHaLayer"):
         model(input_ids=model_input("llama"), adapter_names=["default", "__base__"])
+
+
+@pytest.mark.parametrize("case", ["ia3-llama", "loha-llama", "lokr-llama"])
+def test_several_adapters(case, tmp_path):
+    """Adapters of one method coexist: switching, disabling, deleting, and saving a named adapter in its folder."""
+    kind, cls_name, kwargs = CASES[case]
+    base = FACTORIES[kind]()
+    x = model_input(kind)
+    model = oxpeft.get_peft_model(twin(base), getattr(oxpeft, cls_name)(**kwargs))
+    perturb_trainable(model, seed=1)
+    model.add_adapter("other", getattr(oxpeft, cls_name)(**kwargs))
+    assert model.active_adapter == "default"
+    model.set_adapter("other")
+    perturb_trainable(model, seed=2)  # only "other" is trainable now
+    model.eval()
+    out_other = run(model, x)
+    model.set_adapter("default")
+    out_default = run(model, x)
+    assert not torch.allclose(out_default, out_other, atol=1e-3)
+    with model.disable_adapter():
+        torch.testing.assert_close(run(model, x), run(base, x))
+
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(twin(base), str(tmp_path / "other"), adapter_name="other")
+    torch.testing.assert_close(run(theirs, x), out_other, atol=ATOL, rtol=0)
+
+    model.delete_adapter("default")
+    assert model.active_adapter == "other"
+    torch.testing.assert_close(run(model, x), out_other)

@@ -18,12 +18,12 @@ from oxpeft.peft_model import (
     PeftModelForTokenClassification,
 )
 from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from oxpeft.tuners.lora.config import LoraConfig
-from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
 from oxpeft.tuners.ia3 import IA3Config, IA3Model
 from oxpeft.tuners.loha import LoHaConfig, LoHaModel
 from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
-from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
+from oxpeft.tuners.lora.config import LoraConfig
+from oxpeft.tuners.lora.model import LoraModel
 
 __version__: str = _native_version()
 

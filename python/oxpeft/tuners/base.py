@@ -264,7 +264,8 @@ class DeltaTunerLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data = (base.weight.float() - self.get_delta_weight(name).detach().float()).to(base.weight.dtype)
+            restored = base.weight.float() - self.get_delta_weight(name).detach().float()
+            base.weight.data = restored.to(base.weight.dtype)
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -176,7 +176,9 @@ class LycorisLayer(DeltaTunerLayer):
         base = self.get_base_layer()
         if self.is_conv:
             # The bias is already in the base output.
-            return F.conv2d(x, delta, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+            return F.conv2d(
+                x, delta, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups
+            )
         return F.linear(x, delta)
 
 

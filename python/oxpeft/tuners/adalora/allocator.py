@@ -22,6 +22,13 @@ def rank_pattern_key(module_key: str) -> str:
     return f"{module_key}.lora_E"
 
 
+def rank_mask(rank_pattern: dict[str, list[bool]], module_key: str, adapter_name: str) -> list[bool] | None:
+    """A module's kept-triplet mask; HF PEFT's in-memory patterns still carry the adapter name in their keys."""
+    key = rank_pattern_key(module_key)
+    mask = rank_pattern.get(key)
+    return rank_pattern.get(f"{key}.{adapter_name}") if mask is None else mask
+
+
 class RankAllocator:
     """Tracks importance for one adapter's layers (`layers`: module key -> layer) and masks them to the budget."""
 
@@ -96,7 +103,7 @@ class RankAllocator:
     def apply_rank_pattern(self, rank_pattern: dict[str, list[bool]]) -> None:
         """Zero the E entries of the triplets the pattern prunes (keeps them pruned while training goes on)."""
         for key, layer in self.layers.items():
-            mask = rank_pattern.get(rank_pattern_key(key))
+            mask = rank_mask(rank_pattern, key, self.adapter_name)
             if mask is None:
                 continue
             e = layer.lora_E[self.adapter_name]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oxpeft.tuners.adalora.allocator import RankAllocator, rank_pattern_key
+from oxpeft.tuners.adalora.allocator import RankAllocator, rank_mask
 from oxpeft.tuners.adalora.config import AdaLoraConfig
 from oxpeft.tuners.adalora.layer import AdaLoraLayer
 from oxpeft.tuners.base import BaseTuner
@@ -73,7 +73,8 @@ class AdaLoraModel(BaseTuner):
         super().inject_adapter(adapter_name, config, strict_targets=strict_targets)
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name
-            self.rank_allocator = RankAllocator(self.peft_config[adapter_name], self._layers(adapter_name), adapter_name)
+            layers = self._layers(adapter_name)
+            self.rank_allocator = RankAllocator(self.peft_config[adapter_name], layers, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -98,7 +99,7 @@ class AdaLoraModel(BaseTuner):
         current_key: str,
     ) -> None:
         # A saved rank pattern gives each module its kept rank; ranknum stays init_r so the scale is unchanged.
-        mask = (config.rank_pattern or {}).get(rank_pattern_key(current_key))
+        mask = rank_mask(config.rank_pattern or {}, current_key, adapter_name)
         r = sum(bool(v) for v in mask) if mask is not None else config.init_r
         options = dict(
             r=r,
@@ -183,7 +184,7 @@ class AdaLoraModel(BaseTuner):
         for name, module in model.named_modules():
             if not isinstance(module, AdaLoraLayer) or adapter_name not in module.lora_A:
                 continue
-            mask = pattern.get(rank_pattern_key(own_keys[id(module)]))
+            mask = rank_mask(pattern, own_keys[id(module)], adapter_name)
             r = module.r[adapter_name]
             if mask is None or sum(bool(v) for v in mask) == r:
                 continue  # nothing pruned, or the layer was created at its pruned size (loaded adapter)

@@ -44,7 +44,8 @@ class LoHaLayer(LycorisLayer):
         w1_a, w1_b = self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name]
         w2_a, w2_b = self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name]
         if adapter_name in self.hada_t1:
-            return rebuild_cp(self.hada_t1[adapter_name], w1_a, w1_b) * rebuild_cp(self.hada_t2[adapter_name], w2_a, w2_b)
+            t1, t2 = self.hada_t1[adapter_name], self.hada_t2[adapter_name]
+            return rebuild_cp(t1, w1_a, w1_b) * rebuild_cp(t2, w2_a, w2_b)
         return (w1_a @ w1_b) * (w2_a @ w2_b)
 
     def __repr__(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from oxpeft.tuners.base import LOW_RANK_TARGET_MODULES, BaseTuner, pattern_key
