@@ -296,3 +296,30 @@ def test_several_adapters(case, tmp_path):
     model.delete_adapter("default")
     assert model.active_adapter == "other"
     torch.testing.assert_close(run(model, x), out_other)
+
+
+def test_ia3_adapters_must_agree_on_feedforward():
+    kwargs = CASES["ia3-llama"][2]
+    model = oxpeft.get_peft_model(FACTORIES["llama"](), oxpeft.IA3Config(**kwargs))
+    with pytest.raises(ValueError, match="is a feed-forward \\(IA\\)³ layer for the existing adapters"):
+        model.add_adapter("other", oxpeft.IA3Config(**dict(kwargs, feedforward_modules=[])))
+    assert list(model.peft_config) == ["default"]
+    assert all(list(m.ia3_l) == ["default"] for m in model.modules() if hasattr(m, "ia3_l"))
+
+
+def test_loha_training_keeps_only_its_factors_for_backward():
+    """The two full-size rank-r products are recomputed in backward, not kept (what HF PEFT's autograd
+    function does): the tensors saved for backward are no bigger than PEFT's."""
+    base = nn.Sequential(nn.Linear(256, 256))
+    x = torch.randn(4, 256)
+
+    def saved_numel(lib) -> int:
+        model = lib.get_peft_model(twin(base), lib.LoHaConfig(r=4, target_modules=["0"]))
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            loss = model(x).square().sum()
+        loss.backward()
+        assert model.base_model.model[0].hada_w2_b["default"].grad is not None
+        return sum(sizes)
+
+    assert saved_numel(oxpeft) <= saved_numel(peft) < 256 * 256

@@ -142,7 +142,8 @@ class Linear(IA3Layer):
 
 
 class Conv2d(IA3Layer):
-    """(IA)³ on nn.Conv2d: the vector scales output channels, or input channels for feed-forward layers."""
+    """(IA)³ on nn.Conv2d: the vector scales output channels, or input channels for feed-forward layers.
+    (`fan_in_fan_out` is accepted for a uniform constructor and has no meaning for convolutions.)"""
 
     def __init__(
         self,

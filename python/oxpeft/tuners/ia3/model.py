@@ -120,6 +120,13 @@ class IA3Model(BaseTuner):
         current_key: str,
     ) -> None:
         if isinstance(target, IA3Layer):
+            # One layer scales either its input or its output, for all of its adapters.
+            if is_feedforward(config, current_key) != target.is_feedforward:
+                kind = "a feed-forward" if target.is_feedforward else "an attention"
+                raise ValueError(
+                    f"'{current_key}' is {kind} (IA)³ layer for the existing adapters; adapter '{adapter_name}' "
+                    "must list it in feedforward_modules the same way"
+                )
             target.update_layer(adapter_name, config.init_ia3_weights, self._adapter_dtype(target.get_base_layer()))
             return
         layer_cls, fan_in_fan_out = _layer_for(target, current_key, config.fan_in_fan_out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from oxpeft.tuners.lycoris import LycorisConfig, LycorisLayer, kaiming_init, rebuild_cp
 
@@ -41,12 +42,30 @@ class LoHaLayer(LycorisLayer):
                 kaiming_init(w2_b)
 
     def _full_delta(self, adapter_name: str) -> torch.Tensor:
-        w1_a, w1_b = self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name]
-        w2_a, w2_b = self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name]
-        if adapter_name in self.hada_t1:
-            t1, t2 = self.hada_t1[adapter_name], self.hada_t2[adapter_name]
-            return rebuild_cp(t1, w1_a, w1_b) * rebuild_cp(t2, w2_a, w2_b)
-        return (w1_a @ w1_b) * (w2_a @ w2_b)
+        factors = [
+            getattr(self, attr)[adapter_name]
+            for attr in self.adapter_layer_names
+            if adapter_name in getattr(self, attr)
+        ]
+        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+            # Autograd would keep both full-size products (2 x out x in) until backward; recomputing them there
+            # from the small factors costs two rank-r matmuls.
+            return checkpoint(_hadamard_delta, *factors, use_reentrant=False)
+        return _hadamard_delta(*factors)
 
     def __repr__(self) -> str:
         return "loha." + super().__repr__()
+
+
+def _hadamard_delta(
+    w1_a: torch.Tensor,
+    w1_b: torch.Tensor,
+    w2_a: torch.Tensor,
+    w2_b: torch.Tensor,
+    t1: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The unscaled LoHa delta from its factors (in `LoHaLayer.adapter_layer_names` order)."""
+    if t1 is not None and t2 is not None:
+        return rebuild_cp(t1, w1_a, w1_b) * rebuild_cp(t2, w2_a, w2_b)
+    return (w1_a @ w1_b) * (w2_a @ w2_b)
