@@ -323,3 +323,11 @@ def test_loha_training_keeps_only_its_factors_for_backward():
         return sum(sizes)
 
     assert saved_numel(oxpeft) <= saved_numel(peft) < 256 * 256
+
+
+def test_ia3_default_feedforward_needs_no_match():
+    """feedforward_modules=None takes the architecture's default, even when it names no targeted module."""
+    model = oxpeft.get_peft_model(FACTORIES["llama"](), oxpeft.IA3Config(target_modules=["q_proj"]))
+    assert model.peft_config["default"].feedforward_modules == {"down_proj"}
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert not layer.is_feedforward and layer.ia3_l["default"].shape == (64, 1)

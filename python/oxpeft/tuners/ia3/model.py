@@ -82,8 +82,15 @@ class IA3Model(BaseTuner):
     prefix = "ia3_"
     layer_cls = IA3Layer
 
+    # Whether the adapter being injected named its feedforward_modules (a default is not checked against targets).
+    _feedforward_given: bool = True
+
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
         return DEFAULT_TARGET_MODULES.get(model_type or "")
+
+    def inject_adapter(self, adapter_name: str, config: IA3Config, *, strict_targets: bool = True) -> None:
+        self._feedforward_given = config.feedforward_modules is not None
+        super().inject_adapter(adapter_name, config, strict_targets=strict_targets)
 
     def _resolve_target_modules(self, config: IA3Config) -> None:
         super()._resolve_target_modules(config)
@@ -99,6 +106,8 @@ class IA3Model(BaseTuner):
 
     def _check_targets_matched(self, config: IA3Config, names: list[str], targets: list[str], strict: bool) -> None:
         super()._check_targets_matched(config, names, targets, strict)
+        if not self._feedforward_given:
+            return
         ff = config.feedforward_modules
         if isinstance(ff, str):
             unmatched = [] if any(is_feedforward(config, k) for k in targets) else [ff]
