@@ -331,3 +331,25 @@ def test_ia3_default_feedforward_needs_no_match():
     assert model.peft_config["default"].feedforward_modules == {"down_proj"}
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert not layer.is_feedforward and layer.ia3_l["default"].shape == (64, 1)
+
+
+def test_ia3_add_weighted_adapter_matches_peft():
+    base = FACTORIES["llama"]()
+    x = model_input("llama")
+    first = dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    second = dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    outputs = []
+    for lib in (oxpeft, peft):
+        model = lib.get_peft_model(twin(base), lib.IA3Config(**first))
+        model.add_adapter("second", lib.IA3Config(**second))
+        for name in ("default", "second"):
+            model.set_adapter(name)
+            perturb_trainable(model, seed=len(name))
+        model.add_weighted_adapter(["default", "second"], [0.7, -0.4], "mix")
+        model.set_adapter("mix")
+        model.eval()
+        outputs.append(run(model, x))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="got 2 adapters but 1 weights"):
+        model_ours = oxpeft.get_peft_model(twin(base), oxpeft.IA3Config(**first))
+        model_ours.add_weighted_adapter(["default", "default"], [1.0], "bad")

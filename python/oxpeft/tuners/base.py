@@ -792,6 +792,28 @@ class BaseTuner(nn.Module, abc.ABC):
             self.enable_adapter_layers()
 
 
+def check_adapters_to_combine(tuner: BaseTuner, adapters: list[str], weights: list[float]) -> None:
+    """`add_weighted_adapter` preconditions shared by the methods that have it."""
+    missing = [a for a in adapters if a not in tuner.peft_config]
+    if missing:
+        raise ValueError(f"unknown adapter(s) {missing}; loaded adapters: {sorted(tuner.peft_config)}")
+    if len(adapters) != len(weights):
+        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
+    for wrapper in tuner.model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
+            raise ValueError("cannot combine adapters that each have their own copy of the same modules_to_save module")
+
+
+def union_module_names(values: list[str | set[str] | None], field_name: str) -> set[str] | str:
+    """The union of several adapters' module-name fields: a set of names, or an alternation of regexes."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, str) for v in present):
+        return "|".join(f"({v})" for v in present)
+    if any(isinstance(v, str) for v in present):
+        raise ValueError(f"cannot combine adapters whose {field_name} mix regex strings and lists")
+    return set().union(*present)
+
+
 def classifier_modules_for(task_type: TaskType | str | None) -> list[str]:
     """Heads that PEFT adds to `modules_to_save` for a task, so a classifier trains and saves with the adapter."""
     task = TaskType(task_type) if task_type else None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 
+import torch
 from torch import nn
 
-from oxpeft.tuners.base import BaseTuner, matches_list_entry
+from oxpeft.tuners.base import BaseTuner, check_adapters_to_combine, matches_list_entry, union_module_names
 from oxpeft.tuners.ia3.config import IA3Config
 from oxpeft.tuners.ia3.layer import Conv2d, IA3Layer, Linear
 
@@ -148,6 +150,31 @@ class IA3Model(BaseTuner):
             adapter_dtype=self._adapter_dtype(target),
         )
         setattr(parent, target_name, new_module)
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Create `adapter_name` whose vector in each layer is ``sum(weight_i * l_i)`` over the adapters there.
+
+        Its targets and feed-forward modules are the unions of theirs. The new adapter is inactive and frozen;
+        call `set_adapter(adapter_name)` to use it.
+        """
+        check_adapters_to_combine(self, adapters, weights)
+        configs = [self.peft_config[a] for a in adapters]
+        config = dataclasses.replace(
+            configs[0],
+            target_modules=union_module_names([c.target_modules for c in configs], "target_modules"),
+            feedforward_modules=union_module_names([c.feedforward_modules for c in configs], "feedforward_modules"),
+            init_ia3_weights=True,
+        )
+        self.inject_adapter(adapter_name, config)
+        self._freeze_adapter(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, IA3Layer) and adapter_name in module.ia3_l:
+                combined = module.ia3_l[adapter_name]
+                combined.zero_()
+                for adapter, weight in zip(adapters, weights):
+                    if adapter in module.ia3_l:
+                        combined.add_(module.ia3_l[adapter], alpha=weight)
 
 
 def _layer_for(target: nn.Module, key: str, fan_in_fan_out: bool) -> tuple[type[IA3Layer], bool]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from oxpeft.tuners.base import ModulesToSaveWrapper
+from oxpeft.tuners.base import check_adapters_to_combine, union_module_names
 from oxpeft.tuners.lora.layer import Conv2d, Embedding, LoraLayer
 
 if TYPE_CHECKING:
@@ -103,15 +103,6 @@ def _new_rank(model: "LoraModel", adapters: list[str], kind: str, svd_rank: int 
     raise ValueError(f"unknown combination_type {kind!r}; choose from {FACTOR_TYPES + ('cat',) + SVD_TYPES}")
 
 
-def _union_targets(model: "LoraModel", adapters: list[str]) -> set[str] | str:
-    targets = [model.peft_config[a].target_modules for a in adapters]
-    if all(isinstance(t, str) for t in targets):
-        return "|".join(f"({t})" for t in targets)
-    if any(isinstance(t, str) for t in targets):
-        raise ValueError("cannot combine adapters whose target_modules mix regex strings and lists")
-    return set().union(*targets)
-
-
 @torch.no_grad()
 def add_weighted_adapter(
     model: "LoraModel",
@@ -125,16 +116,9 @@ def add_weighted_adapter(
     density: float | None = None,
     majority_sign_method: SignMethod = "total",
 ) -> None:
-    missing = [a for a in adapters if a not in model.peft_config]
-    if missing:
-        raise ValueError(f"unknown adapter(s) {missing}; loaded adapters: {sorted(model.peft_config)}")
-    if len(adapters) != len(weights):
-        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
+    check_adapters_to_combine(model, adapters, weights)
     if any(model.peft_config[a].use_dora for a in adapters):
         raise ValueError("add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add up)")
-    for wrapper in model.model.modules():
-        if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
-            raise ValueError("cannot combine adapters that each have their own copy of the same modules_to_save module")
     kind = "linear" if len(adapters) == 1 else combination_type
     rank = _new_rank(model, adapters, kind, svd_rank)
     if kind.removesuffix("_svd") in ("ties", "dare_linear", "dare_ties", "magnitude_prune") and density is None:
@@ -143,7 +127,7 @@ def add_weighted_adapter(
         model.peft_config[adapters[0]],
         r=rank,
         lora_alpha=rank,
-        target_modules=_union_targets(model, adapters),
+        target_modules=union_module_names([model.peft_config[a].target_modules for a in adapters], "target_modules"),
         rank_pattern={},
         alpha_pattern={},
         init_lora_weights=True,
