@@ -93,6 +93,11 @@ CASES = {
         "AdaLoraConfig",
         dict(init_r=6, target_r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], total_step=10),
     ),
+    "adalora-conv": (
+        "conv",
+        "AdaLoraConfig",
+        dict(init_r=3, target_r=2, target_modules=["conv1", "conv2", "head"], total_step=10),
+    ),
     "adalora-gpt2-conv1d": (
         "gpt2",
         "AdaLoraConfig",

@@ -1,6 +1,7 @@
 """AdaLoRA layers: an SVD-form adapter ``delta = B @ (A * E) * scaling / (ranknum + 1e-5)``.
 
-A (r, in) holds right singular vectors, E (r, 1) the singular values, B (out, r) left singular vectors.
+A (r, in) holds right singular vectors, E (r, 1) the singular values, B (out, r) left singular vectors; on
+nn.Conv2d, A is (r, in / groups * kh * kw) and the delta is reshaped to the kernel.
 Pruning a rank zeroes its entry of E (the RankAllocator does that during training); the saved file keeps only
 the unpruned triplets. `ranknum` is the rank the adapter was created with (init_r): it stays fixed, so the
 scale of an adapter does not jump when ranks are pruned, and it is not saved (it follows from the config).
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.tuners.base import DeltaTunerLayer
@@ -20,7 +22,8 @@ RANKNUM_EPS = 1e-5
 
 
 class AdaLoraLayer(DeltaTunerLayer):
-    """AdaLoRA on nn.Linear and transformers' Conv1D (`fan_in_fan_out=True`, weight stored as (in, out))."""
+    """AdaLoRA on nn.Linear, transformers' Conv1D (`fan_in_fan_out=True`, weight stored as (in, out)) and
+    nn.Conv2d."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
     other_param_names = ("r", "lora_alpha", "scaling", "ranknum", "lora_dropout")
@@ -44,12 +47,17 @@ class AdaLoraLayer(DeltaTunerLayer):
             in_features, out_features = base_layer.weight.shape
         elif isinstance(base_layer, nn.Linear):
             in_features, out_features = base_layer.in_features, base_layer.out_features
+        elif isinstance(base_layer, nn.Conv2d):
+            in_features, out_features = base_layer.in_channels, base_layer.out_channels
         else:
             raise ValueError(
-                f"AdaLoRA supports nn.Linear and transformers Conv1D, not {type(base_layer).__name__}"
+                f"AdaLoRA supports nn.Linear, transformers Conv1D and nn.Conv2d, not {type(base_layer).__name__}"
             )
         self._init_tuner_layer(base_layer)
         self.in_features, self.out_features = in_features, out_features
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        # Columns of A: the input size, or for a convolution the size of one output channel's kernel.
+        self._a_columns = base_layer.weight[0].numel() if self.is_conv else in_features
         self.fan_in_fan_out = fan_in_fan_out
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -81,7 +89,7 @@ class AdaLoraLayer(DeltaTunerLayer):
         self.ranknum[adapter_name] = float(r if ranknum is None else ranknum)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         # Random unless initialised, so init_lora_weights=False gives an adapter that changes the output.
-        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self._a_columns))
         self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1))
         self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
         if init_lora_weights:
@@ -98,11 +106,19 @@ class AdaLoraLayer(DeltaTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, e, b = self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
         delta = (b @ (a * e)) * self._factor(adapter_name)
+        if self.is_conv:
+            return delta.reshape(self.get_base_layer().weight.shape)
         return delta.T if self.fan_in_fan_out else delta
 
     def _adapter_output(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         a, e, b = self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
         x = self.lora_dropout[adapter_name](x.to(a.dtype))
+        if self.is_conv:
+            base = self.get_base_layer()
+            delta = self.get_delta_weight(adapter_name)
+            return F.conv2d(
+                x, delta, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups
+            )
         return (x @ (a * e).T @ b.T) * self._factor(adapter_name)
 
     def orthogonality_penalty(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:

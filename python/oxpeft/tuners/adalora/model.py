@@ -114,7 +114,7 @@ class AdaLoraModel(BaseTuner):
         from transformers.pytorch_utils import Conv1D
 
         required = isinstance(target, Conv1D)
-        if isinstance(target, (nn.Linear, Conv1D)) and required != config.fan_in_fan_out:
+        if isinstance(target, (nn.Linear, Conv1D, nn.Conv2d)) and required != config.fan_in_fan_out:
             warnings.warn(
                 f"'{current_key}': fan_in_fan_out={config.fan_in_fan_out} does not fit its layer type; using "
                 f"{required}",
