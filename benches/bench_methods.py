@@ -87,8 +87,8 @@ def main() -> None:
             for name, model in models.items():
                 samples.setdefault(("train step (fwd+bwd)", name), []).append(timed(lambda: train_step(model)))
                 samples.setdefault(("inference forward", name), []).append(timed(lambda: forward(model)))
-        for name, model in models.items():
-            samples[("merge_and_unload", name)] = [timed(model.merge_and_unload)]
+                victim = copy.deepcopy(model)
+                samples.setdefault(("merge_and_unload", name), []).append(timed(victim.merge_and_unload))
 
         for measure in ("train step (fwd+bwd)", "inference forward", "merge_and_unload"):
             theirs = min(samples[(measure, "peft")])
