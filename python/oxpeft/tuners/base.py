@@ -770,8 +770,13 @@ class BaseTuner(nn.Module, abc.ABC):
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.peft_config)}")
-        unsupported = sorted({type(m).__name__ for _, m in self._tuner_modules()
-                              if isinstance(m, BaseTunerLayer) and not hasattr(m, "_batch_adapter_names")})
+        unsupported = sorted(
+            {
+                type(m).__name__
+                for _, m in self._tuner_modules()
+                if isinstance(m, BaseTunerLayer) and not hasattr(m, "_batch_adapter_names")
+            }
+        )
         if unsupported:
             raise ValueError(f"per-sample adapter_names is not supported by {', '.join(unsupported)} layers")
         layers = [m for _, m in self._tuner_modules() if hasattr(m, "_batch_adapter_names")]

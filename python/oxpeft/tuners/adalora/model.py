@@ -53,7 +53,13 @@ class AdaLoraModel(BaseTuner):
     trainable_adapter_name: str | None = None
     rank_allocator: RankAllocator | None = None
 
-    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: AdaLoraConfig | dict[str, AdaLoraConfig],
+        adapter_name: str = "default",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self._loss_hook = self.model.register_forward_hook(self._add_orthogonal_regularization)
 
