@@ -570,7 +570,8 @@ impl Writer {
             .fold(method.since, Version::max);
         // PEFT writes every field of the dataclass, so a release's config lacks only newer fields.
         let complete = fields.iter().all(|f| f.since > from || config.contains_key(f.name) || f.name == "peft_version");
-        if !complete {
+        // Since 0.18 every release fills in `peft_version`, so a newer layout without it is not a release's.
+        if !complete || from >= Version(0, 18, 0) {
             return Writer::Partial;
         }
         let before = fields.iter().filter(|f| !config.contains_key(f.name) && f.since > from).map(|f| f.since).min();
