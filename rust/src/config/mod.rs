@@ -85,6 +85,7 @@ pub fn upgrade(config: &Value, strict: bool) -> Result<Upgraded> {
     let written_by = writer.describe();
 
     let mut out = BTreeMap::new();
+    let mut missing = Vec::new();
     out.insert("peft_type".to_string(), Value::String(method.peft_type.to_string()));
     for field in method.fields() {
         let value = match raw.get(field.name) {
@@ -100,20 +101,20 @@ pub fn upgrade(config: &Value, strict: bool) -> Result<Upgraded> {
                         field.name, method.peft_type
                     )));
                 }
-                if let Some(release) = writer.release() {
-                    if field.since <= release && field.role != Role::Meta {
-                        notes.push(format!(
-                            "field '{}' is missing although {} writes it; filled with its default {}",
-                            field.name,
-                            written_by.as_deref().unwrap_or("its writer"),
-                            field.default
-                        ));
-                    }
+                if writer.release().is_some_and(|r| field.since <= r) && field.role != Role::Meta {
+                    missing.push(format!("{}={}", field.name, field.default));
                 }
                 default_of(field)
             }
         };
         out.insert(field.name.to_string(), value);
+    }
+    if !missing.is_empty() {
+        notes.push(format!(
+            "{} writes these fields but they are missing (edited by hand?); filled with their defaults: {}",
+            written_by.as_deref().unwrap_or("its writer"),
+            missing.join(", ")
+        ));
     }
 
     for (key, value) in raw {

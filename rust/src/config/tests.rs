@@ -65,6 +65,19 @@ fn writer_is_inferred_from_fields_or_read_from_peft_version() {
     assert_eq!(up.written_by.as_deref(), Some("PEFT 0.19.0.dev0@abc"));
     let hand_written = json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]});
     assert_eq!(upgrade(&hand_written, true).unwrap().written_by, None);
+    // Every release since 0.18 writes peft_version, so the current layout without it is no release's.
+    let upgraded = upgrade(&written_by_0_10_0(), true).unwrap().config;
+    assert_eq!(upgrade(&upgraded, true).unwrap().written_by, None);
+}
+
+#[test]
+fn fields_missing_from_a_stated_release_are_filled_with_one_note() {
+    let mut config = written_by_0_10_0();
+    config["peft_version"] = json!("0.21.2");
+    let up = upgrade(&config, true).unwrap();
+    assert_eq!(up.notes.len(), 1, "{:?}", up.notes);
+    assert!(up.notes[0].contains("PEFT 0.21.2 writes these fields") && up.notes[0].contains("lora_bias=false"));
+    assert_eq!(up.config["lora_bias"], json!(false));
 }
 
 #[test]
