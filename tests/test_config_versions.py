@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,28 +157,41 @@ def _oxpeft_logits(model) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
-    """For each release: adapters it wrote, adapters oxpeft wrote for it, and what the release made of those."""
+    """For each release: adapters it wrote, adapters oxpeft wrote for it, and what the release made of those.
+
+    The 0.10.0 run also loads an adapter that `oxpeft config migrate` rewrote in place (see the CLI test).
+    """
     root = tmp_path_factory.mktemp("exchange")
-    out = {}
     for release in RELEASES:
         _install(release)  # skips the module early if PyPI is out of reach
-        theirs, ours, loads = {}, {}, []
+    out = {}
+    for release in RELEASES:
+        ours = {}
         for name in _cases_for(release):
             _, kwargs = CASES[name]
-            theirs[name] = root / f"peft-{release}-{name}"
             ours[name] = root / f"oxpeft-for-{release}-{name}"
             torch.manual_seed(7)
             config = oxpeft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kwargs)
             model = oxpeft.get_peft_model(make_llama(), config).eval()
             save_file({"logits": _oxpeft_logits(model).contiguous()}, str(root / f"oxpeft-for-{release}-{name}.st"))
             model.save_pretrained(ours[name], peft_version=release)
-            loads.append({"dir": str(ours[name]), "logits": str(root / f"{release}-loaded-{name}.st")})
+        out[release] = dict(root=root, ours=ours, theirs={n: root / f"peft-{release}-{n}" for n in ours})
+
+    migrated = root / "cli-migrated"
+    shutil.copytree(out[LATEST]["ours"]["dora"], migrated)
+    cli_rc = cli.main(["config", "migrate", str(migrated), "--to", "0.10.0"])
+    out["cli"] = dict(dir=migrated, rc=cli_rc, logits=root / "cli-migrated-loaded.st")
+
+    for release in RELEASES:
+        data = out[release]
+        loads = [{"dir": str(d), "logits": str(root / f"{release}-loaded-{n}.st")} for n, d in data["ours"].items()]
+        if release == "0.10.0":
+            loads.append({"dir": str(migrated), "logits": str(out["cli"]["logits"])})
         writes = [
-            {"dir": str(theirs[n]), "kwargs": CASES[n][1], "logits": str(root / f"peft-{release}-{n}.st")}
-            for n in theirs
+            {"dir": str(d), "kwargs": CASES[n][1], "logits": str(root / f"peft-{release}-{n}.st")}
+            for n, d in data["theirs"].items()
         ]
-        results = _run_release(release, root, writes, loads)
-        out[release] = dict(root=root, theirs=theirs, ours=ours, results=results)
+        data["results"] = _run_release(release, root, writes, loads)
     return out
 
 
@@ -308,22 +322,20 @@ def test_cli_check_and_migrate(exchange, tmp_path, capsys):
     assert "use_dora" in capsys.readouterr().err
     assert not (tmp_path / "old" / "adapter_config.json").exists()
 
-    # In place: the original is kept as a backup, the rewrite loads in PEFT 0.10.0 with the same outputs.
-    inplace = tmp_path / "inplace"
-    inplace.mkdir()
-    for f in source.iterdir():
-        (inplace / f.name).write_bytes(f.read_bytes())
-    original = (inplace / "adapter_config.json").read_text()
-    assert cli.main(["config", "migrate", str(inplace), "--to", "0.10.0"]) == 0
-    assert (inplace / "adapter_config.json.bak").read_text() == original
-    migrated = json.loads((inplace / "adapter_config.json").read_text())
-    assert "peft_version" not in migrated and migrated["use_dora"] is True
     copy = tmp_path / "copy"
     assert cli.main(["config", "migrate", str(source), "--to", "0.10.0", "-o", str(copy)]) == 0
     assert (copy / "adapter_model.safetensors").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
+    assert json.loads((copy / "adapter_config.json").read_text())["use_dora"] is True
 
-    job = {"dir": str(inplace), "logits": str(tmp_path / "loaded.st")}
-    result = _run_release("0.10.0", tmp_path, [], [job])[str(inplace)]
+    # In place (done by the fixture): the original is kept as a backup, and PEFT 0.10.0 loads the rewrite
+    # with the outputs oxpeft computed before saving.
+    cli_run = exchange["cli"]
+    assert cli_run["rc"] == 0
+    original = json.loads((cli_run["dir"] / "adapter_config.json.bak").read_text())
+    migrated = json.loads((cli_run["dir"] / "adapter_config.json").read_text())
+    assert original["peft_version"] == LATEST and migrated["use_dora"] is True
+    result = exchange["0.10.0"]["results"][str(cli_run["dir"])]
     assert "error" not in result, result
-    expected = _logits(exchange[LATEST]["root"] / f"peft-{LATEST}-dora.st")
-    torch.testing.assert_close(_logits(tmp_path / "loaded.st"), expected, atol=ATOL, rtol=0)
+    assert set(migrated) == set(result["config"]), "exactly the fields PEFT 0.10.0 has"
+    expected = _logits(exchange[LATEST]["root"] / f"oxpeft-for-{LATEST}-dora.st")
+    torch.testing.assert_close(_logits(cli_run["logits"]), expected, atol=ATOL, rtol=0)
