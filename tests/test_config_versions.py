@@ -46,6 +46,19 @@ CASES = {
 }
 
 
+# peft_type -> (first release, PEFT config class, kwargs): a config of every method oxpeft's table covers.
+METHODS = {
+    "LORA": ("0.3.0", "LoraConfig", dict(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")),
+    "ADALORA": ("0.3.0", "AdaLoraConfig", dict(target_r=4, init_r=6, total_step=100, target_modules=["q_proj"])),
+    "IA3": ("0.4.0", "IA3Config", dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "LOHA": ("0.6.0", "LoHaConfig", dict(r=4, alpha=8, target_modules=["q_proj"])),
+    "LOKR": ("0.6.0", "LoKrConfig", dict(r=4, alpha=8, decompose_both=True, target_modules=["q_proj"])),
+    "PROMPT_TUNING": ("0.3.0", "PromptTuningConfig", dict(num_virtual_tokens=8, task_type="CAUSAL_LM")),
+    "P_TUNING": ("0.3.0", "PromptEncoderConfig", dict(num_virtual_tokens=8, encoder_hidden_size=32)),
+    "PREFIX_TUNING": ("0.3.0", "PrefixTuningConfig", dict(num_virtual_tokens=8, prefix_projection=True)),
+}
+
+
 def _v(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:3])
 
@@ -80,6 +93,8 @@ def plain(value):
     return value
 
 results = {}
+for job in spec["configs"]:
+    getattr(peft, job["cls"])(**job["kwargs"]).save_pretrained(job["dir"])
 for job in spec["write"]:
     config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **job["kwargs"])
     torch.manual_seed(7)
@@ -128,10 +143,11 @@ def _install(release: str) -> Path:
     return target
 
 
-def _run_release(release: str, workdir: Path, write: list[dict], load: list[dict]) -> dict:
+def _run_release(release: str, workdir: Path, write: list[dict], load: list[dict], configs: list[dict]) -> dict:
     spec = {
         "version": release,
         "input_ids": _input_ids().tolist(),
+        "configs": configs,
         "write": write,
         "load": load,
         "results": str(workdir / f"results-{release}.json"),
@@ -191,7 +207,11 @@ def exchange(tmp_path_factory):
             {"dir": str(d), "kwargs": CASES[n][1], "logits": str(root / f"peft-{release}-{n}.st")}
             for n, d in data["theirs"].items()
         ]
-        data["results"] = _run_release(release, root, writes, loads)
+        data["configs"] = {
+            name: root / f"config-{release}-{name}" for name, (since, _, _) in METHODS.items() if _v(since) <= _v(release)
+        }
+        configs = [{"dir": str(d), "cls": METHODS[n][1], "kwargs": METHODS[n][2]} for n, d in data["configs"].items()]
+        data["results"] = _run_release(release, root, writes, loads, configs)
     return out
 
 
@@ -235,6 +255,21 @@ def test_configs_oxpeft_writes_for_release_load_there_with_same_outputs(exchange
         ours = _logits(data["root"] / f"oxpeft-for-{release}-{name}.st")
         loaded = _logits(data["root"] / f"{release}-loaded-{name}.st")
         torch.testing.assert_close(loaded, ours, atol=ATOL, rtol=0, msg=f"{name} in PEFT {release}")
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_every_method_config_of_release_reads_and_rewrites_exactly(exchange, release):
+    """oxpeft reads each method's config as the release writes it, and writes it back for that release key for key."""
+    for name, directory in exchange[release]["configs"].items():
+        text = (directory / "adapter_config.json").read_text()
+        raw = json.loads(text)
+        upgraded, notes = oxpeft._native.config_upgrade(text)
+        assert notes == [], (name, notes)
+        assert json.loads(upgraded)["peft_type"] == name
+        rewritten = json.loads(oxpeft._native.config_downgrade(upgraded, release))
+        assert rewritten == raw, f"{name} for PEFT {release}: {set(rewritten) ^ set(raw)}"
+        report = json.loads(oxpeft._native.config_inspect(text))
+        assert release in report["loads_as_is"], (name, report)
 
 
 def test_feature_the_target_lacks_is_refused(tmp_path):
