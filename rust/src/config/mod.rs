@@ -193,10 +193,7 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
     }
     for feature in method.value_features() {
         if feature.since > target && feature.matches(&full[feature.field]) {
-            problems.push(format!(
-                "'{}' = {} needs PEFT >= {}",
-                feature.field, full[feature.field], feature.since
-            ));
+            problems.push(format!("'{}' = {} needs PEFT >= {}", feature.field, full[feature.field], feature.since));
         }
     }
     if let Some((name, since)) = method.list_selectors_since {
@@ -246,7 +243,8 @@ pub fn inspect(config: &Value) -> Result<Inspection> {
         .collect();
     for feature in method.value_features() {
         if feature.matches(&full[feature.field]) {
-            let used = Used { field: feature.field.to_string(), value: full[feature.field].clone(), since: feature.since };
+            let used =
+                Used { field: feature.field.to_string(), value: full[feature.field].clone(), since: feature.since };
             match features.iter_mut().find(|f| f.field == used.field) {
                 Some(existing) => existing.since = existing.since.max(used.since),
                 None => features.push(used),
@@ -335,9 +333,7 @@ pub fn parse(text: &str) -> Result<Value> {
 }
 
 fn as_object(config: &Value) -> Result<&Map<String, Value>> {
-    config.as_object().ok_or_else(|| {
-        Error::Config(format!("expected a JSON object, got {}", json_type(config)))
-    })
+    config.as_object().ok_or_else(|| Error::Config(format!("expected a JSON object, got {}", json_type(config))))
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -467,9 +463,7 @@ fn matters(field: &Field, value: &Value, config: &Map<String, Value>) -> bool {
     match field.role {
         Role::Meta => false,
         Role::Feature => !is_neutral(value, Some(field)),
-        Role::With(other) => {
-            !is_neutral(value, Some(field)) && config.get(other).is_some_and(|v| !is_neutral(v, None))
-        }
+        Role::With(other) => !is_neutral(value, Some(field)) && config.get(other).is_some_and(|v| !is_neutral(v, None)),
     }
 }
 
@@ -493,9 +487,7 @@ fn check_value(method: &Method, field: &Field, value: &Value) -> Result<()> {
         Kind::Number => value.is_number(),
         Kind::Str => value.is_string(),
         Kind::OneOf(options) => value.as_str().is_some_and(|s| options.contains(&s)),
-        Kind::Modules => {
-            value.is_string() || value.as_array().is_some_and(|items| items.iter().all(Value::is_string))
-        }
+        Kind::Modules => value.is_string() || value.as_array().is_some_and(|items| items.iter().all(Value::is_string)),
         Kind::Names => value.as_array().is_some_and(|items| items.iter().all(Value::is_string)),
         Kind::Object => value.is_object(),
         Kind::Any => true,
@@ -536,10 +528,8 @@ fn loads_unchanged(
     let tolerates_extra_keys = table::unknown_keys(release) != UnknownKeys::Rejected;
     let unknown_ok = unknown.iter().all(|u| u.neutral && tolerates_extra_keys);
     // Known fields the release lacks are harmless (not among the features) but must be tolerated.
-    let newer_ok = raw
-        .keys()
-        .filter_map(|key| method.field(key))
-        .all(|field| field.since <= release || tolerates_extra_keys);
+    let newer_ok =
+        raw.keys().filter_map(|key| method.field(key)).all(|field| field.since <= release || tolerates_extra_keys);
     unknown_ok && newer_ok
 }
 
@@ -564,11 +554,8 @@ impl Writer {
             return Writer::Legacy;
         }
         let fields = method.fields();
-        let from = fields
-            .iter()
-            .filter(|f| config.contains_key(f.name))
-            .map(|f| f.since)
-            .fold(method.since, Version::max);
+        let from =
+            fields.iter().filter(|f| config.contains_key(f.name)).map(|f| f.since).fold(method.since, Version::max);
         // PEFT writes every field of the dataclass, so a release's config lacks only newer fields.
         let complete = fields.iter().all(|f| f.since > from || config.contains_key(f.name) || f.name == "peft_version");
         // Since 0.18 every release fills in `peft_version`, so a newer layout without it is not a release's.
@@ -592,11 +579,8 @@ impl Writer {
             Writer::Legacy => Some("PEFT 0.1/0.2 (inferred from enable_lora/merge_weights)".to_string()),
             Writer::Partial => None,
             Writer::Inferred(from, before) => {
-                let candidates: Vec<Version> = table::RELEASES
-                    .iter()
-                    .copied()
-                    .filter(|r| r >= from && before.map_or(true, |b| *r < b))
-                    .collect();
+                let candidates: Vec<Version> =
+                    table::RELEASES.iter().copied().filter(|r| r >= from && before.map_or(true, |b| *r < b)).collect();
                 let text = match (candidates.first(), candidates.last(), before) {
                     (Some(first), Some(last), Some(_)) if first == last => format!("PEFT {first}"),
                     (Some(first), Some(last), Some(_)) => format!("PEFT {first} to {last}"),

@@ -60,13 +60,7 @@ const fn meta(name: &'static str, since: Version, default: &'static str, kind: K
     Field { name, since, default, kind, role: Role::Meta }
 }
 
-const fn with(
-    name: &'static str,
-    since: Version,
-    default: &'static str,
-    kind: Kind,
-    needs: &'static str,
-) -> Field {
+const fn with(name: &'static str, since: Version, default: &'static str, kind: Kind, needs: &'static str) -> Field {
     Field { name, since, default, kind, role: Role::With(needs) }
 }
 

@@ -91,7 +91,9 @@ fn upgrade_is_idempotent() {
 #[test]
 fn neutral_unknown_fields_are_dropped_with_a_note() {
     let mut config = current(json!({}));
-    for (key, value) in [("future_a", json!(null)), ("future_b", json!(false)), ("future_c", json!({})), ("future_d", json!([]))] {
+    for (key, value) in
+        [("future_a", json!(null)), ("future_b", json!(false)), ("future_c", json!({})), ("future_d", json!([]))]
+    {
         config[key] = value;
     }
     let up = upgrade(&config, true).unwrap();
