@@ -23,6 +23,15 @@ from oxpeft.tuners.lora.model import LoraModel
 
 __version__: str = _native_version()
 
+
+def __getattr__(name: str):
+    # PeftTrainer pulls in transformers' Trainer (and accelerate); import it only when asked for.
+    if name == "PeftTrainer":
+        from oxpeft.trainer import PeftTrainer
+
+        return PeftTrainer
+    raise AttributeError(f"module 'oxpeft' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "PeftConfig",
@@ -31,6 +40,7 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "PeftModel",
+    "PeftTrainer",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",

@@ -119,11 +119,18 @@ class PeftModel(nn.Module):
             self._input_grad_hook = None
 
     # --- forward -------------------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model()(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model; `adapter_names` (one per sample, "__base__" for none) mixes adapters in one batch."""
+        if adapter_names is None:
+            return self.get_base_model()(*args, **kwargs)
+        with self.base_model.batch_adapters(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self.base_model.batch_adapters(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
 
     # --- adapters ------------------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, *, strict_targets: bool = True) -> None:

@@ -636,6 +636,21 @@ class BaseTuner(nn.Module, abc.ABC):
                 return
 
     @contextmanager
+    def batch_adapters(self, adapter_names: list[str]) -> Iterator[None]:
+        """Within the block, sample i of a batch uses adapter `adapter_names[i]` ("__base__": none)."""
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.peft_config)}")
+        layers = [m for _, m in self._tuner_modules() if hasattr(m, "_batch_adapter_names")]
+        for layer in layers:
+            layer._batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._batch_adapter_names = None
+
+    @contextmanager
     def _adapters_disabled(self) -> Iterator[None]:
         self.disable_adapter_layers()
         try:

@@ -17,6 +17,10 @@ from torch import nn
 from oxpeft.tuners.base import BaseTunerLayer, check_merged_weight
 
 
+# The adapter name that, in a mixed batch, means "no adapter for this sample".
+BASE_ONLY = "__base__"
+
+
 class DoraMagnitude(nn.Module):
     """DoRA's learned magnitude vector m (out,). A module so its state-dict key is PEFT's `...<adapter>.weight`."""
 
@@ -51,6 +55,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self._dora_norm_cache: dict[str, torch.Tensor] = {}
+        # Per-sample adapter names while a mixed-batch forward runs (set by LoraModel.batch_adapters).
+        self._batch_adapter_names: list[str] | None = None
 
     # --- adapter creation ----------------------------------------------------------------------------------------
     def update_layer(
@@ -258,6 +264,28 @@ class LoraLayer(BaseTunerLayer):
     def _check_forward_args(self, x: torch.Tensor) -> None:
         if self.merged and self.disable_adapters:
             self.unmerge()
+        if self._batch_adapter_names is not None and self.merged:
+            raise ValueError("per-sample adapter_names cannot be used while adapters are merged; unmerge first")
+
+    def _sample_groups(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """adapter name -> indices of the samples that use it (generate() may repeat each sample k times)."""
+        names = self._batch_adapter_names or []
+        if batch_size % len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size}")
+        repeat = batch_size // len(names)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+        return {n: torch.tensor(idx) for n, idx in groups.items() if n != BASE_ONLY}
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, delta) -> torch.Tensor:
+        result = result.clone()
+        for name, idx in self._sample_groups(x.shape[0]).items():
+            if name not in self.adapter_names():
+                continue
+            idx = idx.to(x.device)
+            result[idx] = result[idx] + delta(name, x[idx]).to(result.dtype)
+        return result
 
 
 class Linear(nn.Module, LoraLayer):
@@ -296,6 +324,8 @@ class Linear(nn.Module, LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result, self._lora_delta)
         result_dtype = result.dtype
         for name in self._active_adapter:
             if name not in self.lora_A:
@@ -308,6 +338,12 @@ class Linear(nn.Module, LoraLayer):
             else:
                 result = result + lora_B(lora_A(dropout(x_))) * scaling
         return result.to(result_dtype)
+
+    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora[name]:
+            raise ValueError("per-sample adapter_names is not supported for DoRA adapters")
+        lora_A = self.lora_A[name]
+        return self.lora_B[name](lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
 
     def _dora_forward(
         self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropout: nn.Module, scaling: float
@@ -372,17 +408,19 @@ class Embedding(nn.Module, LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
-        base = self.get_base_layer()
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result, self._lora_delta)
         result_dtype = result.dtype
         for name in self._active_adapter:
-            if name not in self.lora_embedding_A:
-                continue
-            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            after_a = F.embedding(
-                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
-            result = result + (after_a @ b.T) * self.scaling[name]
+            if name in self.lora_embedding_A:
+                result = result + self._lora_delta(name, x)
         return result.to(result_dtype)
+
+    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (after_a @ b.T) * self.scaling[name]
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

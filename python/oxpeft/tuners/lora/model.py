@@ -8,6 +8,7 @@ from torch import nn
 from oxpeft.tuners.base import BaseTuner, pattern_key
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
+from oxpeft.tuners.lora.weighted import add_weighted_adapter
 
 # Per-architecture defaults used when target_modules is None (the attention query/value projections).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -96,3 +97,32 @@ class LoraModel(BaseTuner):
             kwargs["fan_in_fan_out"] = fifo
         new_module = layer_cls(target, adapter_name, **kwargs)
         setattr(parent, target_name, new_module)
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Create `adapter_name` from a weighted combination of existing adapters (see `tuners.lora.weighted`).
+
+        The new adapter is inactive and frozen; call `set_adapter(adapter_name)` to use it.
+        """
+        add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            density=density,
+            majority_sign_method=majority_sign_method,  # type: ignore[arg-type]
+        )
