@@ -366,7 +366,7 @@ fn method_of(config: &Map<String, Value>) -> Result<&'static Method> {
     };
     table::METHODS.iter().find(|m| m.peft_type == peft_type).ok_or_else(|| {
         Error::Config(format!(
-            "peft_type '{peft_type}' is not an adapter method oxpeft reads; supported: {}",
+            "unsupported peft_type '{peft_type}': oxpeft reads the configs of {}",
             supported_types()
         ))
     })
