@@ -102,10 +102,7 @@ class QuantState:
                     _np(self.absmax), _np(self.nested_absmax), float(self.nested_offset)
                 )
             )
-        scales = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: self.absmax.numel()]
-        return self.nested_quant_map[self.absmax.long()] * scales + torch.tensor(
-            self.nested_offset, dtype=torch.float32, device=scales.device
-        )
+        return _block_scales_torch(self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset)
 
     def packed_metadata(self) -> dict:
         """The non-tensor fields as bitsandbytes packs them into `quant_state.bitsandbytes__<type>`."""
@@ -234,6 +231,33 @@ def _four_bit_tables(quant_type: str, device: torch.device) -> tuple[torch.Tenso
     return code, midpoints, order.to(torch.uint8)
 
 
+def _block_scales_torch(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: float) -> torch.Tensor:
+    scales = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
+    return nested_map[codes.long()] * scales + torch.tensor(offset, dtype=torch.float32, device=scales.device)
+
+
+def _dequantize_4bit_torch(
+    packed: torch.Tensor, scales: torch.Tensor, n: int, blocksize: int, code: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    idx = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1).long()
+    padded = scales.numel() * blocksize
+    idx = torch.cat([idx, idx.new_zeros(max(padded - idx.numel(), 0))])[:padded]
+    values = code.to(packed.device, torch.float32)[idx].view(-1, blocksize) * scales.unsqueeze(1)
+    return values.reshape(-1)[:n].to(dtype)
+
+
+def _quantize_int8_torch(half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = half.float()
+    scb = x.abs().amax(dim=1)
+    cb = torch.round(x * (127.0 / scb).unsqueeze(1))
+    return torch.where((scb == 0).unsqueeze(1), torch.zeros_like(cb), cb).to(torch.int8), scb
+
+
+def _dequantize_int8_torch(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (cb.float() * scb.float().unsqueeze(1) * 7.874015718698502e-3).to(dtype)
+
+
 def _quantize_4bit_torch(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch-op twin of the Rust kernel: same scaling (reciprocal for full blocks, division for
     the short last block), same midpoints, same padding of an odd count with the code of 0.0."""
@@ -343,13 +367,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
             _np(packed), _np(scales), n, state.blocksize, state.quant_type, _FLOAT_DTYPES[dtype]
         )
         return _from_bits(out, dtype).view(state.shape)
-    code = state.quant_map.to(packed.device, torch.float32)
-    flat = packed.reshape(-1)
-    idx = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1).long()
-    blocks = scales.numel()
-    idx = torch.cat([idx, idx.new_zeros(blocks * state.blocksize - idx.numel())]) if idx.numel() < blocks * state.blocksize else idx[: blocks * state.blocksize]
-    values = (code[idx].view(blocks, state.blocksize) * scales.unsqueeze(1)).reshape(-1)[:n]
-    return values.to(dtype).view(state.shape)
+    return _dequantize_4bit_torch(packed, scales, n, state.blocksize, state.quant_map, dtype).view(state.shape)
 
 
 def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,11 +386,7 @@ def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Ten
     if half.device.type == "cpu":
         cb, scb = _native.quantize_int8_rows(_np(half).reshape(half.shape), "float16")
         return torch.from_numpy(cb), torch.from_numpy(scb)
-    x = half.float()
-    scb = x.abs().amax(dim=1)
-    cb = torch.round(x * (127.0 / scb).unsqueeze(1))
-    cb = torch.where((scb == 0).unsqueeze(1), torch.zeros_like(cb), cb).to(torch.int8)
-    return cb, scb
+    return _quantize_int8_torch(half)
 
 
 def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -386,4 +400,4 @@ def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = to
     if cb.device.type == "cpu":
         out = _native.dequantize_int8_rows(cb.contiguous().numpy(), _np(scb.float()), _FLOAT_DTYPES[dtype])
         return _from_bits(out, dtype).view(cb.shape)
-    return (cb.float() * scb.float().unsqueeze(1) * 7.874015718698502e-3).to(dtype)
+    return _dequantize_int8_torch(cb, scb, dtype)
