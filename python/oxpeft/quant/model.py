@@ -109,13 +109,27 @@ def prepare_model_for_kbit_training(
         for module in model.modules():
             kind = type(module).__name__
             if isinstance(module, nn.LayerNorm) or "LayerNorm" in kind or "RMSNorm" in kind:
-                for param in module.parameters(recurse=False):
-                    if param.dtype in (torch.float16, torch.bfloat16):
-                        param.data = param.data.float()
+                params = [p for p in module.parameters(recurse=False) if p.dtype in (torch.float16, torch.bfloat16)]
+                for param in params:
+                    param.data = param.data.float()
+                if params:
+                    # The norm computes in fp32; its output keeps the input's dtype so 16-bit layers downstream still fit.
+                    module.register_forward_hook(_output_in_input_dtype)
     if use_gradient_checkpointing:
         _make_inputs_require_grad(model)
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        # transformers >= 5 renamed gradient checkpointing to activation checkpointing.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if callable(enable):
+            enable(activation_checkpointing_kwargs=kwargs)
+        elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ValueError(f"prepare_model_for_kbit_training: {type(model).__name__} does not support gradient checkpointing")
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
     return model
+
+
+def _output_in_input_dtype(_module: nn.Module, inputs: tuple, output: Any) -> Any:
+    if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(inputs[0].dtype)
+    return output
