@@ -177,6 +177,11 @@ class QuantState:
             nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
         )
         state.validate(where)
+        # The kernels use the built-in tables; a checkpoint with other values would dequantise wrongly.
+        if not torch.equal(state.quant_map.cpu(), _code(state.quant_type)):
+            raise ValueError(f"{where}: quant_map is not bitsandbytes' {state.quant_type} table; custom 4-bit maps are not supported")
+        if state.nested and not torch.equal(state.nested_quant_map.cpu(), _dynamic_map()):
+            raise ValueError(f"{where}: nested_quant_map is not bitsandbytes' signed dynamic map")
         return state
 
     def validate(self, where: str) -> None:

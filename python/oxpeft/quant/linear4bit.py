@@ -198,5 +198,6 @@ class Linear4bit(nn.Module):
         if bias is not None:
             target = self.bias.device if self.bias.device.type != "meta" else bias.device
             self.bias = nn.Parameter(bias.detach().to(target, self.bias.dtype).clone(), requires_grad=self.bias.requires_grad)
-        known = {"weight", "bias"} | {f"weight.{k}" for k in state_items}
+        known = {"weight", "bias", f"weight.quant_state.bitsandbytes__{state.quant_type}"}
+        known |= {f"weight.{k}" for k in _STATE_SUFFIXES}
         unexpected_keys.extend(prefix + k for k in mine if k not in known)
