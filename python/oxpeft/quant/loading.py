@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,78 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: checkpoint file not found")
     return files
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _TensorFile:
+    """Reads one safetensors file tensor by tensor with plain reads.
+
+    Unlike an mmap (`safe_open`), whose touched pages count towards the process's resident memory
+    until the file is closed, each read lands in a fresh tensor that is freed once quantised, so the
+    process holds at most one full-precision tensor at a time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "rb")
+        size = os.fstat(self.file.fileno()).st_size
+        head = self.file.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > 100_000_000 or 8 + n > size:
+            raise ValueError(f"{path}: header length {n} is invalid for a {size}-byte file")
+        try:
+            header = json.loads(self.file.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: header is not UTF-8 JSON ({exc})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = _ST_DTYPES[entry["dtype"]]
+                shape = [int(d) for d in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor '{name}' has a malformed entry {entry!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or begin < 0 or self.data_start + end > size:
+                raise ValueError(f"{path}: tensor '{name}' ({entry['dtype']} {shape}) has offsets {begin}..{end} that do not fit")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, name: str, transient: bool = False) -> torch.Tensor:
+        """The tensor `name` on CPU. A `transient` one (read, quantised, dropped) lives in its own
+        anonymous mapping, returned to the OS the moment the tensor is freed; through malloc,
+        tens of MB freed between long-lived allocations fragment the heap instead."""
+        dtype, shape, begin, end = self.entries[name]
+        if transient and end > begin:
+            buffer = mmap.mmap(-1, end - begin)
+            tensor = torch.frombuffer(buffer, dtype=dtype).view(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        self.file.seek(self.data_start + begin)
+        if self.file.readinto(view) != end - begin:
+            raise ValueError(f"{self.path}: tensor '{name}' is truncated")
+        return tensor
+
+    def __enter__(self) -> "_TensorFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
 
 
 def _meta_model(model_dir: Path, model_class: Any, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -90,15 +163,14 @@ def load_quantized(
 ) -> nn.Module:
     """Loads a transformers model from `model_dir` with its Linear layers quantised.
 
-    The model is built on the meta device, then each tensor is read from the (mmapped)
-    safetensors checkpoint and either quantised straight into its `Linear4bit` / `Linear8bit`
-    or placed as is, so peak memory stays near the quantised model's size. A checkpoint that is
+    The model is built on the meta device, then each tensor is read from the safetensors
+    checkpoint (one at a time, with plain reads rather than an mmap) and either quantised straight
+    into its `Linear4bit` / `Linear8bit` or placed as is, so peak memory stays near the quantised
+    model's size plus one full-precision tensor. A checkpoint that is
     already quantised in bitsandbytes' layout (`weight.absmax`, `SCB`, ...) is loaded without
     requantising. `dtype`, when given, casts the tensors that stay in full precision; by default
     they keep the checkpoint's dtype. Returns the model in eval mode on CPU.
     """
-    from safetensors import safe_open
-
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
@@ -134,12 +206,13 @@ def load_quantized(
     # checkpoint saved already quantised, the packed weight and its quantisation state.
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
+        with _TensorFile(path) as reader:
             for key in reader.keys():
                 module_name = _owner_module(key)
                 if module_name in targets:
-                    tensor = reader.get_tensor(key)
-                    if key == f"{module_name}.weight" and tensor.is_floating_point():
+                    is_weight = key == f"{module_name}.weight" and reader.entries[key][0].is_floating_point
+                    tensor = reader.get_tensor(key, transient=is_weight)
+                    if is_weight:
                         model.get_submodule(module_name)._set_weight(tensor, name=f"{path.name}: {key}")
                     else:
                         pending.setdefault(module_name, {})[key[len(module_name) + 1 :]] = tensor
