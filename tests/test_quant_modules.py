@@ -356,3 +356,20 @@ def test_prepare_model_for_kbit_training_trains_through_checkpointing():
     loss = model(ids, labels=ids).loss
     loss.backward()
     assert trainable.grad is not None and torch.isfinite(trainable.grad).all()
+
+
+def test_load_quantized_rejects_corrupt_checkpoints(tmp_path):
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*' .* do not fit"):
+        load_quantized(tmp_path / "m", QuantizationConfig())
+    path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(ValueError, match=r"model\.safetensors: header length"):
+        load_quantized(tmp_path / "m", QuantizationConfig())
+    header_len = int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:8] + b"{" * header_len + data[8 + header_len :])
+    with pytest.raises(ValueError, match="header is not UTF-8 JSON"):
+        load_quantized(tmp_path / "m", QuantizationConfig())
