@@ -343,7 +343,7 @@ def quantize_4bit(
         # torch's fp32 mean is what bitsandbytes subtracts; using it keeps the bytes identical.
         offset = float(absmax.mean())
         if absmax.device.type == "cpu":
-            codes_np, nested_np, offset = _native.double_quantize_absmax(absmax.numpy(), offset)
+            (codes_np, nested_np), offset = _native.double_quantize_absmax(absmax.numpy(), offset)
             codes, nested = torch.from_numpy(codes_np), torch.from_numpy(nested_np)
         else:
             codes, nested = _double_quantize_torch(absmax, offset)

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use super::{as_elements, as_elements_mut, Bf16, Element, F16};
 use crate::{Error, Result};
 
-/// bitsandbytes dequantises with this fp32 factor rather than dividing by 127.
+/// bitsandbytes dequantises with this factor (its decimal, rounded to fp32) rather than dividing by 127.
+#[allow(clippy::excessive_precision)]
 const INV_127: f32 = 7.874_015_718_698_502e-3;
 
 fn check_shape(what: &str, len: usize, rows: usize, cols: usize) -> Result<()> {

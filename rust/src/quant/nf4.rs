@@ -13,7 +13,9 @@ use super::{avx512, same_kind, same_kind_mut};
 use super::{as_elements, as_elements_mut, Bf16, Element, Kind, F16};
 use crate::{Error, Result};
 
-/// bitsandbytes' NF4 table: quantiles of N(0, 1) scaled to [-1, 1], index = code.
+/// bitsandbytes' NF4 table: quantiles of N(0, 1) scaled to [-1, 1], index = code. The decimals are
+/// bitsandbytes' own; each rounds to the fp32 value it stores.
+#[allow(clippy::excessive_precision)]
 const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
