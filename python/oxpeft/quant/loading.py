@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,7 +120,10 @@ def _meta_model(model_dir: Path, model_class: Any, dtype: Optional[torch.dtype])
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
     owner_name, _, leaf = key.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        raise KeyError(key) from None
     if leaf in owner._parameters:
         old = owner._parameters[leaf]
         target = dtype if dtype is not None and value.is_floating_point() else value.dtype
@@ -205,6 +209,7 @@ def load_quantized(
     # Entries of quantised layers other than a full-precision weight: biases and, for a
     # checkpoint saved already quantised, the packed weight and its quantisation state.
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    unused: list[str] = []
     for path in files:
         with _TensorFile(path) as reader:
             for key in reader.keys():
@@ -221,7 +226,9 @@ def load_quantized(
                 try:
                     _set_tensor(model, key, reader.get_tensor(key), dtype)
                 except KeyError:
-                    continue  # a tensor the architecture does not use (e.g. an old rotary buffer)
+                    unused.append(key)  # a tensor the architecture does not use (e.g. an old rotary buffer)
+    if unused:
+        warnings.warn(f"{model_dir}: {len(unused)} checkpoint tensor(s) the model does not use were skipped, e.g. {unused[:5]}", stacklevel=2)
     for module_name, items in pending.items():
         module = model.get_submodule(module_name)
         if set(items) == {"bias"}:
