@@ -74,6 +74,7 @@ class QuantizationConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
+        """`bnb_4bit_compute_dtype` as a torch dtype (used by 8-bit layers too)."""
         return self.bnb_4bit_compute_dtype  # type: ignore[return-value]
 
     @classmethod
@@ -96,6 +97,7 @@ class QuantizationConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (dtype as its name)."""
         values = asdict(self)
         values.pop("llm_int8_skip_modules")
         values["bnb_4bit_compute_dtype"] = str(self.bnb_4bit_compute_dtype).removeprefix("torch.")

@@ -67,10 +67,12 @@ class QuantState:
 
     @property
     def nested(self) -> bool:
+        """Whether the block scales are double-quantised."""
         return self.nested_absmax is not None
 
     @property
     def numel(self) -> int:
+        """Number of elements of the quantised tensor."""
         n = 1
         for d in self.shape:
             n *= int(d)
