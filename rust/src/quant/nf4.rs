@@ -9,8 +9,8 @@
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::{avx512, same_kind, same_kind_mut};
-use super::{as_elements, as_elements_mut, Bf16, Element, Kind, F16};
+use super::{avx512, same_kind, same_kind_mut, Kind};
+use super::{as_elements, as_elements_mut, Bf16, Element, F16};
 use crate::{Error, Result};
 
 /// bitsandbytes' NF4 table: quantiles of N(0, 1) scaled to [-1, 1], index = code. The decimals are
