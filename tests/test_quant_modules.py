@@ -134,6 +134,11 @@ def test_state_dict_round_trip_and_device_meta_construction():
     target.load_state_dict(source.state_dict())
     assert target.quant_type == "fp4" and target.blocksize == 32
     assert torch.equal(target.dequantize(), source.dequantize())
+    # Packed bytes stored in a wider dtype (bitsandbytes' quant_storage) load too.
+    wide = dict(source.state_dict())
+    wide["weight"] = wide["weight"].view(-1).view(torch.bfloat16).reshape(-1, 1)
+    target.load_state_dict(wide)
+    assert torch.equal(target.dequantize(), source.dequantize())
     s8 = Linear8bit.from_linear(nn.Linear(40, 24))
     t8 = Linear8bit(40, 24, compute_dtype=torch.float32, device="meta")
     t8.load_state_dict(s8.state_dict())
@@ -329,6 +334,16 @@ def test_load_quantized_equals_quantize_model(tmp_path, load_in_8bit):
     again = load_quantized(tmp_path / "q", config)
     for key, value in expected.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_load_quantized_reads_sharded_checkpoints(tmp_path):
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    loaded = load_quantized(tmp_path / "sharded", QuantizationConfig(bnb_4bit_quant_type="fp4", blocksize=128))
+    expected = quantize_model(model, QuantizationConfig(bnb_4bit_quant_type="fp4", blocksize=128))
+    for key, value in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_load_quantized_tied_embeddings_and_missing_files(tmp_path):

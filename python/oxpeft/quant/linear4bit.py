@@ -177,6 +177,9 @@ class Linear4bit(nn.Module):
                     f"{where}: quantised shape {list(state.shape)} does not match Linear4bit(in={self.in_features}, out={self.out_features})"
                 )
             packed = mine["weight"]
+            if packed.dtype != torch.uint8 and packed.dtype.itemsize > 1:
+                # bitsandbytes' `quant_storage` may hold the same bytes in a wider dtype (for FSDP).
+                packed = packed.contiguous().view(-1).view(torch.uint8)
             if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
                 raise ValueError(
                     f"{where}: weight must be uint8 with {(state.numel + 1) // 2} bytes, got {packed.dtype} with {packed.numel()}"
