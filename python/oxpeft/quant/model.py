@@ -97,7 +97,7 @@ def prepare_model_for_kbit_training(
     """Readies a quantised model for adapter training and returns it.
 
     Freezes every base parameter; with `use_gradient_checkpointing`, enables it (passing
-    `gradient_checkpointing_kwargs`) and makes the embedding output require grad, so that
+    `gradient_checkpointing_kwargs`, default `{"use_reentrant": False}`) and makes the embedding output require grad, so that
     checkpointed blocks still see an input with a grad path (the "element 0 of tensors does not
     require grad" failure). With `upcast_norms`, LayerNorm / RMSNorm weights in 16 bits are cast
     to float32. Unlike PEFT, the other 16-bit parameters (embeddings, lm_head) are NOT upcast to
