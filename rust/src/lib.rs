@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod quant;
 
 #[cfg(feature = "python")]
 mod python;

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use crate::Error;
 
 mod config;
+mod quant;
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
@@ -31,5 +32,6 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     config::register(m)?;
+    quant::register(m)?;
     Ok(())
 }
