@@ -8,6 +8,14 @@ from oxpeft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_model,
 )
+from oxpeft.quant import (
+    Linear4bit,
+    Linear8bit,
+    QuantizationConfig,
+    load_quantized,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 from oxpeft.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -27,6 +35,15 @@ from oxpeft.tuners.lora.model import LoraModel
 
 __version__: str = _native_version()
 
+
+def __getattr__(name: str):
+    # PeftTrainer pulls in transformers' Trainer (and accelerate); import it only when asked for.
+    if name == "PeftTrainer":
+        from oxpeft.trainer import PeftTrainer
+
+        return PeftTrainer
+    raise AttributeError(f"module 'oxpeft' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "PeftConfig",
@@ -43,6 +60,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
     "PeftModel",
+    "PeftTrainer",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",
@@ -56,4 +74,10 @@ __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
+    "Linear4bit",
+    "Linear8bit",
+    "QuantizationConfig",
+    "load_quantized",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
 ]

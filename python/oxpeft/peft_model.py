@@ -259,16 +259,20 @@ class PeftModel(nn.Module):
 
     # --- parameters ----------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters); quantised weights count as their unpacked size."""
+        """(trainable parameters, all parameters); a quantised weight counts as its unpacked size."""
         trainable = total = 0
+        seen: set[int] = set()
         for module in self.modules():
-            packed = getattr(module, "quantized_numel", None)
-            if callable(packed):
-                total += packed()
-        for param in self.parameters():
-            total += param.numel()
-            if param.requires_grad:
-                trainable += param.numel()
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                count = param.numel()
+                if name == "weight" and hasattr(module, "dequantize") and hasattr(module, "in_features"):
+                    count = module.in_features * module.out_features
+                total += count
+                if param.requires_grad:
+                    trainable += count
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -278,10 +282,17 @@ class PeftModel(nn.Module):
 
     # --- merging -------------------------------------------------------------------------------------------------
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        *,
+        requantize: bool = False,
     ) -> nn.Module:
+        """Merge adapters and return the base model; quantised layers come back full precision unless
+        `requantize=True`."""
         self._remove_input_grad_hook()
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, requantize=requantize)
 
     def unload(self) -> nn.Module:
         self._remove_input_grad_hook()
