@@ -358,3 +358,46 @@ def test_ia3_add_weighted_adapter_matches_peft():
     with pytest.raises(ValueError, match="got 2 adapters but 1 weights"):
         model_ours = oxpeft.get_peft_model(twin(base), oxpeft.IA3Config(**first))
         model_ours.add_weighted_adapter(["default", "default"], [1.0], "bad")
+
+
+def _dequantized_twin(model: nn.Module) -> nn.Module:
+    """A dense copy whose Linear layers hold exactly the dequantised weights."""
+    from oxpeft import Linear4bit, Linear8bit
+
+    dense = twin(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, (Linear4bit, Linear8bit)):
+            parent_name, _, child = name.rpartition(".")
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = module.dequantize().float()
+            setattr(dense.get_submodule(parent_name), child, linear)
+    return dense
+
+
+@pytest.mark.parametrize("case", ["ia3-llama", "adalora-llama"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_equals_dequantized_base(case, bits):
+    """(IA)³ and AdaLoRA on oxpeft's Linear4bit / Linear8bit compute what they compute on the dequantised weights;
+    merge_and_unload gives full-precision layers with the same outputs."""
+    from oxpeft import Linear4bit, Linear8bit, QuantizationConfig, quantize_model
+
+    _, cls_name, kwargs = CASES[case]
+    flag = {"load_in_4bit": True} if bits == 4 else {"load_in_8bit": True}
+    quantized = quantize_model(FACTORIES["llama"](), QuantizationConfig(bnb_4bit_compute_dtype=torch.float32, **flag))
+    dense = _dequantized_twin(quantized)
+    x = model_input("llama")
+    models = []
+    for base in (quantized, dense):
+        torch.manual_seed(0)  # the same initial adapter weights for both
+        models.append(oxpeft.get_peft_model(twin(base), getattr(oxpeft, cls_name)(**kwargs)))
+    for model in models:
+        perturb_trainable(model)
+        model.eval()
+    outputs = [run(model, x) for model in models]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=1e-5)
+
+    layer = models[0].base_model.model.model.layers[0].mlp.down_proj
+    assert isinstance(layer.base_layer, Linear4bit if bits == 4 else Linear8bit)
+    merged = models[0].merge_and_unload()
+    assert type(merged.model.layers[0].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(run(merged, x), outputs[0], atol=ATOL, rtol=1e-5)

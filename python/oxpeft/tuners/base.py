@@ -170,6 +170,42 @@ class BaseTunerLayer:
             else:
                 item.to(device=device, dtype=dtype)
 
+    # --- the base weight, for merging (quantised bases are dequantised / requantised) --------------------------
+    def _stored_weight(self) -> torch.Tensor:
+        """The base weight in its stored layout (transposed for fan_in_fan_out), dequantised for quantised bases."""
+        base = self.get_base_layer()
+        if hasattr(base, "dequantize"):
+            weight = base.dequantize()
+            return weight.T if getattr(self, "fan_in_fan_out", False) else weight
+        return base.weight.data
+
+    def _store_weight(self, weight: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if hasattr(base, "dequantize"):
+            warnings.warn(
+                f"merging into the quantised {type(base).__name__} requantises its weight, which rounds the merged "
+                "weight to the quantisation grid; merge_and_unload() keeps a full-precision weight instead",
+                stacklevel=4,
+            )
+            dense = weight.T if getattr(self, "fan_in_fan_out", False) else weight
+            base.set_weight(dense.to(base.compute_dtype))
+        else:
+            base.weight.data = weight.to(base.weight.dtype)
+
+    def dequantize_base(self) -> None:
+        """Replace a quantised base layer by a full-precision nn.Linear holding its dequantised weight."""
+        base = self.base_layer
+        if not hasattr(base, "dequantize"):
+            return
+        dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        weight = base.dequantize().detach()
+        dense.to(device=weight.device, dtype=weight.dtype)
+        dense.weight.data = weight
+        if base.bias is not None:
+            dense.bias.data = base.bias.detach().to(weight.dtype)
+        dense.requires_grad_(False)
+        self.base_layer = dense
+
     # --- switching -----------------------------------------------------------------------------------------------
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active (and trainable) adapters of this layer; others are frozen."""
@@ -251,21 +287,18 @@ class DeltaTunerLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        base = self.get_base_layer()
         for name in self._adapters_to_merge(adapter_names):
-            merged = base.weight.float() + self.get_delta_weight(name).detach().float()
+            merged = self._stored_weight().float() + self.get_delta_weight(name).detach().float()
             if safe_merge:
                 check_merged_weight(merged, name)
-            base.weight.data = merged.to(base.weight.dtype)
+            self._store_weight(merged)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            restored = base.weight.float() - self.get_delta_weight(name).detach().float()
-            base.weight.data = restored.to(base.weight.dtype)
+            self._store_weight(self._stored_weight().float() - self.get_delta_weight(name).detach().float())
 
 
 class ModulesToSaveWrapper(nn.Module):

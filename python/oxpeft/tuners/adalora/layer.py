@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oxpeft.tuners.base import DeltaTunerLayer
+from oxpeft.tuners.base import DeltaTunerLayer, is_linear_like
 
 # Added to ranknum before dividing (HF PEFT does the same, so that a rank-0 adapter stays finite).
 RANKNUM_EPS = 1e-5
 
 
 class AdaLoraLayer(DeltaTunerLayer):
-    """AdaLoRA on nn.Linear, transformers' Conv1D (`fan_in_fan_out=True`, weight stored as (in, out)) and
-    nn.Conv2d."""
+    """AdaLoRA on nn.Linear, transformers' Conv1D (`fan_in_fan_out=True`, weight stored as (in, out)), oxpeft's
+    quantised Linear4bit / Linear8bit and nn.Conv2d."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
     other_param_names = ("r", "lora_alpha", "scaling", "ranknum", "lora_dropout")
@@ -45,13 +45,14 @@ class AdaLoraLayer(DeltaTunerLayer):
 
         if isinstance(base_layer, Conv1D):
             in_features, out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear):
-            in_features, out_features = base_layer.in_features, base_layer.out_features
         elif isinstance(base_layer, nn.Conv2d):
             in_features, out_features = base_layer.in_channels, base_layer.out_channels
+        elif is_linear_like(base_layer):
+            in_features, out_features = base_layer.in_features, base_layer.out_features
         else:
             raise ValueError(
-                f"AdaLoRA supports nn.Linear, transformers Conv1D and nn.Conv2d, not {type(base_layer).__name__}"
+                f"AdaLoRA supports nn.Linear, transformers Conv1D, oxpeft's quantised Linear layers and nn.Conv2d, "
+                f"not {type(base_layer).__name__}"
             )
         self._init_tuner_layer(base_layer)
         self.in_features, self.out_features = in_features, out_features

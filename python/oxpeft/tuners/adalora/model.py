@@ -203,8 +203,6 @@ class AdaLoraModel(BaseTuner):
             out[f"{prefix}lora_B.{adapter_name}"] = module.lora_B[adapter_name][:, keep]
         return out
 
-    def _unload_and_optionally_merge(
-        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None
-    ) -> nn.Module:
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         self._loss_hook.remove()
-        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        return super()._unload_and_optionally_merge(*args, **kwargs)

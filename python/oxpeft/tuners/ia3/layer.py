@@ -73,7 +73,7 @@ class IA3Layer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
         for name in self._adapters_to_merge(adapter_names):
-            weight = base.weight.float() * self._weight_factor(self.ia3_l[name].float())
+            weight = self._stored_weight().float() * self._weight_factor(self.ia3_l[name].float())
             bias = None
             if not self.is_feedforward and base.bias is not None:
                 bias = base.bias.float() * self.ia3_l[name].float().reshape(-1)
@@ -81,7 +81,7 @@ class IA3Layer(nn.Module, BaseTunerLayer):
                 check_merged_weight(weight, name)
                 if bias is not None:
                     check_merged_weight(bias, name)
-            base.weight.data = weight.to(base.weight.dtype)
+            self._store_weight(weight)
             if bias is not None:
                 base.bias.data = bias.to(base.bias.dtype)
             self.merged_adapters.append(name)
@@ -99,7 +99,7 @@ class IA3Layer(nn.Module, BaseTunerLayer):
                     stacklevel=2,
                 )
             safe = torch.where(vector == 0, torch.ones_like(vector), vector)
-            base.weight.data = (base.weight.float() / self._weight_factor(safe)).to(base.weight.dtype)
+            self._store_weight(self._stored_weight().float() / self._weight_factor(safe))
             if not self.is_feedforward and base.bias is not None:
                 base.bias.data = (base.bias.float() / safe.reshape(-1)).to(base.bias.dtype)
 
@@ -108,7 +108,8 @@ class IA3Layer(nn.Module, BaseTunerLayer):
 
 
 class Linear(IA3Layer):
-    """(IA)³ on nn.Linear and transformers' Conv1D (`fan_in_fan_out=True`, weight stored as (in, out))."""
+    """(IA)³ on nn.Linear, transformers' Conv1D (`fan_in_fan_out=True`, weight stored as (in, out)) and oxpeft's
+    quantised Linear4bit / Linear8bit."""
 
     def __init__(
         self,

@@ -9,7 +9,13 @@ import warnings
 import torch
 from torch import nn
 
-from oxpeft.tuners.base import BaseTuner, check_adapters_to_combine, matches_list_entry, union_module_names
+from oxpeft.tuners.base import (
+    BaseTuner,
+    check_adapters_to_combine,
+    is_linear_like,
+    matches_list_entry,
+    union_module_names,
+)
 from oxpeft.tuners.ia3.config import IA3Config
 from oxpeft.tuners.ia3.layer import Conv2d, IA3Layer, Linear
 
@@ -183,7 +189,7 @@ def _layer_for(target: nn.Module, key: str, fan_in_fan_out: bool) -> tuple[type[
 
     if isinstance(target, nn.Conv2d):
         return Conv2d, False
-    if isinstance(target, (nn.Linear, Conv1D)):
+    if is_linear_like(target):
         required = isinstance(target, Conv1D)
         if required != fan_in_fan_out:
             warnings.warn(
@@ -191,6 +197,6 @@ def _layer_for(target: nn.Module, key: str, fan_in_fan_out: bool) -> tuple[type[
             )
         return Linear, required
     raise ValueError(
-        f"(IA)³ does not support '{key}' of type {type(target).__name__}; supported: nn.Linear, transformers Conv1D "
-        "and nn.Conv2d"
+        f"(IA)³ does not support '{key}' of type {type(target).__name__}; supported: nn.Linear, transformers Conv1D, "
+        "oxpeft's quantised Linear layers and nn.Conv2d"
     )
