@@ -401,3 +401,14 @@ def test_quantized_base_equals_dequantized_base(case, bits):
     merged = models[0].merge_and_unload()
     assert type(merged.model.layers[0].mlp.down_proj) is nn.Linear
     torch.testing.assert_close(run(merged, x), outputs[0], atol=ATOL, rtol=1e-5)
+
+
+def test_loha_hadamard_gradients_are_exact():
+    from oxpeft.tuners.loha.layer import HadamardProduct
+
+    gen = torch.Generator().manual_seed(0)
+    factors = [
+        torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+        for shape in [(5, 3), (3, 7), (5, 3), (3, 7)]
+    ]
+    assert torch.autograd.gradcheck(HadamardProduct.apply, factors)

@@ -7,9 +7,10 @@ and w*_b (r, in). Conv2d with `use_effective_conv2d` (kernel > 1x1): each factor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from oxpeft.tuners.lycoris import LycorisConfig, LycorisLayer, kaiming_init, rebuild_cp
 
@@ -42,30 +43,34 @@ class LoHaLayer(LycorisLayer):
                 kaiming_init(w2_b)
 
     def _full_delta(self, adapter_name: str) -> torch.Tensor:
-        factors = [
-            getattr(self, attr)[adapter_name]
-            for attr in self.adapter_layer_names
-            if adapter_name in getattr(self, attr)
-        ]
-        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
-            # Autograd would keep both full-size products (2 x out x in) until backward; recomputing them there
-            # from the small factors costs two rank-r matmuls.
-            return checkpoint(_hadamard_delta, *factors, use_reentrant=False)
-        return _hadamard_delta(*factors)
+        w1_a, w1_b = self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name]
+        w2_a, w2_b = self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name]
+        if adapter_name in self.hada_t1:
+            t1, t2 = self.hada_t1[adapter_name], self.hada_t2[adapter_name]
+            return rebuild_cp(t1, w1_a, w1_b) * rebuild_cp(t2, w2_a, w2_b)
+        return HadamardProduct.apply(w1_a, w1_b, w2_a, w2_b)
 
     def __repr__(self) -> str:
         return "loha." + super().__repr__()
 
 
-def _hadamard_delta(
-    w1_a: torch.Tensor,
-    w1_b: torch.Tensor,
-    w2_a: torch.Tensor,
-    w2_b: torch.Tensor,
-    t1: torch.Tensor | None = None,
-    t2: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The unscaled LoHa delta from its factors (in `LoHaLayer.adapter_layer_names` order)."""
-    if t1 is not None and t2 is not None:
-        return rebuild_cp(t1, w1_a, w1_b) * rebuild_cp(t2, w2_a, w2_b)
-    return (w1_a @ w1_b) * (w2_a @ w2_b)
+class HadamardProduct(torch.autograd.Function):
+    """``(w1_a @ w1_b) * (w2_a @ w2_b)`` that keeps only the four small factors for backward.
+
+    Plain autograd would keep both full-size products (2 x out x in per layer) alive until backward; here backward
+    recomputes them from the factors, two rank-r matmuls.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
+        return (w1_a @ w1_b) * (w2_a @ w2_b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+        grad_1 = grad * (w2_a @ w2_b)  # gradient with respect to w1_a @ w1_b
+        grad_2 = grad * (w1_a @ w1_b)
+        return grad_1 @ w1_b.T, w1_a.T @ grad_1, grad_2 @ w2_b.T, w2_a.T @ grad_2
