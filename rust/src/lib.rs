@@ -4,6 +4,7 @@
 //! `python` feature (maturin enables it; `cargo test` does not).
 
 pub mod error;
+pub mod loftq;
 
 #[cfg(feature = "python")]
 mod python;
