@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod loftq;
+pub mod quant;
 
 #[cfg(feature = "python")]
 mod python;
