@@ -15,6 +15,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use crate::quant::{self, FourBitType};
 use crate::{Error, Result};
 
 /// How the rank-r SVD of each residual is computed.
@@ -73,8 +74,18 @@ pub fn loftq_init(
     svd: SvdMode,
     quant_roundtrip: &QuantRoundtrip<'_>,
 ) -> Result<LoftqResult> {
-    validate(w, rows, cols, rank, iters, scaling, svd)?;
+    validate(rows, cols, w.len(), rank, iters, scaling)?;
     let w_norm = frobenius_norm(w);
+    if !w_norm.is_finite() {
+        // Only a NaN or an infinity makes the f64 sum of f32 squares non-finite.
+        let i = w.iter().position(|x| !x.is_finite()).unwrap_or_default();
+        return Err(Error::invalid_argument(format!(
+            "LoftQ: the weight holds a non-finite value ({}) at row {}, column {}",
+            w[i],
+            i / cols,
+            i % cols
+        )));
+    }
     if w_norm == 0.0 {
         return Err(Error::invalid_argument(format!(
             "LoftQ: the {rows}x{cols} weight is all zeros; there is nothing to approximate"
@@ -132,10 +143,46 @@ pub fn loftq_init(
     Ok(LoftqResult { dequantized: deq, lora_a, lora_b, rel_error })
 }
 
-/// Elements per rayon task in elementwise passes: big enough to amortise scheduling.
-const CHUNK: usize = 1 << 16;
+/// The base layer's quantiser, with the round trip [`loftq_init`] runs on each iteration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoftqQuant {
+    /// bitsandbytes' blockwise 4-bit NF4 / FP4 without double quantisation, as PEFT's LoftQ uses.
+    FourBit { kind: FourBitType, blocksize: usize },
+    /// LLM.int8's row-wise absmax int8 (what a Linear8bit base layer stores).
+    Int8Rows,
+}
 
-fn validate(
+impl LoftqQuant {
+    /// The quantiser for `bits` (LoftQConfig's `loftq_bits`): 4 uses `quant_type` ("nf4" / "fp4") and
+    /// `blocksize`; 8 is row-wise int8, which has neither.
+    pub fn from_bits(bits: u32, quant_type: &str, blocksize: usize) -> Result<Self> {
+        match bits {
+            4 => Ok(LoftqQuant::FourBit { kind: FourBitType::from_name(quant_type)?, blocksize }),
+            8 => Ok(LoftqQuant::Int8Rows),
+            other => Err(Error::invalid_argument(format!(
+                "LoftQ: loftq_bits must be 4 (NF4 / FP4) or 8 (int8), got {other}"
+            ))),
+        }
+    }
+
+    /// `out = deq(quant(input))` for a row-major `rows x cols` matrix.
+    fn roundtrip(self, input: &[f32], rows: usize, cols: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            LoftqQuant::FourBit { kind, blocksize } => {
+                let (packed, absmax) = quant::quantize_4bit_f32(input, blocksize, kind)?;
+                quant::dequantize_4bit_f32(&packed, &absmax, input.len(), blocksize, kind, out)
+            }
+            LoftqQuant::Int8Rows => {
+                let (cb, scb) = quant::quantize_int8_rows_f32(input, rows, cols)?;
+                quant::dequantize_int8_rows_f32(&cb, &scb, rows, cols, out)
+            }
+        }
+    }
+}
+
+/// [`loftq_init`] with one of oxpeft's own quantisers.
+#[allow(clippy::too_many_arguments)]
+pub fn loftq_init_quantized(
     w: &[f32],
     rows: usize,
     cols: usize,
@@ -143,13 +190,29 @@ fn validate(
     iters: usize,
     scaling: f32,
     svd: SvdMode,
+    quant: LoftqQuant,
+) -> Result<LoftqResult> {
+    let roundtrip = |input: &[f32], out: &mut [f32]| quant.roundtrip(input, rows, cols, out);
+    loftq_init(w, rows, cols, rank, iters, scaling, svd, &roundtrip)
+}
+
+/// Elements per rayon task in elementwise passes: big enough to amortise scheduling.
+const CHUNK: usize = 1 << 16;
+
+fn validate(
+    rows: usize,
+    cols: usize,
+    len: usize,
+    rank: usize,
+    iters: usize,
+    scaling: f32,
 ) -> Result<()> {
     let bad = |reason: String| Err(Error::invalid_argument(format!("LoftQ: {reason}")));
     if rows == 0 || cols == 0 {
         return bad(format!("the weight must be a non-empty matrix, got {rows}x{cols}"));
     }
-    if rows.checked_mul(cols) != Some(w.len()) {
-        return bad(format!("the weight has {} elements, not {rows}x{cols}", w.len()));
+    if rows.checked_mul(cols) != Some(len) {
+        return bad(format!("the weight has {len} elements, not {rows}x{cols}"));
     }
     if rank == 0 {
         return bad("rank must be at least 1".into());
@@ -165,19 +228,6 @@ fn validate(
     }
     if !(scaling.is_finite() && scaling > 0.0) {
         return bad(format!("the LoRA scaling must be a positive finite number, got {scaling}"));
-    }
-    if let SvdMode::Randomized { power_iters, .. } = svd {
-        if power_iters > 64 {
-            return bad(format!("{power_iters} power iterations is unreasonable (at most 64)"));
-        }
-    }
-    if let Some(i) = w.par_iter().position_first(|x| !x.is_finite()) {
-        return bad(format!(
-            "the weight holds a non-finite value ({}) at row {}, column {}",
-            w[i],
-            i / cols,
-            i % cols
-        ));
     }
     Ok(())
 }
@@ -453,6 +503,27 @@ mod tests {
     }
 
     #[test]
+    fn real_quantisers_nf4_fp4_int8() {
+        let (rows, cols, rank) = (64, 128, 8);
+        let w = test_weight(rows, cols, 8, 8);
+        for (bits, quant_type) in [(4, "nf4"), (4, "fp4"), (8, "nf4")] {
+            let q = LoftqQuant::from_bits(bits, quant_type, 64).unwrap();
+            let mut plain = vec![0.0; rows * cols];
+            q.roundtrip(&w, rows, cols, &mut plain).unwrap();
+            let diff: Vec<f32> = w.iter().zip(&plain).map(|(a, b)| a - b).collect();
+            let plain_error = frobenius_norm(&diff) / frobenius_norm(&w);
+
+            let once = loftq_init_quantized(&w, rows, cols, rank, 1, 1.0, SvdMode::fast(), q).unwrap();
+            assert_eq!(once.dequantized, plain, "{bits}-bit {quant_type}: T = 1 keeps the plain quantisation");
+            let direct = direct_error(&w, rows, cols, rank, 1.0, &once);
+            assert!((direct - f64::from(once.rel_error)).abs() < 1e-5, "{direct} vs {}", once.rel_error);
+            assert!(direct < plain_error, "{bits}-bit {quant_type}: {direct} !< {plain_error}");
+            let five = loftq_init_quantized(&w, rows, cols, rank, 5, 1.0, SvdMode::fast(), q).unwrap();
+            assert!(five.rel_error < once.rel_error, "{bits}-bit {quant_type}: T=5 {} !< T=1 {}", five.rel_error, once.rel_error);
+        }
+    }
+
+    #[test]
     fn rejects_bad_input_with_clear_errors() {
         let w = test_weight(8, 12, 2, 6);
         let q: &QuantRoundtrip<'_> = &uniform_roundtrip;
@@ -469,6 +540,11 @@ mod tests {
         nan[2 * 12 + 5] = f32::NAN;
         assert!(msg(loftq_init(&nan, 8, 12, 2, 1, 1.0, SvdMode::fast(), q)).contains("NaN) at row 2, column 5"));
         assert!(msg(loftq_init(&vec![0.0; 96], 8, 12, 2, 1, 1.0, SvdMode::fast(), q)).contains("all zeros"));
+        let bits = LoftqQuant::from_bits(3, "nf4", 64).unwrap_err().to_string();
+        assert!(bits.contains("loftq_bits must be 4 (NF4 / FP4) or 8 (int8), got 3"), "{bits}");
+        assert!(LoftqQuant::from_bits(4, "int4", 64).unwrap_err().to_string().contains("'int4'"));
+        let blocksize = loftq_init_quantized(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), LoftqQuant::from_bits(4, "nf4", 48).unwrap());
+        assert!(matches!(blocksize, Err(Error::InvalidArgument(_))), "{blocksize:?}");
         let failing = |_: &[f32], _: &mut [f32]| -> Result<()> { Err(Error::invalid_argument("quantiser says no")) };
         assert!(msg(loftq_init(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), &failing)).contains("quantiser says no"));
     }
