@@ -196,17 +196,39 @@ pub fn loftq_init_quantized(
     loftq_init(w, rows, cols, rank, iters, scaling, svd, &roundtrip)
 }
 
+/// LoftQ's SVD step for a base that is already quantised and stays so (PEFT's
+/// `replace_lora_weights_loftq`): fit `scaling * B @ A` to `W - dequantized`. With the quantisation
+/// fixed, further iterations would change nothing, so this is one iteration of [`loftq_init`].
+pub fn loftq_fit_fixed_base(
+    w: &[f32],
+    dequantized: &[f32],
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    scaling: f32,
+    svd: SvdMode,
+) -> Result<LoftqResult> {
+    if dequantized.len() != w.len() {
+        return Err(Error::invalid_argument(format!(
+            "LoftQ: the dequantized base has {} elements, the weight {}",
+            dequantized.len(),
+            w.len()
+        )));
+    }
+    if !frobenius_norm(dequantized).is_finite() {
+        return Err(Error::invalid_argument("LoftQ: the dequantized base holds a non-finite value"));
+    }
+    let fixed = |_: &[f32], out: &mut [f32]| {
+        out.copy_from_slice(dequantized);
+        Ok(())
+    };
+    loftq_init(w, rows, cols, rank, 1, scaling, svd, &fixed)
+}
+
 /// Elements per rayon task in elementwise passes: big enough to amortise scheduling.
 const CHUNK: usize = 1 << 16;
 
-fn validate(
-    rows: usize,
-    cols: usize,
-    len: usize,
-    rank: usize,
-    iters: usize,
-    scaling: f32,
-) -> Result<()> {
+fn validate(rows: usize, cols: usize, len: usize, rank: usize, iters: usize, scaling: f32) -> Result<()> {
     let bad = |reason: String| Err(Error::invalid_argument(format!("LoftQ: {reason}")));
     if rows == 0 || cols == 0 {
         return bad(format!("the weight must be a non-empty matrix, got {rows}x{cols}"));
@@ -233,10 +255,7 @@ fn validate(
 }
 
 fn frobenius_norm(x: &[f32]) -> f64 {
-    x.par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt()
+    x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()).sum::<f64>().sqrt()
 }
 
 /// A rank-r factorisation `U diag(S) V^T` of a residual.
@@ -470,7 +489,8 @@ mod tests {
             assert!((e - f).abs() <= 1e-3 * e, "singular values {e} vs {f}");
         }
         // Same rank-r approximation: compare U S V^T elementwise.
-        let approx = |f: &LowRank| product(f.u.as_ref(), Mat::from_fn(rank, cols, |l, j| f.s[l] * f.v[(j, l)]).as_ref());
+        let approx =
+            |f: &LowRank| product(f.u.as_ref(), Mat::from_fn(rank, cols, |l, j| f.s[l] * f.v[(j, l)]).as_ref());
         let (ae, af) = (approx(&exact), approx(&fast));
         let diff = Mat::from_fn(rows, cols, |i, j| ae[(i, j)] - af[(i, j)]);
         assert!(diff.norm_l2() <= 1e-3 * ae.norm_l2(), "{} vs {}", diff.norm_l2(), ae.norm_l2());
@@ -519,8 +539,31 @@ mod tests {
             assert!((direct - f64::from(once.rel_error)).abs() < 1e-5, "{direct} vs {}", once.rel_error);
             assert!(direct < plain_error, "{bits}-bit {quant_type}: {direct} !< {plain_error}");
             let five = loftq_init_quantized(&w, rows, cols, rank, 5, 1.0, SvdMode::fast(), q).unwrap();
-            assert!(five.rel_error < once.rel_error, "{bits}-bit {quant_type}: T=5 {} !< T=1 {}", five.rel_error, once.rel_error);
+            assert!(
+                five.rel_error < once.rel_error,
+                "{bits}-bit {quant_type}: T=5 {} !< T=1 {}",
+                five.rel_error,
+                once.rel_error
+            );
         }
+    }
+
+    #[test]
+    fn fixed_base_fits_the_residual_of_that_base() {
+        let (rows, cols, rank) = (48, 64, 6);
+        let w = test_weight(rows, cols, 6, 9);
+        let mut base = vec![0.0; rows * cols];
+        uniform_roundtrip(&w, &mut base).unwrap();
+        let fixed = loftq_fit_fixed_base(&w, &base, rows, cols, rank, 2.0, SvdMode::Exact).unwrap();
+        let looped = run(&w, rows, cols, rank, 1, SvdMode::Exact);
+        assert_eq!(fixed.dequantized, base);
+        assert_eq!(fixed.rel_error, looped.rel_error);
+        assert_eq!(fixed.lora_a, looped.lora_a);
+        let err = loftq_fit_fixed_base(&w, &base[1..], rows, cols, rank, 2.0, SvdMode::Exact).unwrap_err();
+        assert!(err.to_string().contains("dequantized base has 3071 elements, the weight 3072"), "{err}");
+        base[7] = f32::INFINITY;
+        let err = loftq_fit_fixed_base(&w, &base, rows, cols, rank, 2.0, SvdMode::Exact).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
     }
 
     #[test]
@@ -532,7 +575,8 @@ mod tests {
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
         assert!(msg(loftq_init(&w, 8, 12, 0, 1, 1.0, SvdMode::fast(), q)).contains("rank must be at least 1"));
-        assert!(msg(loftq_init(&w, 8, 12, 9, 1, 1.0, SvdMode::fast(), q)).contains("rank 9 is larger than min(rows, cols) = 8"));
+        assert!(msg(loftq_init(&w, 8, 12, 9, 1, 1.0, SvdMode::fast(), q))
+            .contains("rank 9 is larger than min(rows, cols) = 8"));
         assert!(msg(loftq_init(&w, 8, 12, 2, 0, 1.0, SvdMode::fast(), q)).contains("loftq_iter"));
         assert!(msg(loftq_init(&w, 8, 11, 2, 1, 1.0, SvdMode::fast(), q)).contains("96 elements, not 8x11"));
         assert!(msg(loftq_init(&w, 8, 12, 2, 1, 0.0, SvdMode::fast(), q)).contains("scaling"));
@@ -543,7 +587,8 @@ mod tests {
         let bits = LoftqQuant::from_bits(3, "nf4", 64).unwrap_err().to_string();
         assert!(bits.contains("loftq_bits must be 4 (NF4 / FP4) or 8 (int8), got 3"), "{bits}");
         assert!(LoftqQuant::from_bits(4, "int4", 64).unwrap_err().to_string().contains("'int4'"));
-        let blocksize = loftq_init_quantized(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), LoftqQuant::from_bits(4, "nf4", 48).unwrap());
+        let blocksize =
+            loftq_init_quantized(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), LoftqQuant::from_bits(4, "nf4", 48).unwrap());
         assert!(matches!(blocksize, Err(Error::InvalidArgument(_))), "{blocksize:?}");
         let failing = |_: &[f32], _: &mut [f32]| -> Result<()> { Err(Error::invalid_argument("quantiser says no")) };
         assert!(msg(loftq_init(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), &failing)).contains("quantiser says no"));

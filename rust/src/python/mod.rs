@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod loftq;
 mod quant;
 
 impl From<Error> for PyErr {
@@ -31,5 +32,6 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     quant::register(m)?;
+    loftq::register(m)?;
     Ok(())
 }
