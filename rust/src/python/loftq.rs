@@ -76,8 +76,14 @@ fn matrix<'py>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArra
     array.extract().map_err(|_| PyValueError::new_err(format!("LoftQ: {name} must be a 2-D float32 array")))
 }
 
+/// The array's elements in row-major order. `as_slice` alone would also accept a Fortran-ordered
+/// array, whose memory order is the transpose.
 fn contiguous<'a>(array: &'a PyReadonlyArray2<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
-    array.as_slice().map_err(|_| PyValueError::new_err(format!("LoftQ: {name} must be C-contiguous")))
+    let not_c = || PyValueError::new_err(format!("LoftQ: {name} must be C-contiguous"));
+    if !array.is_c_contiguous() {
+        return Err(not_c());
+    }
+    array.as_slice().map_err(|_| not_c())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
