@@ -14,12 +14,26 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from oxpeft.demo import print_report, run_demo
+
+    result = run_demo(steps=args.steps, output_dir=args.output_dir, seed=args.seed)
+    print_report(result)
+    return 0 if result.ok else 1
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oxpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("demo", help="fine-tune a tiny built-in Llama with LoRA, save, reload and merge it")
+    p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument("--output-dir", default=None, help="where to save the adapter (default: a new temp folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
