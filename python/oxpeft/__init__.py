@@ -2,6 +2,7 @@
 
 from oxpeft._native import version as _native_version
 from oxpeft.config import PeftConfig, PeftType, TaskType
+from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
 from oxpeft.mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
@@ -38,6 +39,8 @@ __all__ = [
     "PeftType",
     "TaskType",
     "LoraConfig",
+    "LoftQConfig",
+    "replace_lora_weights_loftq",
     "LoraModel",
     "PeftModel",
     "PeftTrainer",
