@@ -9,6 +9,14 @@ from oxpeft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_model,
 )
+from oxpeft.quant import (
+    Linear4bit,
+    Linear8bit,
+    QuantizationConfig,
+    load_quantized,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 from oxpeft.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -57,4 +65,10 @@ __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
+    "Linear4bit",
+    "Linear8bit",
+    "QuantizationConfig",
+    "load_quantized",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
 ]

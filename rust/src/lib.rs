@@ -3,6 +3,7 @@
 //! Nothing here knows Python except the `python` module, which is compiled only with the
 //! `python` feature (maturin enables it; `cargo test` does not).
 
+pub mod config;
 pub mod error;
 pub mod loftq;
 pub mod quant;

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod config;
 mod loftq;
 mod quant;
 
@@ -31,6 +32,7 @@ fn version() -> &'static str {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    config::register(m)?;
     quant::register(m)?;
     loftq::register(m)?;
     Ok(())

@@ -7,6 +7,11 @@ use pyo3::prelude::*;
 
 use crate::quant::{self, Bf16, FourBitType, F16};
 
+/// `(packed or codes, fp32 scales)` as numpy arrays.
+type BytesAndScales<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
+/// `(CB, SCB)` of row-wise int8 quantisation.
+type Int8Rows<'py> = (Bound<'py, PyArray2<i8>>, Bound<'py, PyArray1<f32>>);
+
 /// The three element types the kernels read and write.
 #[derive(Clone, Copy)]
 enum Dtype {
@@ -47,7 +52,7 @@ fn quantize_4bit<'py>(
     blocksize: usize,
     quant_type: &str,
     dtype: &str,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+) -> PyResult<BytesAndScales<'py>> {
     let kind = FourBitType::from_name(quant_type)?;
     let (packed, absmax) = match Dtype::parse(dtype)? {
         Dtype::F32 => {
@@ -120,17 +125,17 @@ fn dequantize_4bit<'py>(
     })
 }
 
-/// Double quantisation of 4-bit block scales; returns `(codes uint8, absmax2 float32, offset)`.
+/// Double quantisation of 4-bit block scales; returns `((codes uint8, absmax2 float32), offset)`.
 #[pyfunction]
 #[pyo3(signature = (absmax, offset=None))]
 fn double_quantize_absmax<'py>(
     py: Python<'py>,
     absmax: PyReadonlyArray1<'py, f32>,
     offset: Option<f32>,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
+) -> PyResult<(BytesAndScales<'py>, f32)> {
     let data = slice_of(&absmax, "absmax")?;
     let nested = py.detach(|| quant::double_quantize_absmax(data, offset))?;
-    Ok((nested.codes.into_pyarray(py), nested.absmax.into_pyarray(py), nested.offset))
+    Ok(((nested.codes.into_pyarray(py), nested.absmax.into_pyarray(py)), nested.offset))
 }
 
 /// Recovers fp32 block scales from `(codes, absmax2, offset)`.
@@ -153,12 +158,12 @@ fn quantize_int8_rows<'py>(
     py: Python<'py>,
     input: &Bound<'py, PyAny>,
     dtype: &str,
-) -> PyResult<(Bound<'py, PyArray2<i8>>, Bound<'py, PyArray1<f32>>)> {
+) -> PyResult<Int8Rows<'py>> {
     fn run<'py, E: numpy::Element>(
         py: Python<'py>,
         input: &Bound<'py, PyAny>,
         f: impl FnOnce(&[E], usize, usize) -> crate::Result<(Vec<i8>, Vec<f32>)> + Send,
-    ) -> PyResult<(Bound<'py, PyArray2<i8>>, Bound<'py, PyArray1<f32>>)> {
+    ) -> PyResult<Int8Rows<'py>> {
         let arr = input.extract::<PyReadonlyArray2<E>>().map_err(|_| {
             PyValueError::new_err("int8 input must be a 2-D array (float32, or uint16 bit patterns for 16-bit dtypes)")
         })?;

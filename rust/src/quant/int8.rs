@@ -1,12 +1,14 @@
 //! Row-wise int8 quantisation in the LLM.int8() weight format (shared/REFERENCE.md section 4):
-//! per output row `SCB = max|W_row|` (fp32) and `CB = round(W * (127 / SCB))` (ties to even).
+//! per output row `SCB = max|W_row|` (fp32) and `CB = round(W * (127 / SCB))` (ties to even),
+//! where `127 / SCB` is computed as torch computes it for bitsandbytes: `(1 / SCB) * 127` in fp32.
 
 use rayon::prelude::*;
 
 use super::{as_elements, as_elements_mut, Bf16, Element, F16};
 use crate::{Error, Result};
 
-/// bitsandbytes dequantises with this fp32 factor rather than dividing by 127.
+/// bitsandbytes dequantises with this factor (its decimal, rounded to fp32) rather than dividing by 127.
+#[allow(clippy::excessive_precision)]
 const INV_127: f32 = 7.874_015_718_698_502e-3;
 
 fn check_shape(what: &str, len: usize, rows: usize, cols: usize) -> Result<()> {
@@ -40,7 +42,8 @@ fn quantize_rows<T: Element>(input: &[T], rows: usize, cols: usize) -> Result<(V
                 out.fill(0);
                 return None;
             }
-            let scale = 127.0 / absmax;
+            // torch evaluates bitsandbytes' `127.0 / SCB` as `reciprocal(SCB) * 127`.
+            let scale = (1.0 / absmax) * 127.0;
             for (o, x) in out.iter_mut().zip(row) {
                 *o = (x.to_f32() * scale).round_ties_even() as i8;
             }
@@ -107,11 +110,13 @@ mod tests {
 
     #[test]
     fn rows_scale_by_their_absmax_and_round_ties_to_even() {
-        // 127 / 254 = 0.5 exactly, so 1.0 -> 0.5 -> 0 and 3.0 -> 1.5 -> 2 (ties to even).
         let x = [254.0, 1.0, 3.0, -254.0, 0.0, 0.0, 0.0, 0.0, 2.0, -1.0, 0.5, 0.25];
         let (cb, scb) = quantize_int8_rows_f32(&x, 3, 4).unwrap();
         assert_eq!(scb, vec![254.0, 0.0, 2.0]);
-        assert_eq!(&cb[..4], &[127, 0, 2, -127]);
+        let scale = (1.0f32 / 254.0) * 127.0;
+        let expect: Vec<i8> = x[..4].iter().map(|v| (v * scale).round_ties_even() as i8).collect();
+        assert_eq!(&cb[..4], &expect[..]);
+        assert_eq!((2.5f32).round_ties_even(), 2.0, "ties go to even");
         assert_eq!(&cb[4..8], &[0, 0, 0, 0], "an all-zero row quantises to zeros");
         assert_eq!(&cb[8..], &[127, -64, 32, 16]);
         let mut out = vec![0f32; 12];

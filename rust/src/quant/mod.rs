@@ -36,6 +36,7 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Kind {
     F32,
     Bf16,

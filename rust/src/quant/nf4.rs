@@ -9,11 +9,13 @@
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::{avx512, same_kind, same_kind_mut};
-use super::{as_elements, as_elements_mut, Bf16, Element, Kind, F16};
+use super::{avx512, same_kind, same_kind_mut, Kind};
+use super::{as_elements, as_elements_mut, Bf16, Element, F16};
 use crate::{Error, Result};
 
-/// bitsandbytes' NF4 table: quantiles of N(0, 1) scaled to [-1, 1], index = code.
+/// bitsandbytes' NF4 table: quantiles of N(0, 1) scaled to [-1, 1], index = code. The decimals are
+/// bitsandbytes' own; each rounds to the fp32 value it stores.
+#[allow(clippy::excessive_precision)]
 const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -499,6 +501,43 @@ const DYNAMIC_MAP_BITS: [u32; 256] = [
 pub static DYNAMIC_MAP_SIGNED: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| DYNAMIC_MAP_BITS.map(f32::from_bits));
 
+/// Nearest-code search in the 255 midpoints of the dynamic map, narrowed by a table of bins.
+struct DynamicSearch {
+    midpoints: [f32; 255],
+    /// For each of `BINS` equal bins over [-1, 1] (widened by one bin on each side): the number of
+    /// midpoints below its start and below its end. The code of a value in the bin lies in between.
+    ranges: Vec<(u8, u8)>,
+}
+
+const BINS: usize = 4096;
+
+impl DynamicSearch {
+    fn new() -> Self {
+        let map = &*DYNAMIC_MAP_SIGNED;
+        let midpoints: [f32; 255] = std::array::from_fn(|i| 0.5 * (map[i] + map[i + 1]));
+        let below = |x: f64| midpoints.partition_point(|&m| (m as f64) < x) as u8;
+        let width = 2.0 / BINS as f64;
+        let ranges = (0..BINS)
+            .map(|b| {
+                let start = -1.0 + (b as f64 - 1.0) * width;
+                let end = -1.0 + (b as f64 + 2.0) * width;
+                (below(start), below(end))
+            })
+            .collect();
+        DynamicSearch { midpoints, ranges }
+    }
+
+    /// The number of midpoints strictly below `x` (x in [-1, 1]): nearest code, ties to the lower.
+    #[inline]
+    fn code(&self, x: f32) -> u8 {
+        let bin = (((x + 1.0) * (BINS as f32 / 2.0)) as usize).min(BINS - 1);
+        let (lo, hi) = self.ranges[bin];
+        lo + self.midpoints[lo as usize..hi as usize].partition_point(|&m| m < x) as u8
+    }
+}
+
+static DYNAMIC_SEARCH: std::sync::LazyLock<DynamicSearch> = std::sync::LazyLock::new(DynamicSearch::new);
+
 /// Double-quantised block scales: `absmax[i] = map[codes[i]] * absmax2[i / 256] + offset`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NestedAbsmax {
@@ -526,14 +565,14 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<Nes
         return Err(Error::invalid_argument(format!("absmax[{i}] is {}, expected a finite value", absmax[i])));
     }
     let offset = offset.unwrap_or_else(|| (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32);
-    let map = &*DYNAMIC_MAP_SIGNED;
-    let midpoints: [f32; 255] = std::array::from_fn(|i| 0.5 * (map[i] + map[i + 1]));
+    let search = &*DYNAMIC_SEARCH;
     let mut codes = vec![0u8; absmax.len()];
     let mut scales = vec![0f32; absmax.len().div_ceil(NESTED_BLOCKSIZE)];
     codes
         .par_chunks_mut(NESTED_BLOCKSIZE)
         .zip(absmax.par_chunks(NESTED_BLOCKSIZE))
         .zip(scales.par_iter_mut())
+        .with_min_len(64)
         .for_each(|((out, block), scale)| {
             let block_max = block.iter().fold(0f32, |m, &a| m.max((a - offset).abs()));
             *scale = block_max;
@@ -544,7 +583,7 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<Nes
             let inv = 1.0 / block_max;
             for (c, &a) in out.iter_mut().zip(block) {
                 let normalised = ((a - offset) * inv).clamp(-1.0, 1.0);
-                *c = midpoints.partition_point(|&m| m < normalised) as u8;
+                *c = search.code(normalised);
             }
         });
     Ok(NestedAbsmax { codes, absmax: scales, offset })
@@ -558,6 +597,7 @@ pub fn dequantize_nested_absmax(codes: &[u8], absmax2: &[f32], offset: f32, out:
     out.par_chunks_mut(NESTED_BLOCKSIZE)
         .zip(codes.par_chunks(NESTED_BLOCKSIZE))
         .zip(absmax2.par_iter())
+        .with_min_len(64)
         .for_each(|((o, c), &scale)| {
             for (o, &c) in o.iter_mut().zip(c) {
                 *o = map[c as usize] * scale + offset;
@@ -762,6 +802,26 @@ mod tests {
         assert!(err.contains("packed weight has 63 elements, expected 64"), "{err}");
         assert!(dequantize_4bit_f32(&packed, &absmax[..1], 128, 64, FourBitType::Nf4, &mut out).is_err());
         assert!(dequantize_4bit_f32(&packed, &[1.0, f32::NAN], 128, 64, FourBitType::Nf4, &mut out).is_err());
+    }
+
+    #[test]
+    fn dynamic_search_equals_a_full_search() {
+        let search = &*DYNAMIC_SEARCH;
+        let mut x = -1.0f32;
+        while x <= 1.0 {
+            let full = search.midpoints.partition_point(|&m| m < x) as u8;
+            assert_eq!(search.code(x), full, "{x}");
+            for m in [x.next_up(), x.next_down()] {
+                if (-1.0..=1.0).contains(&m) {
+                    assert_eq!(search.code(m), search.midpoints.partition_point(|&p| p < m) as u8);
+                }
+            }
+            x += 1.0 / 8192.0 + x.abs() * 1e-3;
+        }
+        for &m in &search.midpoints {
+            assert_eq!(search.code(m), search.midpoints.partition_point(|&p| p < m) as u8);
+            assert_eq!(search.code(m.next_up()), search.midpoints.partition_point(|&p| p < m.next_up()) as u8);
+        }
     }
 
     #[test]
