@@ -311,3 +311,35 @@ def test_replace_lora_weights_loftq_errors(tmp_path) -> None:
     save_file({f"model.{k}.weight": v.T.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"layer 'model.q_proj': checkpoint tensor 'model.q_proj.weight' has shape \(64, 32\)"):
         replace_lora_weights_loftq(model, model_path=str(tmp_path))
+
+
+def test_replace_lora_weights_loftq_on_a_real_quantised_peft_model(tmp_path) -> None:
+    """A transformers Llama saved as safetensors, loaded NF4-quantised by oxpeft, wrapped with LoRA:
+    after replace_lora_weights_loftq every layer's deq(Q) + scaling * B @ A is closer to the checkpoint
+    weight, and the model's logits move towards the full-precision model's."""
+    from conftest import make_llama
+
+    from oxpeft import LoraConfig, get_peft_model
+    from oxpeft.quant import QuantizationConfig, load_quantized
+
+    original = make_llama(seed=3)
+    original.save_pretrained(tmp_path, safe_serialization=True)
+    quantised = load_quantized(tmp_path, QuantizationConfig(bnb_4bit_compute_dtype=torch.float32))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=True)
+    model = get_peft_model(quantised, config)
+    input_ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = original(input_ids=input_ids).logits
+        before = (model(input_ids=input_ids).logits - reference).norm()
+
+    replace_lora_weights_loftq(model, model_path=str(tmp_path))
+
+    state = original.state_dict()
+    layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(layers) == 3 * 2
+    for name, layer in layers:
+        w = state[name.removeprefix("base_model.model.") + ".weight"]
+        assert effective_error(layer, w) < rel_error(w, layer.base_layer.dequantize())
+    with torch.no_grad():
+        after = (model(input_ids=input_ids).logits - reference).norm()
+    assert after < before
