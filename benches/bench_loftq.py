@@ -92,13 +92,16 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}")
 
     torch.linalg.svd(torch.randn(256, 256))  # load LAPACK before anything is timed
-    per_matrix: dict[tuple[int, int], dict[str, float]] = {}
+    per_matrix: dict[tuple[int, int, int, int], dict[str, float]] = {}  # (rows, cols, r, T)
     for rows, cols in shapes:
         w = synthetic_weight(rows, cols)
         w_np = w.numpy()
         plain = rel(w - nf4_roundtrip(w), w)
         print(f"\n== {rows}x{cols}: plain NF4 rel. error {plain:.5f}")
-        print(f"{'r':>3} {'T':>2} | {'fast':>8} {'exact':>8} {'gap':>7} {'captured':>8} | {'oxpeft s':>9} {'torch s':>8} {'speed-up':>8}")
+        print(
+            f"{'r':>3} {'T':>2} | {'fast':>8} {'exact':>8} {'gap':>7} {'captured':>8} | "
+            f"{'oxpeft s':>9} {'torch s':>8} {'speed-up':>8}"
+        )
 
         exact_t1, torch_t1_s = torch_loftq(w, ranks, 1)
         svd_s = torch_t1_s  # one NF4 round trip + one full SVD: the torch loop's cost per iteration
@@ -129,7 +132,8 @@ def main() -> None:
         print("\n== 7B-shaped model (32 layers x [4 x 4096^2 + 3 x 11008x4096])")
         for r in ranks:
             for iters in iter_counts:
-                t = {k: 32 * (4 * per_matrix[4096, 4096, r, iters][k] + 3 * per_matrix[11008, 4096, r, iters][k]) for k in ("fast", "torch")}
+                square, mlp = per_matrix[4096, 4096, r, iters], per_matrix[11008, 4096, r, iters]
+                t = {k: 32 * (4 * square[k] + 3 * mlp[k]) for k in ("fast", "torch")}
                 print(
                     f"r={r:>2} T={iters}: oxpeft {t['fast'] / 60:6.1f} min, torch full SVD {t['torch'] / 3600:5.1f} h "
                     f"({t['torch'] / t['fast']:.0f}x)"

@@ -309,7 +309,8 @@ def test_replace_lora_weights_loftq_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="no LoRA layer of adapter 'other'"):
         replace_lora_weights_loftq(model, model_path=str(tmp_path), adapter_name="other")
     save_file({f"model.{k}.weight": v.T.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"layer 'model.q_proj': checkpoint tensor 'model.q_proj.weight' has shape \(64, 32\)"):
+    shape_error = r"layer 'model.q_proj': checkpoint tensor 'model.q_proj.weight' has shape \(64, 32\)"
+    with pytest.raises(ValueError, match=shape_error):
         replace_lora_weights_loftq(model, model_path=str(tmp_path))
 
 

@@ -67,12 +67,6 @@ def _cpu_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _check_weight(weight: torch.Tensor, what: str) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"LoftQ: {what} must be a 2-D (out_features, in_features) tensor, got {shape}")
-
-
 @torch.no_grad()
 def loftq_initialize(
     weight: torch.Tensor,
@@ -101,7 +95,9 @@ def loftq_initialize(
         ``(r, in)`` and ``lora_B`` of shape ``(out, r)``, with
         ``dequantized_weight + scaling * lora_B @ lora_A ~ weight``.
     """
-    _check_weight(weight, "weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"LoftQ: weight must be a 2-D (out_features, in_features) tensor, got {shape}")
     deq, lora_a, lora_b, _ = _native.loftq_init(
         _cpu_float32(weight).numpy(),
         rank,
@@ -238,7 +234,9 @@ def replace_lora_weights_loftq(
                 candidates.append(f"{name[len(base_prefix) + 1 :]}.weight")
             found = checkpoint.locate(candidates)
             if found is None:
-                raise KeyError(f"replace_lora_weights_loftq: {path}: layer '{name}': none of {candidates} is in the checkpoint")
+                raise KeyError(
+                    f"replace_lora_weights_loftq: {path}: layer '{name}': none of {candidates} is in the checkpoint"
+                )
             expected = (module.lora_B[adapter_name].weight.shape[0], module.lora_A[adapter_name].weight.shape[1])
             if found[1] != expected:
                 raise ValueError(
