@@ -344,3 +344,17 @@ def test_replace_lora_weights_loftq_on_a_real_quantised_peft_model(tmp_path) -> 
     with torch.no_grad():
         after = (model(input_ids=input_ids).logits - reference).norm()
     assert after < before
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantized_base_requantises_to_itself_in_linear4bit(quant_type: str) -> None:
+    """deq(Q) re-quantises to the same codes and scales, so an oxpeft Linear4bit built from the
+    returned weight (without double quantisation) holds exactly the base the loop optimised for."""
+    from oxpeft.quant import Linear4bit
+
+    w = weight_matrix(48, 96, seed=13)
+    deq, *_ = loftq_initialize(w, 8, 2.0, LoftQConfig(loftq_iter=3), quant_type=quant_type)
+    linear = nn.Linear(96, 48, bias=False)
+    linear.weight.data.copy_(deq)
+    layer = Linear4bit.from_linear(linear, compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=False)
+    assert torch.equal(layer.dequantize(), deq)
