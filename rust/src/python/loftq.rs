@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use crate::loftq::{self, LoftqQuant, SvdMode};
 
-type LoftqOutput<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>, f32);
+type Matrix<'py> = Bound<'py, PyArray2<f32>>;
 
 /// LoftQ-initialise one `(out_features, in_features)` weight; returns
 /// `(dequantized (out, in), lora_A (rank, in), lora_B (out, rank), relative error)`, where
@@ -25,7 +25,7 @@ fn loftq_init<'py>(
     quant_type: &str,
     blocksize: usize,
     exact_svd: bool,
-) -> PyResult<LoftqOutput<'py>> {
+) -> PyResult<(Matrix<'py>, Matrix<'py>, Matrix<'py>, f32)> {
     let weight = matrix(weight, "weight")?;
     let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
     let w = contiguous(&weight, "weight")?;
@@ -51,7 +51,7 @@ fn loftq_fit_fixed_base<'py>(
     rank: usize,
     scaling: f32,
     exact_svd: bool,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>, f32)> {
+) -> PyResult<(Matrix<'py>, Matrix<'py>, f32)> {
     let weight = matrix(weight, "weight")?;
     let base = matrix(dequantized, "dequantized")?;
     let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
