@@ -260,7 +260,8 @@ def test_training_lowers_loss_and_touches_only_the_adapter(task, method, tmp_pat
     torch.manual_seed(3)
     model = oxpeft.get_peft_model(base, config(oxpeft, task, method))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("prompt_encoder.default.") or ".modules_to_save.default." in n for n in trainable)
+    assert trainable
+    assert all(n.startswith("prompt_encoder.default.") or ".modules_to_save.default." in n for n in trainable)
     batch = inputs(task)
     if task != "SEQ_CLS":
         batch["labels"] = torch.full_like(batch["labels"], 7)  # a target the virtual tokens alone can steer toward
@@ -301,7 +302,8 @@ def test_prompt_tuning_resumes_training_from_a_file(tmp_path):
     model.save_pretrained(tmp_path)
     resumed = oxpeft.PeftModel.from_pretrained(twin(base), str(tmp_path), is_trainable=True)
     assert [n for n, p in resumed.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
-    torch.testing.assert_close(resumed.get_prompt_embedding_to_save("default"), model.get_prompt_embedding_to_save("default"))
+    saved = model.get_prompt_embedding_to_save("default")
+    torch.testing.assert_close(resumed.get_prompt_embedding_to_save("default"), saved)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,7 +391,8 @@ def test_bad_setups_are_refused_and_change_nothing(tmp_path):
         )
     with pytest.raises(ValueError, match="modules_to_save entries match no module: 'clasifier'"):
         oxpeft.get_peft_model(
-            twin(base), oxpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, modules_to_save=["clasifier"])
+            twin(base),
+            oxpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, modules_to_save=["clasifier"]),
         )
 
     # a P-tuning file holds the encoder's output only: it loads for inference, not for training

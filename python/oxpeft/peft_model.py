@@ -315,22 +315,16 @@ class PeftModel(PromptLearningMixin, nn.Module):
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        self._refuse_for_prompt_learning("merge_and_unload")
+        if self._is_prompt_learning:
+            self._prompt_refuse_merge("merge_and_unload")
         self._remove_input_grad_hook()
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        self._refuse_for_prompt_learning("unload")
+        if self._is_prompt_learning:
+            self._prompt_refuse_merge("unload")
         self._remove_input_grad_hook()
         return self.base_model.unload()
-
-
-    def _refuse_for_prompt_learning(self, operation: str) -> None:
-        if self._is_prompt_learning:
-            raise ValueError(
-                f"{operation}() does not apply to {self.peft_type} adapters: virtual tokens cannot be merged into "
-                "weights; use get_base_model() for the model without them"
-            )
 
 
 class PeftModelForCausalLM(PeftModel):

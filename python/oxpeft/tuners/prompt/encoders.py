@@ -44,7 +44,8 @@ class VirtualTokenEncoder(nn.Module):
         """Copy a saved output (PEFT's `prompt_embeddings`) into `embedding`; only valid when not `reparametrised`
         (save_load checks that, and the shape, before anything is written)."""
         with torch.no_grad():
-            self.embedding.weight.copy_(value.to(device=self.embedding.weight.device, dtype=self.embedding.weight.dtype))
+            weight = self.embedding.weight
+            weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
 
 
 class PromptEmbedding(VirtualTokenEncoder):
@@ -80,7 +81,9 @@ def _init_text_token_ids(config: PromptTuningConfig, total: int, vocab_size: int
 
     kwargs = dict(config.tokenizer_kwargs or {})
     if kwargs.pop("trust_remote_code", None):
-        warnings.warn("tokenizer_kwargs: trust_remote_code is ignored; remote tokenizer code is never run", stacklevel=4)
+        warnings.warn(
+            "tokenizer_kwargs: trust_remote_code is ignored; remote tokenizer code is never run", stacklevel=4
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -156,6 +156,12 @@ class PromptLearningMixin:
         if adapter_names is not None:
             raise ValueError("per-sample adapter_names are not supported with prompt learning; use set_adapter")
 
+    def _prompt_refuse_merge(self, operation: str) -> None:
+        raise ValueError(
+            f"{operation}() does not apply to {self.peft_type} adapters: virtual tokens cannot be merged into "
+            "weights; use get_base_model() for the model without them"
+        )
+
     def _prompt_refuse_untasked(self) -> None:
         raise TypeError(
             "a prompt-learning adapter needs the PeftModel class of its task (PeftModelForCausalLM, ...) to place "
@@ -181,7 +187,8 @@ class PromptLearningMixin:
         return self.prompt_encoder[adapter_name]  # type: ignore[return-value]
 
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
-        """PEFT's `prompt_embeddings`: the encoder's output for every virtual token (prefix: num_virtual_tokens rows)."""
+        """PEFT's `prompt_embeddings`: the encoder's output for every virtual token (prefix: the first
+        num_virtual_tokens)."""
         config = self._prompt_configs[adapter_name]
         rows = config.num_virtual_tokens if config.peft_type in PREFIX_METHODS else config.total_virtual_tokens
         with torch.no_grad():
@@ -272,7 +279,9 @@ class PromptLearningMixin:
     ) -> Any:
         base = self.base_model
         if self._prompt_disabled:
-            return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+            return base(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+            )
         config = self._prompt_configs[self._prompt_active]
         n = config.num_virtual_tokens
         batch_size = _batch_size(input_ids, inputs_embeds)
@@ -280,7 +289,9 @@ class PromptLearningMixin:
         self._prompt_adjust_kwargs(config, kwargs, keep_token_type_ids=False)
         if config.peft_type in PREFIX_METHODS:
             kwargs[_cache_kwarg(base)] = self._prompt_prefix_cache(batch_size)
-            return base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            return base(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+            )
         inputs_embeds = self._prompt_prepend_embeddings(input_ids, inputs_embeds, batch_size)
         if labels is not None:
             labels = _prepend(labels, n, -100)
@@ -348,7 +359,11 @@ class PromptLearningMixin:
         )
 
     def _prompt_prepend_embeddings(
-        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, batch_size: int, rows: int | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        batch_size: int,
+        rows: int | None = None,
     ) -> torch.Tensor:
         if inputs_embeds is None:
             inputs_embeds = self._prompt_word_embeddings()(input_ids)
