@@ -383,12 +383,13 @@ def test_bad_setups_are_refused_and_change_nothing(tmp_path):
         oxpeft.get_peft_model(twin(base), oxpeft.PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=2))
     with pytest.raises(ValueError, match="cannot load the tokenizer"):
         oxpeft.get_peft_model(
-            twin(base),
+            base,
             oxpeft.PromptTuningConfig(
                 task_type="CAUSAL_LM", num_virtual_tokens=2, prompt_tuning_init="TEXT",
                 prompt_tuning_init_text="hi", tokenizer_name_or_path=str(tmp_path / "missing"),
             ),
         )
+    assert all(p.requires_grad for p in base.parameters()), "a refused wrap leaves the model as it was"
     with pytest.raises(ValueError, match="modules_to_save entries match no module: 'clasifier'"):
         oxpeft.get_peft_model(
             twin(base),

@@ -55,9 +55,15 @@ class PromptLearningMixin:
         self._prompt_configs = {}
         self._prompt_active = adapter_name
         self._prompt_disabled = False
-        for param in model.parameters():
+        flags = [(param, param.requires_grad) for param in model.parameters()]
+        for param, _ in flags:
             param.requires_grad_(False)
-        self._prompt_add(adapter_name, config)
+        try:
+            self._prompt_add(adapter_name, config)
+        except BaseException:
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            raise
 
     def _prompt_add(self, adapter_name: str, config: PromptLearningConfig) -> None:
         """Create adapter `adapter_name`'s encoder; nothing changes if the config does not fit the model."""
