@@ -309,7 +309,7 @@ def test_prompt_tuning_resumes_training_from_a_file(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------------------------
-def test_several_adapters_switch_disable_and_delete():
+def test_several_adapters_switch_disable_and_delete(tmp_path):
     base = make_llama()
     batch = inputs("CAUSAL_LM")
     batch.pop("labels")
@@ -325,6 +325,16 @@ def test_several_adapters_switch_disable_and_delete():
     assert changed(run(model, batch)[0], first[:, -8:])
     with model.disable_adapter():
         torch.testing.assert_close(run(model, batch)[0], run(base, batch)[0])
+
+    # both adapters save (the second in its own folder) and come back through load_adapter
+    model.save_pretrained(tmp_path)
+    reloaded = oxpeft.PeftModel.from_pretrained(twin(base), str(tmp_path))
+    reloaded.load_adapter(str(tmp_path / "other"), "other")
+    assert reloaded.active_adapter == "default"
+    torch.testing.assert_close(run(reloaded, batch)[0], first)
+    reloaded.set_adapter("other")
+    torch.testing.assert_close(run(reloaded, batch)[0], run(model, batch)[0])
+
     model.delete_adapter("other")
     assert model.active_adapter == "default" and list(model.prompt_encoder) == ["default"]
     torch.testing.assert_close(run(model, batch)[0], first)
