@@ -29,6 +29,14 @@ from oxpeft.peft_model import (
 from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.prompt import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 __version__: str = _native_version()
 
@@ -50,6 +58,12 @@ __all__ = [
     "LoftQConfig",
     "replace_lora_weights_loftq",
     "LoraModel",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PrefixTuningConfig",
     "PeftModel",
     "PeftTrainer",
     "PeftModelForCausalLM",

@@ -56,7 +56,7 @@ class Linear4bit(nn.Module):
         init = torch.empty(out_features, in_features, dtype=compute_dtype, device=device)
         if init.device.type != "meta":
             nn.init.kaiming_uniform_(init, a=math.sqrt(5))
-        self._set_weight(init)
+        self.set_weight(init)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device))
             if self.bias.device.type != "meta":
@@ -65,7 +65,7 @@ class Linear4bit(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
+    def set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
         """Quantises a full-precision (out, in) weight into this module."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
@@ -119,7 +119,7 @@ class Linear4bit(nn.Module):
             blocksize=blocksize,
             device="meta",
         )
-        module._set_weight(linear.weight.detach(), name=name)
+        module.set_weight(linear.weight.detach(), name=name)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return module

@@ -40,7 +40,7 @@ class Linear8bit(nn.Module):
         init = torch.empty(out_features, in_features, dtype=compute_dtype, device=device)
         if init.device.type != "meta":
             nn.init.kaiming_uniform_(init, a=math.sqrt(5))
-        self._set_weight(init)
+        self.set_weight(init)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device))
             if self.bias.device.type != "meta":
@@ -49,7 +49,7 @@ class Linear8bit(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
+    def set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"{name}: shape {list(weight.shape)} does not match Linear8bit({self.in_features}, {self.out_features})"
@@ -74,7 +74,7 @@ class Linear8bit(nn.Module):
             compute_dtype=compute_dtype or linear.weight.dtype,
             device="meta",
         )
-        module._set_weight(linear.weight.detach(), name=name)
+        module.set_weight(linear.weight.detach(), name=name)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return module

@@ -218,7 +218,7 @@ def load_quantized(
                     is_weight = key == f"{module_name}.weight" and reader.entries[key][0].is_floating_point
                     tensor = reader.get_tensor(key, transient=is_weight)
                     if is_weight:
-                        model.get_submodule(module_name)._set_weight(tensor, name=f"{path.name}: {key}")
+                        model.get_submodule(module_name).set_weight(tensor, name=f"{path.name}: {key}")
                     else:
                         pending.setdefault(module_name, {})[key[len(module_name) + 1 :]] = tensor
                     del tensor
