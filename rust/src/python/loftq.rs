@@ -28,7 +28,7 @@ fn loftq_init<'py>(
 ) -> PyResult<(Matrix<'py>, Matrix<'py>, Matrix<'py>, f32)> {
     let weight = matrix(weight, "weight")?;
     let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
-    let w = contiguous(&weight, "weight")?;
+    let w = super::c_contiguous(&weight, "LoftQ: weight")?;
     let quant = LoftqQuant::from_bits(bits, quant_type, blocksize)?;
     let svd = if exact_svd { SvdMode::Exact } else { SvdMode::fast() };
     let result = py.detach(|| loftq::loftq_init_quantized(w, rows, cols, rank, iters, scaling, svd, quant))?;
@@ -62,7 +62,7 @@ fn loftq_fit_fixed_base<'py>(
             weight.shape()
         )));
     }
-    let (w, d) = (contiguous(&weight, "weight")?, contiguous(&base, "dequantized")?);
+    let (w, d) = (super::c_contiguous(&weight, "LoftQ: weight")?, super::c_contiguous(&base, "LoftQ: dequantized")?);
     let svd = if exact_svd { SvdMode::Exact } else { SvdMode::fast() };
     let result = py.detach(|| loftq::loftq_fit_fixed_base(w, d, rows, cols, rank, scaling, svd))?;
     Ok((
@@ -74,16 +74,6 @@ fn loftq_fit_fixed_base<'py>(
 
 fn matrix<'py>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
     array.extract().map_err(|_| PyValueError::new_err(format!("LoftQ: {name} must be a 2-D float32 array")))
-}
-
-/// The array's elements in row-major order. `as_slice` alone would also accept a Fortran-ordered
-/// array, whose memory order is the transpose.
-fn contiguous<'a>(array: &'a PyReadonlyArray2<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
-    let not_c = || PyValueError::new_err(format!("LoftQ: {name} must be C-contiguous"));
-    if !array.is_c_contiguous() {
-        return Err(not_c());
-    }
-    array.as_slice().map_err(|_| not_c())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -23,6 +23,21 @@ impl From<Error> for PyErr {
     }
 }
 
+/// An array's elements in row-major order, without a copy. numpy's `as_slice` alone also accepts a
+/// Fortran-ordered array, whose memory order is not the row-major order the kernels expect.
+pub(crate) fn c_contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    use numpy::PyUntypedArrayMethods;
+
+    let not_c = || PyValueError::new_err(format!("{name} must be a C-contiguous array"));
+    if !array.is_c_contiguous() {
+        return Err(not_c());
+    }
+    array.as_slice().map_err(|_| not_c())
+}
+
 /// Version of the native core; `oxpeft.__version__` must equal it.
 #[pyfunction]
 fn version() -> &'static str {
