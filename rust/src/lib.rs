@@ -3,7 +3,9 @@
 //! Nothing here knows Python except the `python` module, which is compiled only with the
 //! `python` feature (maturin enables it; `cargo test` does not).
 
+pub mod checkpoint;
 pub mod error;
+pub mod merge;
 
 #[cfg(feature = "python")]
 mod python;
