@@ -157,7 +157,9 @@ struct ModuleKeys {
 }
 
 impl MergePlan {
-    pub fn build(base: &Checkpoint, inputs: &[AdapterInput]) -> Result<Self> {
+    /// Plans merging `inputs` into `base`. With `merged` the base already holds them (unmerge);
+    /// base-layer copies saved with an adapter are then not compared with it.
+    pub fn build(base: &Checkpoint, inputs: &[AdapterInput], merged: bool) -> Result<Self> {
         if inputs.is_empty() {
             return Err(Error::invalid_argument("no adapters given"));
         }
@@ -187,6 +189,11 @@ impl MergePlan {
                     (m.to_string(), "emb_a")
                 } else if let Some(m) = rest.strip_suffix(".lora_embedding_B") {
                     (m.to_string(), "emb_b")
+                } else if let Some(m) = rest.strip_suffix(".base_layer.weight") {
+                    if !merged {
+                        check_saved_base_layer(base, &file, t, &format!("{m}.weight"))?;
+                    }
+                    continue;
                 } else if rest.contains(".lora_") {
                     return Err(ctx(&t.name, "is a kind of LoRA tensor oxpeft cannot merge".into()));
                 } else {
@@ -284,6 +291,24 @@ fn add_term(ops: &mut HashMap<String, Op>, key: &str, term: Term) -> Result<()> 
         }
         Op::Replace { .. } => Err(Error::tensor(key, "is both replaced (modules_to_save) and changed by LoRA")),
     }
+}
+
+/// PEFT saves the frozen base weight of a targeted embedding (`save_embedding_layers`) with the
+/// adapter and loads it over the base's. A copy equal to the base is a no-op; a different one
+/// (e.g. a resized vocabulary) is refused rather than silently merged against the wrong matrix.
+fn check_saved_base_layer(base: &Checkpoint, file: &SafeTensorsFile, t: &TensorInfo, key: &str) -> Result<()> {
+    let bad = |reason: String| Error::invalid_file(file.path(), format!("tensor '{}': {reason}", t.name));
+    let (bf, w) = base.get(key).ok_or_else(|| bad(format!("saved base layer has no base tensor '{key}'")))?;
+    let (Some(from), Some(to)) = (FloatType::of(t.dtype), FloatType::of(w.dtype)) else {
+        return Err(bad(format!("dtypes {} / {} are not float types", t.dtype.as_str(), w.dtype.as_str())));
+    };
+    let (saved, orig) = (file.data(t), bf.data(w));
+    let same = w.shape == t.shape && (0..w.numel()).all(|i| to.round_bits(from.load(saved, i)) == to.load_bits(orig, i));
+    bf.release(w, 0, w.nbytes());
+    if !same {
+        return Err(bad(format!("differs from base tensor '{key}' (resized or retrained base layer); merging it is not supported")));
+    }
+    Ok(())
 }
 
 fn plan_replace(base: &Checkpoint, ops: &mut HashMap<String, Op>, ai: usize, file: &SafeTensorsFile, t: &TensorInfo, key: &str) -> Result<()> {
@@ -1054,7 +1079,7 @@ mod tests {
         let out = from.parent().unwrap().join(name);
         std::fs::create_dir_all(&out).unwrap();
         let ck = Checkpoint::open(from).unwrap();
-        let plan = MergePlan::build(&ck, &inputs(c, 0.5)).unwrap();
+        let plan = MergePlan::build(&ck, &inputs(c, 0.5), matches!(mode, Mode::Unmerge { .. })).unwrap();
         let rep = run(&ck, &plan, &out, &mode, &|_, _| true).unwrap();
         (out, rep)
     }
@@ -1103,7 +1128,7 @@ mod tests {
         let c = case(cfg, [3, 21], true);
         let (out, _) = run_to(&c, &c.base, "merged", Mode::Merge { exact_unmerge: true });
         let merged = Checkpoint::open(&out).unwrap();
-        let plan = MergePlan::build(&merged, &inputs(&c, 0.5)).unwrap();
+        let plan = MergePlan::build(&merged, &inputs(&c, 0.5), true).unwrap();
         let e = run(&merged, &plan, &out, &Mode::Unmerge { sidecar: None }, &|_, _| true).unwrap_err().to_string();
         assert!(e.contains("DoRA") && e.contains("m.proj.weight"), "{e}");
         let (restored, _) = run_to(&c, &out, "restored", Mode::Unmerge { sidecar: Some(out.join(SIDECAR_DIR)) });
@@ -1115,13 +1140,13 @@ mod tests {
     fn plan_errors_name_both_tensors() {
         let c = case(CFG, [3, 20], false);
         let ck = Checkpoint::open(&c.base).unwrap();
-        let e = MergePlan::build(&ck, &inputs(&c, 1.0)).err().unwrap().to_string();
+        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false).err().unwrap().to_string();
         assert!(e.contains("lora_A.weight") && e.contains("'m.proj.weight'") && e.contains("[9, 21]"), "{e}");
         let c = case(r#"{"peft_type":"IA3"}"#, [3, 21], false);
-        let e = MergePlan::build(&ck, &inputs(&c, 1.0)).err().unwrap().to_string();
+        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false).err().unwrap().to_string();
         assert!(e.contains("IA3") && e.contains("adapter_config.json"), "{e}");
         let c = case(r#"{"peft_type":"LORA","r":4,"lora_alpha":8}"#, [3, 21], false);
-        let e = MergePlan::build(&ck, &inputs(&c, 1.0)).err().unwrap().to_string();
+        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false).err().unwrap().to_string();
         assert!(e.contains("r=4"), "{e}");
     }
 

@@ -6,6 +6,8 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod checkpoint;
+
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         let message = err.to_string();
@@ -28,5 +30,6 @@ fn version() -> &'static str {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    checkpoint::register(m)?;
     Ok(())
 }
