@@ -273,6 +273,16 @@ impl SafeTensorsFile {
         &self.path
     }
 
+    /// The length word and JSON header exactly as stored (8 + N bytes).
+    pub fn raw_header(&self) -> &[u8] {
+        &self.mmap[..self.header.data_start]
+    }
+
+    /// Size of the data buffer.
+    pub fn data_len(&self) -> u64 {
+        (self.mmap.len() - self.header.data_start) as u64
+    }
+
     /// Tensors in the order of their data in the file.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.header.tensors

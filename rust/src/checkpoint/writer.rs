@@ -60,16 +60,23 @@ impl StreamingWriter {
     /// Creates `<dir>/.<name>.partial` and writes the header for `tensors`, whose bytes must then
     /// be passed to [`write`](Self::write) in this order.
     pub fn create(path: impl AsRef<Path>, metadata: Option<&Map<String, Value>>, tensors: &[TensorSpec]) -> Result<Self> {
+        let (header, expected) = header_bytes(metadata, tensors)?;
+        Self::create_with_header(path, &header, expected)
+    }
+
+    /// Like [`create`](Self::create) with a header that is already serialised (e.g. copied from
+    /// a file of the same layout, so that the output is byte-identical where the data is) and
+    /// declares `expected` data bytes.
+    pub fn create_with_header(path: impl AsRef<Path>, header: &[u8], expected: u64) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file_name = path
             .file_name()
             .ok_or_else(|| Error::invalid_argument(format!("{}: not a file path", path.display())))?;
         let tmp = path.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
-        let (header, expected) = header_bytes(metadata, tensors)?;
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = StreamingWriter { path, tmp, file: Some(file), expected, written: 0 };
         let file = w.file.as_mut().expect("just opened");
-        file.write_all(&header).map_err(|e| Error::io(&w.tmp, e))?;
+        file.write_all(header).map_err(|e| Error::io(&w.tmp, e))?;
         Ok(w)
     }
 
