@@ -2,8 +2,58 @@
 
 from oxpeft._native import version as _native_version
 from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
+from oxpeft.config import PeftConfig, PeftType, TaskType
+from oxpeft.mapping import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_model,
+)
+from oxpeft.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from oxpeft.tuners.lora.config import LoraConfig
+from oxpeft.tuners.lora.model import LoraModel
 
 __version__: str = _native_version()
 
-__all__ = ["__version__"]
+
+def __getattr__(name: str):
+    # PeftTrainer pulls in transformers' Trainer (and accelerate); import it only when asked for.
+    if name == "PeftTrainer":
+        from oxpeft.trainer import PeftTrainer
+
+        return PeftTrainer
+    raise AttributeError(f"module 'oxpeft' has no attribute {name!r}")
+
+__all__ = [
+    "__version__",
+    "PeftConfig",
+    "PeftType",
+    "TaskType",
+    "LoraConfig",
+    "LoraModel",
+    "PeftModel",
+    "PeftTrainer",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "load_peft_weights",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+]
 __all__ += ["MergeReport", "merge_checkpoint", "unmerge_checkpoint"]

@@ -14,6 +14,14 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from oxpeft.demo import print_report, run_demo
+
+    result = run_demo(steps=args.steps, output_dir=args.output_dir, seed=args.seed)
+    print_report(result)
+    return 0 if result.ok else 1
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from oxpeft.checkpoint import merge_checkpoint
 
@@ -46,6 +54,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("demo", help="fine-tune a tiny built-in Llama with LoRA, save, reload and merge it")
+    p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument("--output-dir", default=None, help="where to save the adapter (default: a new temp folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("merge", help="merge LoRA adapters into a safetensors checkpoint folder")
     p.add_argument("base", help="base checkpoint folder (model.safetensors or sharded with an index)")

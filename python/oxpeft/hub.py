@@ -1,0 +1,50 @@
+"""Finding adapter files: a local directory first, else a Hugging Face Hub repo id (when online)."""
+
+from __future__ import annotations
+
+import os
+
+
+def resolve_file(
+    model_id: str | os.PathLike,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    required: bool = True,
+) -> str | None:
+    """Path of `filename` for a local adapter directory or a hub repo id.
+
+    Returns None when `required` is False and the file does not exist; otherwise a missing file is a
+    FileNotFoundError that says where it looked.
+    """
+    model_id = os.fspath(model_id)
+    local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(local_dir):
+        path = os.path.join(local_dir, filename)
+        if os.path.isfile(path):
+            return path
+        if not required:
+            return None
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isdir(model_id) or os.path.isabs(model_id) or model_id.startswith("."):
+        if not required:
+            return None
+        raise FileNotFoundError(f"{local_dir} is not a directory")
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, token=token)
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise FileNotFoundError(f"{filename} not found in hub repo {model_id}") from None
+    except Exception as exc:  # network errors, unknown repos, offline mode
+        if not required:
+            return None
+        raise FileNotFoundError(
+            f"{model_id!r} is neither a local directory nor a reachable hub repo ({type(exc).__name__}: {exc})"
+        ) from None

@@ -1,0 +1,322 @@
+"""`PeftModel` and its task subclasses: the object users train, save, load and merge."""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from oxpeft.config import PeftConfig, TaskType
+from oxpeft.save_load import (
+    get_peft_model_state_dict,
+    load_peft_weights,
+    save_peft_weights,
+    set_peft_model_state_dict,
+)
+from oxpeft.tuners.base import BaseTuner, classifier_modules_for
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more adapters.
+
+    Adapter rule (same as HF PEFT, stated once): `add_adapter` and `load_adapter` never change which adapter is
+    active; `set_adapter(name)` makes `name` the adapter that runs in forward AND the only one that trains.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        *,
+        strict_targets: bool = True,
+    ) -> None:
+        super().__init__()
+        from oxpeft.mapping import tuner_class_for
+
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = {"adapter_names"}
+        config = self._with_task_heads(peft_config)
+        tuner_cls = tuner_class_for(config)
+        self.base_model: BaseTuner = tuner_cls(
+            model,
+            {adapter_name: config},
+            adapter_name,
+            strict_targets=strict_targets,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._install_input_grad_hook()
+
+    # --- plumbing ------------------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
+        heads = classifier_modules_for(getattr(config, "task_type", None))
+        if not heads or not hasattr(config, "modules_to_save"):
+            return config
+        config = copy.copy(config)
+        existing = list(config.modules_to_save or [])
+        config.modules_to_save = existing + [h for h in heads if h not in existing]
+        return config
+
+    def _install_input_grad_hook(self) -> None:
+        """Make the input embeddings' output require grad while training.
+
+        With a frozen base and gradient checkpointing (reentrant or not, enabled before or after wrapping),
+        the checkpointed blocks would otherwise see inputs without grad and the adapters would get none.
+        """
+        model = self.get_base_model()
+        if not hasattr(model, "get_input_embeddings"):
+            return
+        try:
+            embeddings = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return
+        if embeddings is None:
+            return
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                if not output.requires_grad and output.is_floating_point():
+                    output.requires_grad_(True)
+
+        self._input_grad_hook = embeddings.register_forward_hook(hook)
+
+    def _remove_input_grad_hook(self) -> None:
+        if self._input_grad_hook is not None:
+            self._input_grad_hook.remove()
+            self._input_grad_hook = None
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model; `adapter_names` (one per sample, "__base__" for none) mixes adapters in one batch."""
+        if adapter_names is None:
+            return self.get_base_model()(*args, **kwargs)
+        with self.base_model.batch_adapters(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self.base_model.batch_adapters(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # --- adapters ------------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, *, strict_targets: bool = True) -> None:
+        """Add a new, inactive adapter (call `set_adapter` to run and train it)."""
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(
+                f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters"
+            )
+        active = self.active_adapters
+        self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config), strict_targets=strict_targets)
+        self.base_model.set_adapter(active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate adapter(s); the active ones are the trainable ones, all others are frozen."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the `with` block."""
+        with self.base_model._adapters_disabled():
+            yield
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`)."""
+        config = PeftConfig.from_pretrained(
+            model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
+        )
+        config.inference_mode = not is_trainable
+        weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
+        self.add_adapter(adapter_name, config, strict_targets=False)
+        try:
+            set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        torch_device: str | torch.device | None = None,
+        **config_overrides: Any,
+    ) -> "PeftModel":
+        """Wrap `model` with the adapter saved in `model_id` (a local directory or a hub repo id).
+
+        If the adapter does not fit the model (wrong shapes, missing or foreign tensors), the model is restored
+        and a ValueError names the tensors.
+        """
+        from oxpeft.mapping import peft_model_class_for
+
+        if config is None:
+            config = PeftConfig.from_pretrained(
+                model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
+            )
+        config.inference_mode = not is_trainable
+        weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
+        target_cls = peft_model_class_for(config) if cls is PeftModel else cls
+        peft_model = target_cls(
+            model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
+        )
+        try:
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        except BaseException:
+            peft_model.base_model.delete_adapter(adapter_name)
+            peft_model._remove_input_grad_hook()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    # --- saving --------------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | Literal["auto"] = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write PEFT's files: the `default` adapter in `save_directory`, any other NAME in `save_directory/NAME`."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(directory, exist_ok=True)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            save_peft_weights(tensors, directory, safe_serialization=safe_serialization)
+            config = self.peft_config[name]
+            if config.task_type is None and config.auto_mapping is None:
+                # Without a task type, PEFT records the base class so AutoPeftModel can rebuild it.
+                base = self.get_base_model()
+                kwargs.setdefault(
+                    "auto_mapping", {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+                )
+            config.save_pretrained(directory, inference_mode=True, **kwargs)
+
+    # --- parameters ----------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters); quantised weights count as their unpacked size."""
+        trainable = total = 0
+        for module in self.modules():
+            packed = getattr(module, "quantized_numel", None)
+            if callable(packed):
+                total += packed()
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # --- merging -------------------------------------------------------------------------------------------------
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        self._remove_input_grad_hook()
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        self._remove_input_grad_hook()
+        return self.base_model.unload()
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A causal language model with adapters."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """An encoder-decoder model with adapters."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A sequence classifier with adapters; the classification head trains and is saved with the adapter."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A token classifier with adapters; the classification head trains and is saved with the adapter."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """An extractive QA model with adapters; the span head trains and is saved with the adapter."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """An encoder used for embeddings, with adapters."""
+
+
+TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}

@@ -1,0 +1,213 @@
+"""Adapter state dicts in HF PEFT's naming, and the adapter weight files.
+
+On disk the adapter name is removed from every key (`...lora_A.default.weight` -> `...lora_A.weight`) and
+`modules_to_save` copies are stored under the original module's key; both directions are computed from the
+model's structure, so saving and loading are exact inverses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from oxpeft._io import atomic_path
+from oxpeft.hub import resolve_file
+from oxpeft.tuners.base import BaseTunerLayer, ModulesToSaveWrapper, matches_targets
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+# Names PEFT treats as embedding layers when deciding whether to save full embedding weights.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def remove_adapter_name(key: str, adapter_name: str) -> str:
+    """`a.lora_A.default.weight` -> `a.lora_A.weight`; `a.lora_embedding_A.default` -> `a.lora_embedding_A`."""
+    if key.endswith("." + adapter_name):
+        return key[: -len(adapter_name) - 1]
+    head, _, suffix = key.rpartition(".")
+    if head.endswith("." + adapter_name):
+        head = head[: -len(adapter_name) - 1]
+    return f"{head}.{suffix}"
+
+
+def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """Model state-dict key -> checkpoint key, for every tensor that belongs to `adapter_name`."""
+    mapping: dict[str, str] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    keys = [f"{prefix}{attr}.{adapter_name}"]
+                else:
+                    keys = [f"{prefix}{attr}.{adapter_name}.{k}" for k in item.state_dict()]
+                for key in keys:
+                    ckpt = remove_adapter_name(key, adapter_name)
+                    if attr == "lora_magnitude_vector" and ckpt.endswith(".weight"):
+                        ckpt = ckpt[: -len(".weight")]  # PEFT keeps DoRA's pre-ModuleDict key
+                    mapping[key] = ckpt
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for k in module.modules_to_save[adapter_name].state_dict():
+                mapping[f"{prefix}modules_to_save.{adapter_name}.{k}"] = f"{prefix}{k}"
+    return mapping
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return model.state_dict(keep_vars=True)
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    save_embedding_layers: bool | Literal["auto"] = "auto",
+) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as in PEFT's adapter_model.safetensors."""
+    config = model.peft_config[adapter_name]
+    tensors = state_dict if state_dict is not None else _model_tensors(model)
+    out: dict[str, torch.Tensor] = {}
+    for model_key, ckpt_key in adapter_key_map(model, adapter_name).items():
+        out[ckpt_key] = tensors[model_key]
+
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        out.update({k: v for k, v in tensors.items() if k.endswith(".bias") and k not in out and "lora_" not in k})
+    elif bias.endswith("_only"):
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and adapter_name in module.adapter_names():
+                key = f"{name}.base_layer.bias"
+                if key in tensors:
+                    out[key] = tensors[key]
+
+    if _save_embeddings(model, config, save_embedding_layers):
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for name, module in model.named_modules():
+            if module is embedding and isinstance(module, BaseTunerLayer):
+                key = f"{name}.base_layer.weight"
+                out[key] = tensors[key]
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _save_embeddings(model: nn.Module, config: Any, save_embedding_layers: bool | str) -> bool:
+    if save_embedding_layers != "auto":
+        return bool(save_embedding_layers)
+    targets = getattr(config, "target_modules", None)
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        targeted = any(
+            matches_targets(targets, name) and re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", name)
+            for name, _ in model.named_modules()
+        )
+    else:
+        targeted = any(name in targets for name in EMBEDDING_LAYER_NAMES)
+    if targeted:
+        warnings.warn("Saving the embedding layer's weights with the adapter because it is targeted", stacklevel=3)
+    return targeted
+
+
+def set_peft_model_state_dict(
+    model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Copy checkpoint tensors into adapter `adapter_name`. Every key and shape is checked before anything is
+    written, so on error the model is unchanged."""
+    key_map = adapter_key_map(model, adapter_name)
+    by_ckpt = {ckpt: mk for mk, ckpt in key_map.items()}
+    tensors = _model_tensors(model)
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unexpected: list[str] = []
+    problems: list[str] = []
+    for ckpt_key, value in peft_model_state_dict.items():
+        model_key = by_ckpt.get(ckpt_key, ckpt_key if ckpt_key in tensors else None)
+        if model_key is None:
+            unexpected.append(ckpt_key)
+            continue
+        target = tensors[model_key]
+        if tuple(value.shape) != tuple(target.shape):
+            problems.append(
+                f"tensor '{ckpt_key}' has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}"
+            )
+            continue
+        if value.dtype.is_floating_point != target.dtype.is_floating_point:
+            problems.append(f"tensor '{ckpt_key}' has dtype {value.dtype}, the model's is {target.dtype}")
+            continue
+        plan.append((target, value))
+    missing = sorted(set(by_ckpt) - set(peft_model_state_dict))
+    if missing:
+        problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {_first(missing)}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} tensor(s) in the file match no module of this model, e.g. {_first(unexpected)} "
+            "(is the adapter for another model or another method?)"
+        )
+    if problems:
+        raise ValueError(f"adapter '{adapter_name}' does not fit this model: " + "; ".join(problems))
+    with torch.no_grad():
+        for target, value in plan:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read adapter weights: adapter_model.safetensors, else adapter_model.bin (weights_only, never unpickled)."""
+    device = device or "cpu"
+    path = resolve_file(
+        model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, required=False
+    )
+    if path is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(device))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, required=False)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+        raise FileNotFoundError(f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}")
+    try:
+        weights = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{path}: not a plain tensor file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path}: expected a dict of tensors")
+    return weights
+
+
+def save_peft_weights(
+    tensors: dict[str, torch.Tensor], directory: str | os.PathLike, safe_serialization: bool = True
+) -> str:
+    """Write adapter weights atomically; returns the file's path."""
+    # Clone so that tensors sharing storage (tied weights) serialise independently, and move to CPU.
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+        with atomic_path(path) as tmp:
+            save_file(data, tmp, metadata={"format": "pt"})
+    else:
+        path = os.path.join(directory, WEIGHTS_NAME)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
+    return path

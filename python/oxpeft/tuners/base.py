@@ -1,0 +1,669 @@
+"""Machinery shared by every injection-based method (LoRA, IA3, LoHa, LoKr, AdaLoRA).
+
+- `BaseTunerLayer`: the mixin of a layer that wraps a base layer and holds per-adapter parameters.
+- `ModulesToSaveWrapper`: a trainable per-adapter copy of a whole module (`modules_to_save`).
+- `BaseTuner`: the nn.Module that wraps a model, finds the target modules, injects layers and
+  implements adapter management, merge and unload.
+- target matching (`target_modules`, `exclude_modules`, `layers_to_transform`, `"all-linear"`), with
+  errors for every list entry that matches nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import difflib
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from oxpeft.config import PeftConfig, TaskType
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D, or a quantised Linear (anything with in/out_features and dequantize())."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return True
+    return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantize"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------
+class BaseTunerLayer:
+    """Mixin for a layer that wraps `base_layer` and holds per-adapter parameters.
+
+    Subclasses name their per-adapter containers in `adapter_layer_names` (ModuleDict / ParameterDict keyed by
+    adapter name) and their per-adapter plain values in `other_param_names` (dicts keyed by adapter name).
+    """
+
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
+    other_param_names: ClassVar[tuple[str, ...]] = ()
+
+    base_layer: nn.Module
+    _active_adapter: list[str]
+    merged_adapters: list[str]
+    _disable_adapters: bool
+
+    def _init_tuner_layer(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self._active_adapter = []
+        self.merged_adapters = []
+        self._disable_adapters = False
+
+    # --- state ---------------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, BaseTunerLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that reads `module.weight` (e.g. transformers' dtype checks) sees the base weight.
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for name in getattr(self, attr):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                yield item
+            else:
+                yield from item.parameters()
+
+    # --- switching -----------------------------------------------------------------------------------------------
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active (and trainable) adapters of this layer; others are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names():
+            trainable = name in names
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(trainable)
+        self._active_adapter = [n for n in names if n in self.adapter_names()]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self._active_adapter:
+            self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+            if not self._active_adapter:
+                remaining = self.adapter_names()
+                if remaining:
+                    self.set_adapter(remaining[0])
+
+    # --- merging -------------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise TypeError(f"{type(self).__name__} cannot be merged into its base layer")
+
+    def unmerge(self) -> None:
+        raise TypeError(f"{type(self).__name__} cannot be unmerged")
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        if self.merged:
+            already = [n for n in names if n in self.merged_adapters]
+            if already:
+                warnings.warn(f"adapter(s) {already} are already merged; merging the others only", stacklevel=3)
+        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names()]
+
+
+def check_merged_weight(weight: torch.Tensor, adapter_name: str) -> None:
+    """`safe_merge`: refuse a merged weight with NaN or inf (nothing has been written yet)."""
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"merging adapter '{adapter_name}' would produce NaN/inf weights; the model is unchanged")
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module and one trainable copy per adapter; forward uses the active adapter's copy."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            copy_ = copy.deepcopy(self.original_module)
+            copy_.requires_grad_(True)
+            self.modules_to_save[adapter_name] = copy_
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        if self._disable_adapters:
+            return self.original_module
+        for name in self._active_adapter:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._current()(*args, **kwargs)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.original_module.requires_grad_(False)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in names)
+        self._active_adapter = [n for n in names if n in self.modules_to_save]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+
+    def unwrapped(self) -> nn.Module:
+        """The module that replaces this wrapper on unload: the active adapter's copy, else the original."""
+        return self._current()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Target matching
+# --------------------------------------------------------------------------------------------------------------
+def matches_list_entry(key: str, entry: str) -> bool:
+    return key == entry or key.endswith("." + entry)
+
+
+def matches_targets(targets: str | Iterable[str], key: str) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list entry matches the name or its end."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return any(matches_list_entry(key, t) for t in targets)
+
+
+def layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [None])
+    for pattern in patterns:
+        regex = r"(?:^|.*\.)[^.]*\.(\d+)\." if pattern is None else rf"(?:^|.*\.){pattern}\.(\d+)\."
+        m = re.match(regex, key)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
+    """The first rank/alpha pattern whose regex matches the end of the module name `key`."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None
+
+
+def _inside_any(key: str, entries: list[str]) -> bool:
+    """Whether `key` or one of its parent modules matches a list entry."""
+    parts = key.split(".")
+    return any(matches_targets(entries, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def _closest_names(entry: str, names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(entry, leaves, n=3, cutoff=0.5)
+    close += [n for n in difflib.get_close_matches(entry, names, n=2, cutoff=0.6) if n not in close]
+    return ", ".join(repr(c) for c in close) if close else "none similar"
+
+
+def _describe_leaves(names: list[str], limit: int = 12) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    shown = ", ".join(leaves[:limit])
+    return shown + (", ..." if len(leaves) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tuner
+# --------------------------------------------------------------------------------------------------------------
+class BaseTuner(nn.Module, abc.ABC):
+    """Wraps a model and injects one method's layers into it.
+
+    Subclasses set `prefix` (the parameter-name prefix of their adapter weights, e.g. ``"lora_"``) and implement
+    `_create_and_replace` and `_default_target_modules`.
+    """
+
+    prefix: ClassVar[str] = ""
+    layer_cls: ClassVar[type[BaseTunerLayer]] = BaseTunerLayer
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig | dict[str, PeftConfig],
+        adapter_name: str = "default",
+        *,
+        strict_targets: bool = True,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        for name, config in configs.items():
+            self.inject_adapter(name, config, strict_targets=strict_targets)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.forward(*args, **kwargs)
+
+    # --- hooks for subclasses ------------------------------------------------------------------------------------
+    def _default_target_modules(self, model_type: str | None) -> list[str] | str | None:
+        return None
+
+    @abc.abstractmethod
+    def _create_and_replace(
+        self,
+        config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        """Wrap `target` (child `target_name` of `parent`) for `adapter_name`, or add the adapter to its wrapper."""
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        """Refuse combinations that cannot hold together across several adapters."""
+        bias = getattr(config, "bias", "none")
+        others = [c for c in self.peft_config.values() if getattr(c, "bias", "none") != "none"]
+        if self.peft_config and (bias != "none" or others):
+            raise ValueError(
+                "only one adapter of a model can train biases (bias != 'none'); set bias='none' on the others"
+            )
+
+    # --- injection -----------------------------------------------------------------------------------------------
+    def inject_adapter(self, adapter_name: str, config: PeftConfig, *, strict_targets: bool = True) -> None:
+        """Add adapter `adapter_name` to the model. On any error the model is left as it was."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named '{adapter_name}' already exists; delete it first or pick another name")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.'")
+        config = copy.copy(config)
+        self._check_new_adapter_config(config)
+        self._resolve_target_modules(config)
+
+        modules_to_save = list(getattr(config, "modules_to_save", None) or [])
+        all_names = self._candidate_module_names()
+        targets = self._matching_targets(config, all_names, modules_to_save)
+        self._check_targets_matched(config, all_names, targets, strict_targets)
+        save_keys = [k for k in all_names if modules_to_save and matches_targets(modules_to_save, k)]
+        auto_heads = classifier_modules_for(getattr(config, "task_type", None))
+        unmatched_save = [
+            e for e in modules_to_save if e not in auto_heads and not any(matches_list_entry(k, e) for k in all_names)
+        ]
+        if unmatched_save:
+            msg = "; ".join(f"{e!r} (closest: {_closest_names(e, all_names)})" for e in unmatched_save)
+            raise ValueError(f"modules_to_save entries match no module: {msg}")
+        self._warn_tied_targets(targets)
+
+        self.peft_config[adapter_name] = config
+        try:
+            for key in targets:
+                parent, target, target_name = self._get_submodules(key)
+                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            for key in save_keys:
+                parent, target, target_name = self._get_submodules(key)
+                if isinstance(target, ModulesToSaveWrapper):
+                    target.update(adapter_name)
+                else:
+                    setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
+        except BaseException:
+            self._remove_adapter(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+
+        self._mark_only_adapters_as_trainable(config)
+        self.set_adapter(self.active_adapters if self.active_adapters else adapter_name)
+        if config.inference_mode:
+            self._freeze_adapter(adapter_name)
+
+    def _resolve_target_modules(self, config: PeftConfig) -> None:
+        if not hasattr(config, "target_modules"):
+            return
+        if config.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            default = self._default_target_modules(model_type)
+            if default is None:
+                raise ValueError(
+                    f"target_modules is not set and oxpeft has no default for model_type {model_type!r}; "
+                    f"set target_modules (e.g. a list of module names, or 'all-linear'). Linear modules here: "
+                    f"{_describe_leaves(self._linear_module_names())}"
+                )
+            config.target_modules = set(default) if isinstance(default, list) else default
+        elif config.target_modules == ALL_LINEAR:
+            config.target_modules = self._all_linear_names()
+
+    def _linear_module_names(self) -> list[str]:
+        names = []
+        for name in self._candidate_module_names():
+            module = self.model.get_submodule(name)
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if is_linear_like(base):
+                names.append(name)
+        return names
+
+    def _all_linear_names(self) -> set[str]:
+        names = {n.rsplit(".", 1)[-1] for n in self._linear_module_names()}
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if output is not None:
+            for n, m in self.model.named_modules():
+                if m is output:
+                    names.discard(n.rsplit(".", 1)[-1])
+        if not names:
+            raise ValueError("target_modules='all-linear' found no Linear layer in the model")
+        return names
+
+    def _candidate_module_names(self) -> list[str]:
+        """Module names that can be targeted: everything except the insides of adapter layers and wrappers."""
+        inner_prefixes: list[str] = []
+        names: list[str] = []
+        for name, module in self.model.named_modules():
+            if not name or any(name.startswith(p) for p in inner_prefixes):
+                continue
+            names.append(name)
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                inner_prefixes.append(name + ".")
+        return names
+
+    def _matching_targets(self, config: PeftConfig, names: list[str], modules_to_save: list[str]) -> list[str]:
+        targets = getattr(config, "target_modules", None)
+        if targets is None:
+            return []
+        exclude = getattr(config, "exclude_modules", None)
+        layers = getattr(config, "layers_to_transform", None)
+        if isinstance(layers, int):
+            layers = [layers]
+        out = []
+        for key in names:
+            if not matches_targets(targets, key):
+                continue
+            if exclude and matches_targets(exclude, key):
+                continue
+            if modules_to_save and _inside_any(key, modules_to_save):
+                continue
+            if layers is not None and layer_index(key, getattr(config, "layers_pattern", None)) not in layers:
+                continue
+            out.append(key)
+        return out
+
+    def _check_targets_matched(
+        self, config: PeftConfig, names: list[str], targets: list[str], strict: bool
+    ) -> None:
+        target_modules = getattr(config, "target_modules", None)
+        if target_modules is None:
+            return
+        problems: list[str] = []
+        if isinstance(target_modules, str):
+            if not targets:
+                problems.append(
+                    f"the regex target_modules={target_modules!r} matches no module name (it must match the WHOLE "
+                    f"name, e.g. r'.*\\.q_proj'); module names end in: {_describe_leaves(names)}"
+                )
+        else:
+            for entry in sorted(target_modules):
+                if not any(matches_list_entry(k, entry) for k in names):
+                    problems.append(f"{entry!r} matches no module (closest: {_closest_names(entry, names)})")
+            if not problems and not targets:
+                problems.append("no module is left after exclude_modules / layers_to_transform / modules_to_save")
+        if not problems:
+            return
+        message = "target_modules: " + "; ".join(problems)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=4)
+
+    def _warn_tied_targets(self, targets: list[str]) -> None:
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if output is None:
+            return
+        for key in targets:
+            module = self.model.get_submodule(key)
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if module is not output and getattr(base, "weight", None) is getattr(output, "weight", False):
+                warnings.warn(
+                    f"'{key}' shares its weight with the output layer (tied embeddings). The adapter changes only "
+                    f"'{key}'; merging unties the two so the output layer keeps the original weight.",
+                    stacklevel=4,
+                )
+
+    def _get_submodules(self, key: str) -> tuple[nn.Module, nn.Module, str]:
+        parent_name, _, target_name = key.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        return parent, self.model.get_submodule(key), target_name
+
+    def _mark_only_adapters_as_trainable(self, config: PeftConfig) -> None:
+        for name, param in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in name:
+                param.requires_grad_(False)
+        bias = getattr(config, "bias", "none")
+        if bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.endswith("bias"):
+                    param.requires_grad_(True)
+        elif bias.endswith("_only"):
+            for module in self.model.modules():
+                if isinstance(module, self.layer_cls) and getattr(module.get_base_layer(), "bias", None) is not None:
+                    module.get_base_layer().bias.requires_grad_(True)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for p in module.adapter_parameters(adapter_name):
+                    p.requires_grad_(False)
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                module.modules_to_save[adapter_name].requires_grad_(False)
+
+    # --- adapter management --------------------------------------------------------------------------------------
+    def _tuner_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    @property
+    def active_adapters(self) -> list[str]:
+        active = self.active_adapter
+        return [active] if isinstance(active, str) else list(active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}")
+        for _, module in self._tuner_modules():
+            module.set_adapter(names)
+        for name in names:
+            if self.peft_config[name].inference_mode:
+                self._freeze_adapter(name)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for _, module in self._tuner_modules():
+            module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter '{adapter_name}'; loaded adapters: {sorted(self.peft_config)}")
+        self._remove_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapter = []
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        """Drop an adapter's weights everywhere; a layer or wrapper left with no adapter is unwrapped."""
+        for key, module in list(self._tuner_modules()):
+            module.delete_adapter(adapter_name)
+            empty = (
+                not module.adapter_names()
+                if isinstance(module, BaseTunerLayer)
+                else len(module.modules_to_save) == 0
+            )
+            if empty:
+                parent, _, target_name = self._get_submodules(key)
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module
+                setattr(parent, target_name, base)
+
+    # --- merge / unload ------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights in place (the layers stay, and can be unmerged)."""
+        self._untie_targeted_embeddings()
+        for _, module in self._tuner_modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, module in self._tuner_modules():
+            if isinstance(module, BaseTunerLayer):
+                module.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active (or named) adapters into the base weights and return the plain base model."""
+        return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging and return the plain base model."""
+        return self._unload_and_optionally_merge(False, False, False, None)
+
+    def _unload_and_optionally_merge(
+        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        if merge:
+            self._untie_targeted_embeddings()
+        keys = [k for k, _ in self._tuner_modules()]
+        for key in tqdm(keys, desc="Unloading" + (" and merging" if merge else ""), disable=not progressbar):
+            try:
+                parent, module, target_name = self._get_submodules(key)
+            except AttributeError:  # inside a module replaced earlier in this loop
+                continue
+            if isinstance(module, BaseTunerLayer):
+                if merge:
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, target_name, module.get_base_layer())
+            elif isinstance(module, ModulesToSaveWrapper):
+                setattr(parent, target_name, module.unwrapped())
+        return self.model
+
+    def _untie_targeted_embeddings(self) -> None:
+        """Give the output layer its own weight before an input-embedding adapter is merged into a tied weight."""
+        if not hasattr(self.model, "get_output_embeddings"):
+            return
+        output = self.model.get_output_embeddings()
+        if output is None or not hasattr(output, "weight"):
+            return
+        for _, module in self._tuner_modules():
+            if isinstance(module, BaseTunerLayer) and module.get_base_layer().weight is output.weight:
+                output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=False)
+                config = getattr(self.model, "config", None)
+                if config is not None:
+                    config.tie_word_embeddings = False
+                    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+                    if text_config is not None:
+                        text_config.tie_word_embeddings = False
+                return
+
+    @contextmanager
+    def batch_adapters(self, adapter_names: list[str]) -> Iterator[None]:
+        """Within the block, sample i of a batch uses adapter `adapter_names[i]` ("__base__": none)."""
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.peft_config)}")
+        layers = [m for _, m in self._tuner_modules() if hasattr(m, "_batch_adapter_names")]
+        for layer in layers:
+            layer._batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._batch_adapter_names = None
+
+    @contextmanager
+    def _adapters_disabled(self) -> Iterator[None]:
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+
+def classifier_modules_for(task_type: TaskType | str | None) -> list[str]:
+    """Heads that PEFT adds to `modules_to_save` for a task, so a classifier trains and saves with the adapter."""
+    task = TaskType(task_type) if task_type else None
+    if task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        return ["classifier", "score"]
+    if task is TaskType.QUESTION_ANS:
+        return ["qa_outputs"]
+    return []

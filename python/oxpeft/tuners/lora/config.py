@@ -1,0 +1,127 @@
+"""`LoraConfig`: HF PEFT's field names and defaults, so adapter_config.json files move both ways."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+from oxpeft.config import PeftConfig, PeftType
+
+InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "loftq"], str]
+
+# Fields PEFT defines for methods oxpeft does not implement. They are kept so that any PEFT config loads;
+# a non-neutral value is refused with a clear error instead of being silently ignored.
+_UNSUPPORTED_FEATURES = (
+    "megatron_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "layer_replication",
+    "target_parameters",
+    "arrow_config",
+    "kasa_config",
+    "trainable_token_indices",
+    "use_bdlora",
+)
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (see HF PEFT's `LoraConfig` for the meaning of each field).
+
+    `target_modules` is a list of module names (a name matches a module whose full name equals it or ends with
+    ``"." + name``), a regex that must match the whole module name, ``"all-linear"``, or None for the default of
+    the model's architecture. Unlike PEFT, every list entry that matches no module is an error.
+    """
+
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+
+    r: int = 8
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: InitLoraWeights = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict | None = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    use_dora: bool = False
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: list[tuple[int, int]] | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                raise ValueError("modules_to_save must be a list of module names, not a string")
+            self.modules_to_save = list(self.modules_to_save)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only applies together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be combined with a regex target_modules")
+        for name, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("use_dora and lora_bias cannot be combined")
+        self._check_init(self.init_lora_weights)
+        self._refuse_unsupported()
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            warnings.warn("loftq_config is set but init_lora_weights is not 'loftq'; it has no effect", stacklevel=3)
+
+    @staticmethod
+    def _check_init(init: Any) -> None:
+        if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq"):
+            return
+        if isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_") :].isdigit():
+            return
+        raise ValueError(
+            f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+            "'pissa_niter_<K>', 'olora' or 'loftq'"
+        )
+
+    def _refuse_unsupported(self) -> None:
+        used = [name for name in _UNSUPPORTED_FEATURES if getattr(self, name) not in (None, False, {}, [])]
+        if self.use_qalora:
+            used.append("use_qalora")
+        if used:
+            raise ValueError(
+                f"this LoRA config uses {', '.join(used)}, which oxpeft does not implement; loading it would "
+                "silently compute something else, so it is refused"
+            )

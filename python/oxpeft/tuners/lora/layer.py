@@ -1,0 +1,526 @@
+"""LoRA layers: Linear (also GPT-2 Conv1D and quantised bases), Embedding and Conv2d, with DoRA for Linear.
+
+Math (REFERENCE.md section 2): ``y = base(x) + B(A(dropout(x))) * scaling``; merging adds
+``scaling * B @ A`` computed in fp32 and rounded to the weight's dtype once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oxpeft.tuners.base import BaseTunerLayer, check_merged_weight
+
+
+# The adapter name that, in a mixed batch, means "no adapter for this sample".
+BASE_ONLY = "__base__"
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's learned magnitude vector m (out,). A module so its state-dict key is PEFT's `...<adapter>.weight`."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features))
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class LoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
+
+    fan_in_fan_out: bool = False
+
+    def _init_lora(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        self._init_tuner_layer(base_layer)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora_norm_cache: dict[str, torch.Tensor] = {}
+        # Per-sample adapter names while a mixed-batch forward runs (set by LoraModel.batch_adapters).
+        self._batch_adapter_names: list[str] | None = None
+
+    # --- adapter creation ----------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: Any,
+        use_rslora: bool,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_dora[adapter_name] = use_dora
+        self.lora_bias[adapter_name] = lora_bias
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._create_adapter_weights(adapter_name, r, lora_bias)
+        self._move_adapter_to_base(adapter_name, adapter_dtype)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if use_dora:
+            self._init_dora(adapter_name)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def _base_weight_ref(self) -> torch.Tensor | None:
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+
+    def _move_adapter_to_base(self, adapter_name: str, adapter_dtype: torch.dtype | None) -> None:
+        ref = self._base_weight_ref()
+        device = ref.device if ref is not None and ref.device.type != "meta" else None
+        dtype = adapter_dtype
+        if dtype is None and ref is not None and ref.dtype.is_floating_point:
+            dtype = ref.dtype
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.data.to(device=device, dtype=dtype))
+            else:
+                item.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Any) -> None:
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+            elif isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+                self._init_pissa(adapter_name, init_lora_weights)
+                return
+            elif init_lora_weights == "olora":
+                self._init_olora(adapter_name)
+                return
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+            if self.lora_B[adapter_name].bias is not None:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    # PiSSA / OLoRA move the principal part of W into the adapter and subtract it from W, so the model's output
+    # is unchanged at init. Only defined for dense Linear weights.
+    def _principal_init_weight(self, method: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
+            raise ValueError(f"init_lora_weights='{method}' needs a full-precision Linear base layer")
+        return _transpose(base.weight.detach(), self.fan_in_fan_out).float()
+
+    def _set_principal(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        scaling = self.scaling[adapter_name]
+        self.lora_A[adapter_name].weight.data.copy_(a)
+        self.lora_B[adapter_name].weight.data.copy_(b)
+        residual = _transpose(base.weight.float(), self.fan_in_fan_out) - scaling * (b @ a)
+        base.weight.data.copy_(_transpose(residual, self.fan_in_fan_out).to(base.weight.dtype))
+
+    def _init_pissa(self, adapter_name: str, method: str) -> None:
+        weight = self._principal_init_weight("pissa")
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if method == "pissa":
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            u, s, vh = u[:, :r], s[:r], vh[:r]
+        else:
+            niter = int(method[len("pissa_niter_") :])
+            u, s, v = torch.svd_lowrank(weight, q=r, niter=niter)
+            vh = v.T
+        root = torch.sqrt(s / scaling)
+        self._set_principal(adapter_name, root[:, None] * vh, u * root[None, :])
+
+    def _init_olora(self, adapter_name: str) -> None:
+        weight = self._principal_init_weight("olora")
+        r = self.r[adapter_name]
+        q, rr = torch.linalg.qr(weight)
+        self._set_principal(adapter_name, rr[:r].contiguous(), q[:, :r].contiguous())
+
+    # --- DoRA ----------------------------------------------------------------------------------------------------
+    def _dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense (out, in) tensor, dequantised if the base is quantised."""
+        base = self.get_base_layer()
+        if hasattr(base, "dequantize"):
+            return base.dequantize()
+        return _transpose(base.weight, self.fan_in_fan_out)
+
+    def _dora_weight_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        lora_weight = self.lora_B[adapter_name].weight.float() @ self.lora_A[adapter_name].weight.float()
+        combined = weight.float() + self.scaling[adapter_name] * lora_weight
+        return torch.linalg.norm(combined, dim=1)
+
+    @torch.no_grad()
+    def _init_dora(self, adapter_name: str) -> None:
+        if not isinstance(self, Linear):
+            raise ValueError("DoRA (use_dora=True) is supported for Linear layers only")
+        magnitude = DoraMagnitude(self.out_features)
+        norm = self._dora_weight_norm(adapter_name, self._dense_base_weight().detach())
+        ref = self.lora_A[adapter_name].weight
+        magnitude.weight.data = norm.to(device=ref.device, dtype=ref.dtype)
+        self.lora_magnitude_vector[adapter_name] = magnitude
+
+    # --- merge ---------------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, in the base weight's layout."""
+        raise TypeError(f"{type(self).__name__} has no delta weight")
+
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight after merging one adapter into `weight` (in the base weight's layout)."""
+        delta = self.get_delta_weight(adapter_name)
+        merged = weight.float() + delta
+        if self.use_dora.get(adapter_name, False):
+            dense = _transpose(merged, self.fan_in_fan_out)
+            norm = torch.linalg.norm(dense, dim=1)
+            self._dora_norm_cache[adapter_name] = norm
+            factor = self.lora_magnitude_vector[adapter_name].weight.float() / norm
+            merged = _transpose(factor[:, None] * dense, self.fan_in_fan_out)
+        return merged
+
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name)
+        current = weight.float()
+        if self.use_dora.get(adapter_name, False):
+            norm = self._dora_norm_cache.pop(adapter_name)
+            factor = self.lora_magnitude_vector[adapter_name].weight.float() / norm
+            current = _transpose(_transpose(current, self.fan_in_fan_out) / factor[:, None], self.fan_in_fan_out)
+        return current - delta
+
+    def _bias_delta(self, adapter_name: str) -> torch.Tensor | None:
+        if not self.lora_bias.get(adapter_name, False):
+            return None
+        return self.lora_B[adapter_name].bias.float() * self.scaling[adapter_name]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for name in self._adapters_to_merge(adapter_names):
+            merged = self._merged_weight(name, self._stored_weight())
+            if safe_merge:
+                check_merged_weight(merged, name)
+            self._store_weight(merged)
+            bias_delta = self._bias_delta(name)
+            if bias_delta is not None:
+                if base.bias is None:
+                    raise ValueError(f"adapter '{name}' has a LoRA bias but the base layer has no bias to merge into")
+                base.bias.data = (base.bias.float() + bias_delta).to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self._store_weight(self._unmerged_weight(name, self._stored_weight()))
+            bias_delta = self._bias_delta(name)
+            if bias_delta is not None:
+                base.bias.data = (base.bias.float() - bias_delta).to(base.bias.dtype)
+
+    def _stored_weight(self) -> torch.Tensor:
+        """The base weight in its stored layout, dequantised for quantised bases."""
+        base = self.get_base_layer()
+        if hasattr(base, "dequantize"):
+            return _transpose(base.dequantize(), self.fan_in_fan_out)
+        return base.weight.data
+
+    def _store_weight(self, weight: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if hasattr(base, "set_weight"):
+            base.set_weight(_transpose(weight, self.fan_in_fan_out))
+        else:
+            base.weight.data = weight.to(base.weight.dtype)
+
+    def _check_forward_args(self, x: torch.Tensor) -> None:
+        if self.merged and self.disable_adapters:
+            self.unmerge()
+        if self._batch_adapter_names is not None and self.merged:
+            raise ValueError("per-sample adapter_names cannot be used while adapters are merged; unmerge first")
+
+    def _sample_groups(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """adapter name -> indices of the samples that use it (generate() may repeat each sample k times)."""
+        names = self._batch_adapter_names or []
+        if batch_size % len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size}")
+        repeat = batch_size // len(names)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+        return {n: torch.tensor(idx) for n, idx in groups.items() if n != BASE_ONLY}
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, delta) -> torch.Tensor:
+        result = result.clone()
+        for name, idx in self._sample_groups(x.shape[0]).items():
+            if name not in self.adapter_names():
+                continue
+            idx = idx.to(x.device)
+            result[idx] = result[idx] + delta(name, x[idx]).to(result.dtype)
+        return result
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA on nn.Linear, transformers' Conv1D (`fan_in_fan_out=True`) and quantised Linear layers."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        init_lora_weights: Any = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_features, out_features = _linear_shape(base_layer)
+        self._init_lora(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias, adapter_dtype
+        )
+        self.set_adapter(adapter_name)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        b = self.lora_B[adapter_name].weight.float()
+        a = self.lora_A[adapter_name].weight.float()
+        return _transpose(b @ a, self.fan_in_fan_out) * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result, self._lora_delta)
+        result_dtype = result.dtype
+        for name in self._active_adapter:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            dropout, scaling = self.lora_dropout[name], self.scaling[name]
+            x_ = x.to(lora_A.weight.dtype)
+            if self.use_dora[name]:
+                result = result + self._dora_forward(x_, result, name, dropout, scaling)
+            else:
+                result = result + lora_B(lora_A(dropout(x_))) * scaling
+        return result.to(result_dtype)
+
+    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora[name]:
+            raise ValueError("per-sample adapter_names is not supported for DoRA adapters")
+        lora_A = self.lora_A[name]
+        return self.lora_B[name](lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
+
+    def _dora_forward(
+        self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropout: nn.Module, scaling: float
+    ) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        weight = self._dense_base_weight().to(x.dtype)
+        # The norm is detached, as in the DoRA paper (section 4.3): it saves memory and barely changes training.
+        norm = self._dora_weight_norm(name, weight).detach().to(x.dtype)
+        factor = (self.lora_magnitude_vector[name].weight / norm).view(1, -1)
+        x_d = dropout(x)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.bias
+            base_out = base_result.to(x.dtype) if bias is None else base_result.to(x.dtype) - bias.to(x.dtype)
+        else:
+            base_out = F.linear(x_d, weight)
+        return (factor - 1) * base_out + factor * lora_B(lora_A(x_d)) * scaling
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(nn.Module, LoraLayer):
+    """LoRA on nn.Embedding: A (r, num_embeddings) is looked up, then projected by B (dim, r)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Any = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        if use_dora:
+            raise ValueError("DoRA (use_dora=True) is supported for Linear layers only, not nn.Embedding")
+        if lora_bias:
+            raise ValueError("lora_bias is not supported on nn.Embedding")
+        self._init_lora(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False, False, adapter_dtype
+        )
+        self.set_adapter(adapter_name)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        # Random until reset_lora_parameters runs, so init_lora_weights=False gives a non-trivial adapter.
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        b = self.lora_embedding_B[adapter_name].float()
+        a = self.lora_embedding_A[adapter_name].float()
+        return (b @ a).T * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result, self._lora_delta)
+        result_dtype = result.dtype
+        for name in self._active_adapter:
+            if name in self.lora_embedding_A:
+                result = result + self._lora_delta(name, x)
+        return result.to(result_dtype)
+
+    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (after_a @ b.T) * self.scaling[name]
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Conv2d(nn.Module, LoraLayer):
+    """LoRA on nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv."""
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Any = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        if use_dora:
+            raise ValueError("DoRA (use_dora=True) is supported for Linear layers only, not nn.Conv2d")
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        self._init_lora(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False, lora_bias, adapter_dtype
+        )
+        self.set_adapter(adapter_name)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.get_base_layer()
+        self.lora_A[adapter_name] = nn.Conv2d(
+            self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+        )
+        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        b = self.lora_B[adapter_name].weight.float()
+        a = self.lora_A[adapter_name].weight.float()
+        if a.shape[2:] == (1, 1):
+            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2))[:, :, None, None]
+        else:
+            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        return delta * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self._active_adapter:
+            if name not in self.lora_A:
+                continue
+            x_ = x.to(self.lora_A[name].weight.dtype)
+            result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x_))) * self.scaling[name]
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def _linear_shape(base_layer: nn.Module) -> tuple[int, int]:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features
+    if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+        return base_layer.in_features, base_layer.out_features
+    raise ValueError(f"cannot apply LoRA to {type(base_layer).__name__}: it has no in_features/out_features")
+
+
+def lora_layer_for(base_layer: nn.Module) -> tuple[type[LoraLayer], bool | None]:
+    """The LoRA class for a base layer, and the fan_in_fan_out it requires (None: as configured)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base_layer, nn.Embedding):
+        return Embedding, None
+    if isinstance(base_layer, nn.Conv2d):
+        return Conv2d, None
+    if isinstance(base_layer, Conv1D):
+        return Linear, True
+    if isinstance(base_layer, nn.Linear):
+        return Linear, False
+    if hasattr(base_layer, "dequantize") and hasattr(base_layer, "in_features"):
+        return Linear, False
+    raise ValueError(
+        f"LoRA does not support target modules of type {type(base_layer).__name__}; supported: nn.Linear, "
+        "transformers Conv1D, nn.Embedding, nn.Conv2d and oxpeft's quantised Linear layers"
+    )
+
+
+def warn_fan_in_fan_out(key: str, required: bool, configured: bool) -> None:
+    if required != configured:
+        warnings.warn(
+            f"'{key}': fan_in_fan_out={configured} does not fit its layer type; using fan_in_fan_out={required}",
+            stacklevel=4,
+        )

@@ -1,0 +1,128 @@
+"""`LoraModel`: injects LoRA layers into the target modules of a model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from oxpeft.tuners.base import BaseTuner, pattern_key
+from oxpeft.tuners.lora.config import LoraConfig
+from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
+from oxpeft.tuners.lora.weighted import add_weighted_adapter
+
+# Per-architecture defaults used when target_modules is None (the attention query/value projections).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
+}
+
+
+class LoraModel(BaseTuner):
+    """The LoRA tuner. Usually created through `get_peft_model`."""
+
+    prefix = "lora_"
+    layer_cls = LoraLayer
+
+    def _default_target_modules(self, model_type: str | None) -> list[str] | None:
+        return DEFAULT_TARGET_MODULES.get(model_type or "")
+
+    def _adapter_dtype(self, target: nn.Module) -> torch.dtype | None:
+        weight = getattr(target, "weight", None)
+        if weight is None or not weight.dtype.is_floating_point:
+            return torch.float32
+        if self.autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return weight.dtype
+
+    def _create_and_replace(
+        self,
+        config: LoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        rank_key = pattern_key(config.rank_pattern, current_key)
+        alpha_key = pattern_key(config.alpha_pattern, current_key)
+        r = config.rank_pattern[rank_key] if rank_key is not None else config.r
+        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+        options = dict(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
+        )
+        if config.init_lora_weights == "loftq":
+            raise ValueError("init_lora_weights='loftq' needs oxpeft's LoftQ initialisation (oxpeft.loftq)")
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(target.get_base_layer()), **options)
+            return
+        layer_cls, required_fifo = lora_layer_for(target)
+        kwargs = dict(options, adapter_dtype=self._adapter_dtype(target))
+        if layer_cls.__name__ == "Linear":
+            fifo = config.fan_in_fan_out if required_fifo is None else required_fifo
+            warn_fan_in_fan_out(current_key, fifo, config.fan_in_fan_out)
+            kwargs["fan_in_fan_out"] = fifo
+        new_module = layer_cls(target, adapter_name, **kwargs)
+        setattr(parent, target_name, new_module)
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Create `adapter_name` from a weighted combination of existing adapters (see `tuners.lora.weighted`).
+
+        The new adapter is inactive and frozen; call `set_adapter(adapter_name)` to use it.
+        """
+        add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            density=density,
+            majority_sign_method=majority_sign_method,  # type: ignore[arg-type]
+        )

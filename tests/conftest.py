@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny transformers models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+def make_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_bert_seq_cls(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, num_labels=3
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+MODEL_FACTORIES = {"llama": make_llama, "gpt2": make_gpt2, "bert": make_bert_seq_cls}
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_llama()
+
+
+@pytest.fixture
+def input_ids():
+    torch.manual_seed(1234)
+    return torch.randint(0, 256, (2, 12))
+
+
+def twin(model):
+    """An independent copy with identical weights (one per framework under test)."""
+    return copy.deepcopy(model)
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
