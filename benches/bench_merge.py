@@ -104,24 +104,32 @@ def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc (VmHWM is the peak RSS of this exec, not inherited)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def contender(kind: str, base: str, adapter: str, out: str) -> None:
     """Runs one contender in this (fresh) process and prints its time and peak RSS as JSON."""
-    t0 = time.perf_counter()
     extra = {}
-    if kind == "oxpeft":
+    if kind.startswith("oxpeft"):
         import oxpeft
-
-        r = oxpeft.merge_checkpoint(base, adapter, out, progress=False)
-        extra = {"sidecar_bytes": r.sidecar_bytes, "sidecar_elements": r.sidecar_elements}
-    elif kind == "oxpeft-unmerge":
-        import oxpeft
-
-        oxpeft.unmerge_checkpoint(base, adapter, out, progress=False)
     elif kind == "peft":
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-
+    rss_after_imports = _status_kib("VmRSS") * 1024
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    if kind == "oxpeft":
+        r = oxpeft.merge_checkpoint(base, adapter, out, progress=False)
+        extra = {"sidecar_bytes": r.sidecar_bytes, "sidecar_elements": r.sidecar_elements}
+    elif kind == "oxpeft-unmerge":
+        oxpeft.unmerge_checkpoint(base, adapter, out, progress=False)
+    elif kind == "peft":
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out)
@@ -135,8 +143,10 @@ def contender(kind: str, base: str, adapter: str, out: str) -> None:
                     os.fsync(fd)
                     os.close(fd)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_rss": rss, **extra}))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    rss = _status_kib("VmHWM") * 1024
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_rss": rss, "rss_imports": rss_after_imports, **extra}))
 
 
 def run(kind: str, base: Path, adapter: Path, out: Path) -> dict:
@@ -183,6 +193,7 @@ def main() -> None:
                 r = run(kind, base, adapter, out)
                 best = r if best is None or r["seconds"] < best["seconds"] else best
             row[kind] = best
+            print(kind, best, flush=True)
             if kind == "oxpeft":
                 warm(out)
                 row["unmerge"] = run("oxpeft-unmerge", out, adapter, back)
@@ -198,16 +209,19 @@ def main() -> None:
         print(f"\n== {gib:.2f} GiB bf16 checkpoint, all-linear r=16 adapter ==")
         for kind in [*kinds, "unmerge"]:
             r = row[kind]
-            print(f"{kind:>12}: {r['seconds']:7.2f} s  {gib / r['seconds']:6.2f} GiB/s  peak RSS {r['peak_rss'] / 2**20:8.1f} MiB")
-        print(f"oxpeft vs copy: {ox['seconds'] / row['copy']['seconds']:.2f}x the time "
-              f"({ox['seconds'] / row['copy+fsync']['seconds']:.2f}x copy+fsync)")
+            print(f"{kind:>12}: wall {r['seconds']:7.2f} s ({gib / r['seconds']:5.2f} GiB/s)  CPU {r['cpu']:7.2f} s  "
+                  f"peak RSS {r['peak_rss'] / 2**20:8.1f} MiB (after imports {r['rss_imports'] / 2**20:6.1f} MiB)")
+        for ref in ("copy", "copy+fsync"):
+            print(f"oxpeft vs {ref}: {ox['seconds'] / row[ref]['seconds']:.2f}x the wall time, "
+                  f"{ox['cpu'] / row[ref]['cpu']:.2f}x the CPU time")
         if "peft" in row:
-            print(f"oxpeft vs PEFT: {row['peft']['seconds'] / ox['seconds']:.1f}x faster, "
-                  f"peak RSS {ox['peak_rss'] / row['peft']['peak_rss']:.3f} of PEFT's")
+            pf = row["peft"]
+            print(f"oxpeft vs PEFT: {pf['seconds'] / ox['seconds']:.1f}x faster (wall), {pf['cpu'] / ox['cpu']:.1f}x less CPU, "
+                  f"peak RSS {ox['peak_rss'] / pf['peak_rss']:.3f} of PEFT's")
         print(f"sidecar: {ox['sidecar_bytes'] / 2**20:.2f} MiB = {100 * ox['sidecar_bytes'] / (gib * 2**30):.3f} % "
               f"of the model ({ox['sidecar_elements']} elements); unmerge byte-identical: {row['unmerge']['byte_identical']}")
     if len(results) > 1:
-        a, b = (results[s]["oxpeft"]["peak_rss"] / 2**20 for s in sorted(results)[:2])
+        a, b = (results[k]["oxpeft"]["peak_rss"] / 2**20 for k in sorted(results)[:2])
         print(f"\noxpeft peak RSS {a:.0f} MiB -> {b:.0f} MiB as the model grows {sorted(results)[0]} -> {sorted(results)[1]} GB")
     (DATA / "results-merge.json").write_text(json.dumps(results, indent=2))
 

@@ -554,12 +554,12 @@ impl Drop for SidecarSpill {
     }
 }
 
-/// Streams a tensor unchanged from the base map into the writer, dropping its pages as it goes.
+/// Copies a tensor unchanged from its file into the writer (in the kernel, without mapping it).
 fn copy_tensor(src: &SafeTensorsFile, t: &TensorInfo, w: &mut StreamingWriter) -> Result<()> {
-    let data = src.data(t);
-    for (i, piece) in data.chunks(CHUNK_BYTES).enumerate() {
-        w.write(piece)?;
-        src.release(t, i * CHUNK_BYTES, piece.len());
+    let before = w.written();
+    w.copy_from(&mut src.tensor_reader(t)?)?;
+    if w.written() - before != t.nbytes() as u64 {
+        return Err(Error::invalid_file(src.path(), format!("tensor '{}': file shrank while being read", t.name)));
     }
     Ok(())
 }
@@ -869,9 +869,137 @@ mod kernel {
         start..start + cols
     }
 
-    /// Merges one block of rows: W' = round(sequence of adapter steps on float(W)); with `record`,
+    /// float(src) into `acc`, element by element (written so that it vectorises).
+    #[inline(always)]
+    fn decode(ft: FloatType, src: &[u8], acc: &mut [f32]) {
+        match ft {
+            FloatType::BF16 => {
+                for (a, c) in acc.iter_mut().zip(src.chunks_exact(2)) {
+                    *a = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            FloatType::F16 => {
+                for (a, c) in acc.iter_mut().zip(src.chunks_exact(2)) {
+                    *a = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            FloatType::F32 => {
+                for (a, c) in acc.iter_mut().zip(src.chunks_exact(4)) {
+                    *a = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+    }
+
+    /// `acc` rounded to `ft` into `dst`.
+    #[inline(always)]
+    fn encode(ft: FloatType, acc: &[f32], dst: &mut [u8]) {
+        let n = ft.size();
+        for (a, c) in acc.iter().zip(dst.chunks_exact_mut(n)) {
+            let bits = ft.round_bits(*a).to_le_bytes();
+            c.copy_from_slice(&bits[..n]);
+        }
+    }
+
+    /// Applies the terms in order to `acc` (a row of float(W)); `w` is the base row, needed for
+    /// DoRA's norm, whose factors go to `factors[di]`.
+    #[inline(always)]
+    fn apply_terms(ft: FloatType, p: &Prepared, deltas: &[f32], rr: usize, row: usize, w: &[u8], acc: &mut [f32], factors: &mut [[f32; ROW_BLOCK]; MAX_DORA_TERMS]) {
+        let mut di = 0;
+        for (ti, t) in p.terms.iter().enumerate() {
+            let d = &deltas[delta_row(p.cols, ti, rr)];
+            if let Some(m) = &t.magnitude {
+                // PEFT: the norm is that of the unmerged base row plus this adapter's delta.
+                let mut sq = 0f64;
+                for (j, dj) in d.iter().enumerate() {
+                    let v = (ft.load(w, j) + dj) as f64;
+                    sq += v * v;
+                }
+                let f = m[row] / (sq.sqrt() as f32);
+                factors[di][rr] = f;
+                di += 1;
+                for (a, dj) in acc.iter_mut().zip(d) {
+                    *a = f * (*a + dj);
+                }
+            } else {
+                for (a, dj) in acc.iter_mut().zip(d) {
+                    *a += dj;
+                }
+            }
+        }
+    }
+
+    /// Undoes the terms in reverse order on `acc` (a row of float(W')), as PEFT's unmerge does.
+    #[inline(always)]
+    fn undo_terms(p: &Prepared, deltas: &[f32], rr: usize, acc: &mut [f32], factor: impl Fn(usize) -> f32) {
+        let mut di = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
+        for (ti, t) in p.terms.iter().enumerate().rev() {
+            let d = &deltas[delta_row(p.cols, ti, rr)];
+            if t.magnitude.is_some() {
+                di -= 1;
+                let f = factor(di);
+                for (a, dj) in acc.iter_mut().zip(d) {
+                    *a = *a / f - dj;
+                }
+            } else {
+                for (a, dj) in acc.iter_mut().zip(d) {
+                    *a -= dj;
+                }
+            }
+        }
+    }
+
+    /// Records the elements where round(`back`) is not the original `w`.
+    #[inline(always)]
+    fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix: &mut Fixups) {
+        const SPAN: usize = 64;
+        for (c, (b, o)) in back.chunks(SPAN).zip(w.chunks(SPAN * ft.size())).enumerate() {
+            // A branch-free pass first: most spans have nothing to record.
+            let any = b.iter().enumerate().fold(0u32, |m, (j, x)| m | (ft.round_bits(*x) ^ ft.load_bits(o, j)));
+            if any == 0 {
+                continue;
+            }
+            for (j, x) in b.iter().enumerate() {
+                let orig = ft.load_bits(o, j);
+                if ft.round_bits(*x) != orig {
+                    fix.index.push(base_index + (c * SPAN + j) as u64);
+                    fix.bits.push(orig);
+                }
+            }
+        }
+    }
+
+    /// Merges one block of rows: W' = round(adapter steps in order on float(W)); with `record`,
     /// replays the unmerge and notes the elements that would not come back.
     pub fn merge_block(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { merge_block_avx512(p, first_row, inp, out, record, scratch, fix) };
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                return unsafe { merge_block_avx2(p, first_row, inp, out, record, scratch, fix) };
+            }
+        }
+        merge_block_any(p, first_row, inp, out, record, scratch, fix)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn merge_block_avx512(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+        merge_block_any(p, first_row, inp, out, record, scratch, fix)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn merge_block_avx2(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+        merge_block_any(p, first_row, inp, out, record, scratch, fix)
+    }
+
+    #[inline(always)]
+    fn merge_block_any(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
         match p.ft {
             FloatType::BF16 => merge_block_t(FloatType::BF16, p, first_row, inp, out, record, scratch, fix),
             FloatType::F16 => merge_block_t(FloatType::F16, p, first_row, inp, out, record, scratch, fix),
@@ -892,54 +1020,13 @@ mod kernel {
         for rr in 0..nrows {
             let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
             let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = ft.load(w, j);
-            }
-            let mut di = 0;
-            for (ti, t) in p.terms.iter().enumerate() {
-                let d = &deltas[delta_row(cols, ti, rr)];
-                if let Some(m) = &t.magnitude {
-                    // PEFT: the norm is that of the unmerged base row plus this adapter's delta.
-                    let mut sq = 0f64;
-                    for (j, dj) in d.iter().enumerate() {
-                        let v = (ft.load(w, j) + dj) as f64;
-                        sq += v * v;
-                    }
-                    let f = m[first_row + rr] / (sq.sqrt() as f32);
-                    factors[di][rr] = f;
-                    di += 1;
-                    for (a, dj) in acc.iter_mut().zip(d) {
-                        *a = f * (*a + dj);
-                    }
-                } else {
-                    for (a, dj) in acc.iter_mut().zip(d) {
-                        *a += dj;
-                    }
-                }
-            }
-            for (j, a) in acc.iter().enumerate() {
-                ft.store_bits(o, j, ft.round_bits(*a));
-            }
+            decode(ft, w, acc);
+            apply_terms(ft, p, deltas, rr, first_row + rr, w, acc, &mut factors);
+            encode(ft, acc, o);
             if record {
-                let base_index = ((first_row + rr) * cols) as u64;
-                for j in 0..cols {
-                    let mut back = ft.bits_to_f32(ft.load_bits(o, j));
-                    let mut di = n_dora;
-                    for (ti, t) in p.terms.iter().enumerate().rev() {
-                        let dj = deltas[delta_row(cols, ti, rr)][j];
-                        if t.magnitude.is_some() {
-                            di -= 1;
-                            back = back / factors[di][rr] - dj;
-                        } else {
-                            back -= dj;
-                        }
-                    }
-                    let orig = ft.load_bits(w, j);
-                    if ft.round_bits(back) != orig {
-                        fix.index.push(base_index + j as u64);
-                        fix.bits.push(orig);
-                    }
-                }
+                decode(ft, o, acc);
+                undo_terms(p, deltas, rr, acc, |di| factors[di][rr]);
+                record_mismatches(ft, acc, w, ((first_row + rr) * cols) as u64, fix);
             }
         }
         for f in &factors[..n_dora] {
@@ -950,44 +1037,42 @@ mod kernel {
     /// Unmerges one block of rows: W = round(adapter steps undone in reverse on float(W')).
     /// `dora` holds the sidecar's factors as (n_dora, rows).
     pub fn unmerge_block(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
-        match p.ft {
-            FloatType::BF16 => unmerge_block_t(FloatType::BF16, p, first_row, inp, out, dora, scratch),
-            FloatType::F16 => unmerge_block_t(FloatType::F16, p, first_row, inp, out, dora, scratch),
-            FloatType::F32 => unmerge_block_t(FloatType::F32, p, first_row, inp, out, dora, scratch),
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { unmerge_block_avx2(p, first_row, inp, out, dora, scratch) };
+            }
         }
+        unmerge_block_any(p, first_row, inp, out, dora, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unmerge_block_avx2(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
+        unmerge_block_any(p, first_row, inp, out, dora, scratch)
     }
 
     #[inline(always)]
-    fn unmerge_block_t(ft: FloatType, p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
-        let cols = p.cols;
-        let row_bytes = cols * ft.size();
+    fn unmerge_block_any(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
+        let ft = p.ft;
+        let row_bytes = p.cols * ft.size();
         let nrows = inp.len() / row_bytes;
         deltas(p, first_row, nrows, scratch);
         let Scratch { acc, deltas } = scratch;
-        let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
         for rr in 0..nrows {
             let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
             let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = ft.load(w, j);
+            match ft {
+                FloatType::BF16 => decode(FloatType::BF16, w, acc),
+                FloatType::F16 => decode(FloatType::F16, w, acc),
+                FloatType::F32 => decode(FloatType::F32, w, acc),
             }
-            let mut di = n_dora;
-            for (ti, t) in p.terms.iter().enumerate().rev() {
-                let d = &deltas[delta_row(cols, ti, rr)];
-                if t.magnitude.is_some() {
-                    di -= 1;
-                    let f = dora[di * p.rows + first_row + rr];
-                    for (a, dj) in acc.iter_mut().zip(d) {
-                        *a = *a / f - dj;
-                    }
-                } else {
-                    for (a, dj) in acc.iter_mut().zip(d) {
-                        *a -= dj;
-                    }
-                }
-            }
-            for (j, a) in acc.iter().enumerate() {
-                ft.store_bits(o, j, ft.round_bits(*a));
+            undo_terms(p, deltas, rr, acc, |di| dora[di * p.rows + first_row + rr]);
+            match ft {
+                FloatType::BF16 => encode(FloatType::BF16, acc, o),
+                FloatType::F16 => encode(FloatType::F16, acc, o),
+                FloatType::F32 => encode(FloatType::F32, acc, o),
             }
         }
     }

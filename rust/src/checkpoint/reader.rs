@@ -248,6 +248,7 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
 /// A safetensors file, memory-mapped and validated.
 pub struct SafeTensorsFile {
     path: PathBuf,
+    file: File,
     mmap: Mmap,
     header: Header,
     by_name: HashMap<String, usize>,
@@ -266,7 +267,7 @@ impl SafeTensorsFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let header = parse_header(&path, &mmap, len)?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafeTensorsFile { path, mmap, header, by_name })
+        Ok(SafeTensorsFile { path, file, mmap, header, by_name })
     }
 
     pub fn path(&self) -> &Path {
@@ -306,6 +307,15 @@ impl SafeTensorsFile {
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let start = self.header.data_start + t.begin;
         &self.mmap[start..start + t.nbytes()]
+    }
+
+    /// A reader positioned at the first byte of tensor `t` and limited to its bytes, for copies
+    /// that the kernel can do without passing the data through this process (copy_file_range).
+    pub fn tensor_reader(&self, t: &TensorInfo) -> Result<std::io::Take<File>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = self.file.try_clone().map_err(|e| Error::io(&self.path, e))?;
+        f.seek(SeekFrom::Start((self.header.data_start + t.begin) as u64)).map_err(|e| Error::io(&self.path, e))?;
+        Ok(f.take(t.nbytes() as u64))
     }
 
     /// Reads a tensor of a float dtype into fp32 (small tensors: adapter weights, biases).

@@ -92,6 +92,22 @@ impl StreamingWriter {
         Ok(())
     }
 
+    /// Data bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends everything `reader` yields (File to File copies stay inside the kernel on Linux).
+    pub fn copy_from<R: std::io::Read>(&mut self, reader: &mut R) -> Result<()> {
+        let file = self.file.as_mut().expect("open until finish");
+        let n = std::io::copy(reader, file).map_err(|e| Error::io(&self.tmp, e))?;
+        self.written += n;
+        if self.written > self.expected {
+            return Err(Error::invalid_file(&self.path, format!("{} data bytes written, header declares {}", self.written, self.expected)));
+        }
+        Ok(())
+    }
+
     /// Checks that every declared byte was written, fsyncs and renames into place.
     pub fn finish(mut self) -> Result<()> {
         if self.written != self.expected {
