@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -272,13 +271,14 @@ def test_embedding_lora_modules_to_save_and_exact_unmerge(models, tmp_path):
     assert not (tmp_path / "back2").exists()
 
 
-def test_two_adapters_with_weights_and_bin_adapter(models, tmp_path):
+def test_two_adapters_with_weights_and_bin_adapter(models, tmp_path, capsys):
     base = models["llama32"]
     a = make_adapter(base, tmp_path / "a", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     b = make_adapter(base, tmp_path / "b", seed=2, safe=False, r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"])
     assert (b / "adapter_model.bin").is_file() and not (b / "adapter_model.safetensors").exists()
     out = tmp_path / "merged"
-    oxpeft.merge_checkpoint(base, [a, b], out, weights=[0.7, -1.5], progress=False)
+    oxpeft.merge_checkpoint(base, [a, b], out, weights=[0.7, -1.5], progress=True)
+    assert f"{len(read_checkpoint(base))}/{len(read_checkpoint(base))} tensors" in capsys.readouterr().err
     oracle = peft_merged(base, [a, b], torch.float32, weights=[0.7, -1.5])
     assert compare(read_checkpoint(out), oracle, max_ulp=0) == 0.0
 
@@ -370,4 +370,13 @@ def test_cli_merge_and_unmerge(models, tmp_path, capsys):
     assert cli.main(["unmerge", str(out), str(adapter), "-o", str(back), "-q"]) == 0
     assert "bit-exact" in capsys.readouterr().out
     assert sha_per_tensor(back) == sha_per_tensor(base)
-    assert os.listdir(back / "..") and not (back / SIDECAR_DIR).exists()
+    assert not (back / SIDECAR_DIR).exists()
+    for shard in base.glob("*.safetensors"):
+        assert (back / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_tied_embedding_lora_warns(models, tmp_path):
+    base = models["gpt2"]
+    adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True)
+    with pytest.warns(UserWarning, match="tied"):
+        oxpeft.merge_checkpoint(base, adapter, tmp_path / "m", progress=False)

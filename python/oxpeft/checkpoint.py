@@ -114,6 +114,7 @@ def merge_checkpoint(
     base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
         resolved = [_resolve_adapter(d, w, Path(scratch)) for d, w in zip(adapter_dirs, weights)]
+        _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
 
         def work(tmp: Path, bar: _Progress) -> dict:
             report = _native.merge_checkpoint(
@@ -250,6 +251,30 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, s
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
     fingerprint = {"config_sha256": _sha256(config), "weights_sha256": _sha256(source), "weight": weight}
     return str(folder), str(weights_file), weight, fingerprint
+
+
+def _warn_if_tied_embedding_changes(base: Path, weight_files: list[str]) -> None:
+    """LoRA on an input embedding that the output layer shares (tie_word_embeddings) changes the output
+    layer too once merged, which the adapted model did not do."""
+    config = base / "config.json"
+    if not config.is_file():
+        return
+    cfg = json.loads(config.read_text())
+    # transformers' PretrainedConfig default is to tie.
+    if not cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", True)):
+        return
+    from safetensors import safe_open
+
+    for f in weight_files:
+        with safe_open(f, "np") as st:
+            if any(k.endswith(".lora_embedding_A") for k in st.keys()):
+                warnings.warn(
+                    f"{f}: LoRA on an embedding of a model with tied input/output embeddings "
+                    f"({config}: tie_word_embeddings): the merged embedding is also the output layer, so the "
+                    "merged model differs from the adapted one",
+                    stacklevel=3,
+                )
+                return
 
 
 class _Progress:

@@ -952,18 +952,37 @@ mod kernel {
     /// Records the elements where round(`back`) is not the original `w`.
     #[inline(always)]
     fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix: &mut Fixups) {
-        const SPAN: usize = 64;
-        for (c, (b, o)) in back.chunks(SPAN).zip(w.chunks(SPAN * ft.size())).enumerate() {
-            // A branch-free pass first: most spans have nothing to record.
-            let any = b.iter().enumerate().fold(0u32, |m, (j, x)| m | (ft.round_bits(*x) ^ ft.load_bits(o, j)));
-            if any == 0 {
-                continue;
+        for (j, x) in back.iter().enumerate() {
+            let orig = ft.load_bits(w, j);
+            if ft.round_bits(*x) != orig {
+                fix.index.push(base_index + j as u64);
+                fix.bits.push(orig);
             }
-            for (j, x) in b.iter().enumerate() {
-                let orig = ft.load_bits(o, j);
-                if ft.round_bits(*x) != orig {
-                    fix.index.push(base_index + (c * SPAN + j) as u64);
-                    fix.bits.push(orig);
+        }
+    }
+
+    /// The common case, one plain LoRA term, fused into a single pass per row: W' = round(W + d),
+    /// and with `record` the check that round(W' - d) gives W back, per span of 64 elements
+    /// (branch-free, so it vectorises; only spans with a miss are scanned for their indices).
+    #[inline(always)]
+    fn merge_row_single(ft: FloatType, w: &[u8], d: &[f32], o: &mut [u8], record: bool, base_index: u64, fix: &mut Fixups) {
+        const SPAN: usize = 64;
+        let size = ft.size();
+        let mut miss = [0u32; SPAN];
+        for (c, ((ws, ds), os)) in w.chunks(SPAN * size).zip(d.chunks(SPAN)).zip(o.chunks_mut(SPAN * size)).enumerate() {
+            let n = ds.len();
+            for j in 0..n {
+                let orig = ft.load_bits(ws, j);
+                let bits = ft.round_bits(ft.bits_to_f32(orig) + ds[j]);
+                ft.store_bits(os, j, bits);
+                miss[j] = ft.round_bits(ft.bits_to_f32(bits) - ds[j]) ^ orig;
+            }
+            if record && miss[..n].iter().fold(0, |a, m| a | m) != 0 {
+                for (j, m) in miss[..n].iter().enumerate() {
+                    if *m != 0 {
+                        fix.index.push(base_index + (c * SPAN + j) as u64);
+                        fix.bits.push(ft.load_bits(ws, j));
+                    }
                 }
             }
         }
@@ -1017,9 +1036,14 @@ mod kernel {
         let Scratch { acc, deltas } = scratch;
         let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
         let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
+        let single = p.terms.len() == 1 && n_dora == 0;
         for rr in 0..nrows {
             let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
             let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
+            if single {
+                merge_row_single(ft, w, &deltas[delta_row(cols, 0, rr)], o, record, ((first_row + rr) * cols) as u64, fix);
+                continue;
+            }
             decode(ft, w, acc);
             apply_terms(ft, p, deltas, rr, first_row + rr, w, acc, &mut factors);
             encode(ft, acc, o);

@@ -319,9 +319,12 @@ impl SafeTensorsFile {
     }
 
     /// Reads a tensor of a float dtype into fp32 (small tensors: adapter weights, biases).
+    /// The pages read are released afterwards (see [`release`](Self::release)).
     pub fn read_f32(&self, t: &TensorInfo) -> Result<Vec<f32>> {
-        crate::checkpoint::to_f32_vec(self.data(t), t.dtype)
-            .ok_or_else(|| Error::tensor(&t.name, format!("{}: dtype {} is not a float type", self.path.display(), t.dtype.as_str())))
+        let v = crate::checkpoint::to_f32_vec(self.data(t), t.dtype)
+            .ok_or_else(|| Error::tensor(&t.name, format!("{}: dtype {} is not a float type", self.path.display(), t.dtype.as_str())))?;
+        self.release(t, 0, t.nbytes());
+        Ok(v)
     }
 
     /// Tells the kernel that this process is done with `len` bytes of tensor `t` from byte `offset`
