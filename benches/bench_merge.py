@@ -115,7 +115,16 @@ def _status_kib(field: str) -> int:
 def contender(kind: str, base: str, adapter: str, out: str) -> None:
     """Runs one contender in this (fresh) process and prints its time and peak RSS as JSON."""
     extra = {}
-    if kind.startswith("oxpeft"):
+    if kind == "oxpeft-core":
+        # The Rust core alone, loaded without the oxpeft package (whose __init__ imports torch and
+        # transformers): the memory the streaming merge itself needs.
+        import importlib.util
+
+        so = next((ROOT / "python" / "oxpeft").glob("_native*.so"))
+        spec = importlib.util.spec_from_file_location("oxpeft._native", so)
+        native = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(native)
+    elif kind.startswith("oxpeft"):
         import oxpeft
     elif kind == "peft":
         import torch
@@ -127,6 +136,9 @@ def contender(kind: str, base: str, adapter: str, out: str) -> None:
     if kind == "oxpeft":
         r = oxpeft.merge_checkpoint(base, adapter, out, progress=False)
         extra = {"sidecar_bytes": r.sidecar_bytes, "sidecar_elements": r.sidecar_elements}
+    elif kind == "oxpeft-core":
+        os.makedirs(out)
+        native.merge_checkpoint(base, [(adapter, adapter + "/adapter_model.safetensors", 1.0)], out, True, None)
     elif kind == "oxpeft-unmerge":
         oxpeft.unmerge_checkpoint(base, adapter, out, progress=False)
     elif kind == "peft":
@@ -184,7 +196,7 @@ def main() -> None:
         base, adapter = generate(size)
         gib = dir_bytes(base) / 2**30
         out, back = DATA / "out", DATA / "back"
-        kinds = ["copy", "copy+fsync", "oxpeft"] + (["peft"] if size == 1 else [])
+        kinds = ["copy", "copy+fsync", "oxpeft-core", "oxpeft"] + (["peft"] if size == 1 else [])
         row = {}
         for kind in kinds:
             best = None
@@ -221,8 +233,10 @@ def main() -> None:
         print(f"sidecar: {ox['sidecar_bytes'] / 2**20:.2f} MiB = {100 * ox['sidecar_bytes'] / (gib * 2**30):.3f} % "
               f"of the model ({ox['sidecar_elements']} elements); unmerge byte-identical: {row['unmerge']['byte_identical']}")
     if len(results) > 1:
-        a, b = (results[k]["oxpeft"]["peak_rss"] / 2**20 for k in sorted(results)[:2])
-        print(f"\noxpeft peak RSS {a:.0f} MiB -> {b:.0f} MiB as the model grows {sorted(results)[0]} -> {sorted(results)[1]} GB")
+        small, big = sorted(results)[:2]
+        for kind in ("oxpeft", "oxpeft-core"):
+            a, b = (results[k][kind]["peak_rss"] / 2**20 for k in (small, big))
+            print(f"\n{kind} peak RSS {a:.0f} MiB -> {b:.0f} MiB as the model grows {small} -> {big} GB")
     (DATA / "results-merge.json").write_text(json.dumps(results, indent=2))
 
 

@@ -742,6 +742,13 @@ impl ShardJob<'_> {
         if unmerge && fix_cursor != fix_value.len() / p.ft.size() {
             return Err(Error::tensor(&t.name, "sidecar holds indices outside the tensor"));
         }
+        if let (true, Some(sc)) = (unmerge, self.sidecar) {
+            for suffix in [SUFFIX_INDEX, SUFFIX_VALUE] {
+                if let Some(st) = sc.get(&format!("{}{suffix}", t.name)) {
+                    sc.release(st, 0, st.nbytes());
+                }
+            }
+        }
         report.sidecar_elements += n_fix;
         if let Some(s) = spill.as_deref_mut() {
             if n_fix > 0 {
