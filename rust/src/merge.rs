@@ -19,7 +19,9 @@ use rayon::prelude::*;
 use regex::Regex;
 use serde_json::Value;
 
-use crate::checkpoint::{Checkpoint, Dtype, FloatType, SafeTensorsFile, StreamingWriter, TensorInfo, TensorSpec};
+use crate::checkpoint::{
+    Checkpoint, Dtype, FloatType, SafeTensorsFile, StreamingWriter, TensorInfo, TensorSpec,
+};
 use crate::{Error, Result};
 
 /// Folder of the exact-unmerge sidecar inside a merged checkpoint. Serving tools that load every
@@ -61,37 +63,76 @@ pub struct LoraSettings {
 impl LoraSettings {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::invalid_file(path, format!("not valid JSON: {e}")))?;
+        let cfg: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid_file(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&cfg).map_err(|e| Error::invalid_file(path, e))
     }
 
     fn from_json(cfg: &Value) -> std::result::Result<Self, String> {
-        let peft_type = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("<missing>");
+        let peft_type = cfg
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("<missing>");
         if peft_type != "LORA" {
-            return Err(format!("peft_type '{peft_type}' cannot be merged by oxpeft (only LORA adapters)"));
+            return Err(format!(
+                "peft_type '{peft_type}' cannot be merged by oxpeft (only LORA adapters)"
+            ));
         }
-        let set = |k: &str| cfg.get(k).is_some_and(|v| !(v.is_null() || v == &Value::Bool(false) || v.as_array().is_some_and(|a| a.is_empty())));
-        for unsupported in ["layer_replication", "use_qalora", "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_bdlora"] {
+        let set = |k: &str| {
+            cfg.get(k).is_some_and(|v| {
+                !(v.is_null()
+                    || v == &Value::Bool(false)
+                    || v.as_array().is_some_and(|a| a.is_empty()))
+            })
+        };
+        for unsupported in [
+            "layer_replication",
+            "use_qalora",
+            "target_parameters",
+            "trainable_token_indices",
+            "alora_invocation_tokens",
+            "use_bdlora",
+        ] {
             if set(unsupported) {
-                return Err(format!("'{unsupported}' is set; merging such adapters is not supported"));
+                return Err(format!(
+                    "'{unsupported}' is set; merging such adapters is not supported"
+                ));
             }
         }
-        let r = cfg.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("'r' must be a positive integer")? as usize;
-        let lora_alpha = cfg.get("lora_alpha").and_then(Value::as_f64).ok_or("'lora_alpha' must be a number")?;
+        let r = cfg
+            .get("r")
+            .and_then(Value::as_u64)
+            .filter(|&r| r > 0)
+            .ok_or("'r' must be a positive integer")? as usize;
+        let lora_alpha = cfg
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or("'lora_alpha' must be a number")?;
         let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
         let pattern = |k: &str| -> std::result::Result<Vec<(Regex, f64)>, String> {
-            let Some(map) = cfg.get(k).and_then(Value::as_object) else { return Ok(Vec::new()) };
+            let Some(map) = cfg.get(k).and_then(Value::as_object) else {
+                return Ok(Vec::new());
+            };
             map.iter()
                 .map(|(key, v)| {
-                    let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| format!("'{k}' key '{key}' is not a supported regex: {e}"))?;
-                    let val = v.as_f64().ok_or_else(|| format!("'{k}' value for '{key}' is not a number"))?;
+                    let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                        .map_err(|e| format!("'{k}' key '{key}' is not a supported regex: {e}"))?;
+                    let val = v
+                        .as_f64()
+                        .ok_or_else(|| format!("'{k}' value for '{key}' is not a number"))?;
                     Ok((re, val))
                 })
                 .collect()
         };
         let rank_pattern = pattern("rank_pattern")?
             .into_iter()
-            .map(|(re, v)| if v >= 1.0 && v.fract() == 0.0 { Ok((re, v as usize)) } else { Err(format!("rank_pattern value {v} is not a positive integer")) })
+            .map(|(re, v)| {
+                if v >= 1.0 && v.fract() == 0.0 {
+                    Ok((re, v as usize))
+                } else {
+                    Err(format!("rank_pattern value {v} is not a positive integer"))
+                }
+            })
             .collect::<std::result::Result<_, _>>()?;
         Ok(LoraSettings {
             r,
@@ -107,9 +148,21 @@ impl LoraSettings {
     /// Rank and scaling of `module` (PEFT: the first pattern key whose regex matches the end of
     /// the module name wins, else the config-wide value).
     pub fn rank_and_scaling(&self, module: &str) -> (usize, f64) {
-        let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.r, |p| p.1);
-        let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.lora_alpha, |p| p.1);
-        let scaling = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let r = self
+            .rank_pattern
+            .iter()
+            .find(|(re, _)| re.is_match(module))
+            .map_or(self.r, |p| p.1);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(re, _)| re.is_match(module))
+            .map_or(self.lora_alpha, |p| p.1);
+        let scaling = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
         (r, scaling)
     }
 }
@@ -122,7 +175,12 @@ struct Adapter {
 #[derive(Clone, Debug)]
 enum TermKind {
     /// `B @ A` (or its transpose for fan_in_fan_out / embeddings), times the scaling.
-    LowRank { a: String, b: String, transposed: bool, magnitude: Option<String> },
+    LowRank {
+        a: String,
+        b: String,
+        transposed: bool,
+        magnitude: Option<String>,
+    },
     /// `lora_B.bias` times the scaling, added to the base bias.
     Bias { bias: String },
 }
@@ -138,7 +196,10 @@ struct Term {
 enum Op {
     Add(Vec<Term>),
     /// A modules_to_save tensor: the adapter's copy replaces the base tensor.
-    Replace { adapter: usize, key: String },
+    Replace {
+        adapter: usize,
+        key: String,
+    },
 }
 
 /// Which adapter tensors change which base tensors, validated against the base checkpoint.
@@ -167,23 +228,34 @@ impl MergePlan {
         let mut adapters = Vec::with_capacity(inputs.len());
         for (ai, input) in inputs.iter().enumerate() {
             if !input.weight.is_finite() {
-                return Err(Error::invalid_argument(format!("weight {} of adapter {} is not finite", input.weight, input.dir.display())));
+                return Err(Error::invalid_argument(format!(
+                    "weight {} of adapter {} is not finite",
+                    input.weight,
+                    input.dir.display()
+                )));
             }
             let settings = LoraSettings::read(&input.dir.join("adapter_config.json"))?;
             let file = SafeTensorsFile::open(&input.weights_file)?;
             let fpath = file.path().to_path_buf();
-            let ctx = |key: &str, reason: String| Error::invalid_file(&fpath, format!("tensor '{key}': {reason}"));
+            let ctx = |key: &str, reason: String| {
+                Error::invalid_file(&fpath, format!("tensor '{key}': {reason}"))
+            };
 
             let mut modules: BTreeMap<String, ModuleKeys> = BTreeMap::new();
             for t in file.tensors() {
-                let rest = t.name.strip_prefix(ADAPTER_PREFIX).ok_or_else(|| ctx(&t.name, format!("does not start with '{ADAPTER_PREFIX}'")))?;
+                let rest = t.name.strip_prefix(ADAPTER_PREFIX).ok_or_else(|| {
+                    ctx(&t.name, format!("does not start with '{ADAPTER_PREFIX}'"))
+                })?;
                 let (module, field) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
                     (m.to_string(), "a")
                 } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                     (m.to_string(), "b")
                 } else if let Some(m) = rest.strip_suffix(".lora_B.bias") {
                     (m.to_string(), "bias")
-                } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector").or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight")) {
+                } else if let Some(m) = rest
+                    .strip_suffix(".lora_magnitude_vector")
+                    .or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"))
+                {
                     (m.to_string(), "magnitude")
                 } else if let Some(m) = rest.strip_suffix(".lora_embedding_A") {
                     (m.to_string(), "emb_a")
@@ -195,7 +267,10 @@ impl MergePlan {
                     }
                     continue;
                 } else if rest.contains(".lora_") {
-                    return Err(ctx(&t.name, "is a kind of LoRA tensor oxpeft cannot merge".into()));
+                    return Err(ctx(
+                        &t.name,
+                        "is a kind of LoRA tensor oxpeft cannot merge".into(),
+                    ));
                 } else {
                     plan_replace(base, &mut ops, ai, &file, t, rest)?;
                     continue;
@@ -220,25 +295,50 @@ impl MergePlan {
                 let (r, scaling) = settings.rank_and_scaling(module);
                 let scaling = (scaling * input.weight) as f32;
                 if ta.shape.len() != 2 || tb.shape.len() != 2 || ta.shape[0] != tb.shape[1] {
-                    return Err(ctx(a, format!("shape {:?} does not pair with {} of shape {:?}", ta.shape, b, tb.shape)));
+                    return Err(ctx(
+                        a,
+                        format!(
+                            "shape {:?} does not pair with {} of shape {:?}",
+                            ta.shape, b, tb.shape
+                        ),
+                    ));
                 }
                 if ta.shape[0] != r {
-                    return Err(ctx(a, format!("has rank {} but adapter_config.json gives r={r} for module '{module}'", ta.shape[0])));
+                    return Err(ctx(
+                        a,
+                        format!(
+                            "has rank {} but adapter_config.json gives r={r} for module '{module}'",
+                            ta.shape[0]
+                        ),
+                    ));
                 }
                 for t in [ta, tb] {
                     if FloatType::of(t.dtype).is_none() {
-                        return Err(ctx(&t.name, format!("dtype {} is not a float type", t.dtype.as_str())));
+                        return Err(ctx(
+                            &t.name,
+                            format!("dtype {} is not a float type", t.dtype.as_str()),
+                        ));
                     }
                 }
                 let weight_key = format!("{module}.weight");
                 let (_, w) = base.get(&weight_key).ok_or_else(|| {
-                    ctx(a, format!("no base tensor '{weight_key}' in {} to merge into", base.dir().display()))
+                    ctx(
+                        a,
+                        format!(
+                            "no base tensor '{weight_key}' in {} to merge into",
+                            base.dir().display()
+                        ),
+                    )
                 })?;
                 // The stored layout of W: (out, in) for Linear, (in, out) for Conv1D (fan_in_fan_out)
                 // and (num_embeddings, dim) for embeddings, whose delta is (B @ A) transposed.
                 let transposed = keys.embedding || settings.fan_in_fan_out;
                 let (fan_in, fan_out) = (ta.shape[1], tb.shape[0]);
-                let expect = if transposed { [fan_in, fan_out] } else { [fan_out, fan_in] };
+                let expect = if transposed {
+                    [fan_in, fan_out]
+                } else {
+                    [fan_out, fan_in]
+                };
                 if w.shape != expect {
                     return Err(ctx(a, format!(
                         "with {b} makes a delta of shape {expect:?} but base tensor '{weight_key}' has shape {:?}",
@@ -246,64 +346,141 @@ impl MergePlan {
                     )));
                 }
                 if FloatType::of(w.dtype).is_none() {
-                    return Err(ctx(a, format!("base tensor '{weight_key}' has dtype {}, not BF16/F16/F32", w.dtype.as_str())));
+                    return Err(ctx(
+                        a,
+                        format!(
+                            "base tensor '{weight_key}' has dtype {}, not BF16/F16/F32",
+                            w.dtype.as_str()
+                        ),
+                    ));
                 }
                 if keys.magnitude.is_some() != settings.use_dora {
-                    return Err(ctx(module, format!("use_dora is {} but the magnitude vector is {}", settings.use_dora, if keys.magnitude.is_some() { "present" } else { "missing" })));
+                    return Err(ctx(
+                        module,
+                        format!(
+                            "use_dora is {} but the magnitude vector is {}",
+                            settings.use_dora,
+                            if keys.magnitude.is_some() {
+                                "present"
+                            } else {
+                                "missing"
+                            }
+                        ),
+                    ));
                 }
                 if let Some(m) = &keys.magnitude {
                     if transposed {
-                        return Err(ctx(m, "DoRA on fan_in_fan_out or embedding layers is not supported".into()));
+                        return Err(ctx(
+                            m,
+                            "DoRA on fan_in_fan_out or embedding layers is not supported".into(),
+                        ));
                     }
                     let tm = file.require(m)?;
                     if tm.numel() != fan_out || FloatType::of(tm.dtype).is_none() {
-                        return Err(ctx(m, format!("shape {:?} {} does not match out_features {fan_out}", tm.shape, tm.dtype.as_str())));
+                        return Err(ctx(
+                            m,
+                            format!(
+                                "shape {:?} {} does not match out_features {fan_out}",
+                                tm.shape,
+                                tm.dtype.as_str()
+                            ),
+                        ));
                     }
                 }
-                let kind = TermKind::LowRank { a: a.clone(), b: b.clone(), transposed, magnitude: keys.magnitude.clone() };
-                add_term(&mut ops, &weight_key, Term { adapter: ai, kind, scaling })?;
+                let kind = TermKind::LowRank {
+                    a: a.clone(),
+                    b: b.clone(),
+                    transposed,
+                    magnitude: keys.magnitude.clone(),
+                };
+                add_term(
+                    &mut ops,
+                    &weight_key,
+                    Term {
+                        adapter: ai,
+                        kind,
+                        scaling,
+                    },
+                )?;
                 if let Some(bias) = &keys.bias {
                     let bias_key = format!("{module}.bias");
                     let tbias = file.require(bias)?;
-                    let (_, wb) = base.get(&bias_key).ok_or_else(|| ctx(bias, format!("lora_bias needs a base tensor '{bias_key}', which is missing")))?;
-                    if tbias.numel() != fan_out || wb.numel() != fan_out || FloatType::of(tbias.dtype).is_none() || FloatType::of(wb.dtype).is_none() {
-                        return Err(ctx(bias, format!("shape {:?} does not match base '{bias_key}' of shape {:?}", tbias.shape, wb.shape)));
+                    let (_, wb) = base.get(&bias_key).ok_or_else(|| {
+                        ctx(
+                            bias,
+                            format!("lora_bias needs a base tensor '{bias_key}', which is missing"),
+                        )
+                    })?;
+                    if tbias.numel() != fan_out
+                        || wb.numel() != fan_out
+                        || FloatType::of(tbias.dtype).is_none()
+                        || FloatType::of(wb.dtype).is_none()
+                    {
+                        return Err(ctx(
+                            bias,
+                            format!(
+                                "shape {:?} does not match base '{bias_key}' of shape {:?}",
+                                tbias.shape, wb.shape
+                            ),
+                        ));
                     }
-                    add_term(&mut ops, &bias_key, Term { adapter: ai, kind: TermKind::Bias { bias: bias.clone() }, scaling })?;
+                    add_term(
+                        &mut ops,
+                        &bias_key,
+                        Term {
+                            adapter: ai,
+                            kind: TermKind::Bias { bias: bias.clone() },
+                            scaling,
+                        },
+                    )?;
                 }
             }
             adapters.push(Adapter { file });
         }
         Ok(MergePlan { adapters, ops })
     }
-
-    /// Number of base tensors the adapters change.
-    pub fn num_changed(&self) -> usize {
-        self.ops.len()
-    }
 }
 
 fn add_term(ops: &mut HashMap<String, Op>, key: &str, term: Term) -> Result<()> {
-    match ops.entry(key.to_string()).or_insert_with(|| Op::Add(Vec::new())) {
+    match ops
+        .entry(key.to_string())
+        .or_insert_with(|| Op::Add(Vec::new()))
+    {
         Op::Add(terms) => {
             terms.push(term);
             Ok(())
         }
-        Op::Replace { .. } => Err(Error::tensor(key, "is both replaced (modules_to_save) and changed by LoRA")),
+        Op::Replace { .. } => Err(Error::tensor(
+            key,
+            "is both replaced (modules_to_save) and changed by LoRA",
+        )),
     }
 }
 
 /// PEFT saves the frozen base weight of a targeted embedding (`save_embedding_layers`) with the
 /// adapter and loads it over the base's. A copy equal to the base is a no-op; a different one
 /// (e.g. a resized vocabulary) is refused rather than silently merged against the wrong matrix.
-fn check_saved_base_layer(base: &Checkpoint, file: &SafeTensorsFile, t: &TensorInfo, key: &str) -> Result<()> {
-    let bad = |reason: String| Error::invalid_file(file.path(), format!("tensor '{}': {reason}", t.name));
-    let (bf, w) = base.get(key).ok_or_else(|| bad(format!("saved base layer has no base tensor '{key}'")))?;
+fn check_saved_base_layer(
+    base: &Checkpoint,
+    file: &SafeTensorsFile,
+    t: &TensorInfo,
+    key: &str,
+) -> Result<()> {
+    let bad =
+        |reason: String| Error::invalid_file(file.path(), format!("tensor '{}': {reason}", t.name));
+    let (bf, w) = base
+        .get(key)
+        .ok_or_else(|| bad(format!("saved base layer has no base tensor '{key}'")))?;
     let (Some(from), Some(to)) = (FloatType::of(t.dtype), FloatType::of(w.dtype)) else {
-        return Err(bad(format!("dtypes {} / {} are not float types", t.dtype.as_str(), w.dtype.as_str())));
+        return Err(bad(format!(
+            "dtypes {} / {} are not float types",
+            t.dtype.as_str(),
+            w.dtype.as_str()
+        )));
     };
     let (saved, orig) = (file.data(t), bf.data(w));
-    let same = w.shape == t.shape && (0..w.numel()).all(|i| to.round_bits(from.load(saved, i)) == to.load_bits(orig, i));
+    let same = w.shape == t.shape
+        && (0..w.numel()).all(|i| to.round_bits(from.load(saved, i)) == to.load_bits(orig, i));
     bf.release(w, 0, w.nbytes());
     if !same {
         return Err(bad(format!("differs from base tensor '{key}' (resized or retrained base layer); merging it is not supported")));
@@ -311,17 +488,46 @@ fn check_saved_base_layer(base: &Checkpoint, file: &SafeTensorsFile, t: &TensorI
     Ok(())
 }
 
-fn plan_replace(base: &Checkpoint, ops: &mut HashMap<String, Op>, ai: usize, file: &SafeTensorsFile, t: &TensorInfo, key: &str) -> Result<()> {
-    let bad = |reason: String| Error::invalid_file(file.path(), format!("tensor '{}': {reason}", t.name));
-    let (_, w) = base.get(key).ok_or_else(|| bad(format!("modules_to_save tensor has no base tensor '{key}'")))?;
+fn plan_replace(
+    base: &Checkpoint,
+    ops: &mut HashMap<String, Op>,
+    ai: usize,
+    file: &SafeTensorsFile,
+    t: &TensorInfo,
+    key: &str,
+) -> Result<()> {
+    let bad =
+        |reason: String| Error::invalid_file(file.path(), format!("tensor '{}': {reason}", t.name));
+    let (_, w) = base
+        .get(key)
+        .ok_or_else(|| bad(format!("modules_to_save tensor has no base tensor '{key}'")))?;
     if w.shape != t.shape {
-        return Err(bad(format!("shape {:?} differs from base tensor '{key}' of shape {:?}", t.shape, w.shape)));
+        return Err(bad(format!(
+            "shape {:?} differs from base tensor '{key}' of shape {:?}",
+            t.shape, w.shape
+        )));
     }
-    if w.dtype != t.dtype && (FloatType::of(w.dtype).is_none() || FloatType::of(t.dtype).is_none()) {
-        return Err(bad(format!("dtype {} cannot be stored as the base's {}", t.dtype.as_str(), w.dtype.as_str())));
+    if w.dtype != t.dtype && (FloatType::of(w.dtype).is_none() || FloatType::of(t.dtype).is_none())
+    {
+        return Err(bad(format!(
+            "dtype {} cannot be stored as the base's {}",
+            t.dtype.as_str(),
+            w.dtype.as_str()
+        )));
     }
-    if ops.insert(key.to_string(), Op::Replace { adapter: ai, key: t.name.clone() }).is_some() {
-        return Err(bad(format!("base tensor '{key}' is already changed by another adapter tensor")));
+    if ops
+        .insert(
+            key.to_string(),
+            Op::Replace {
+                adapter: ai,
+                key: t.name.clone(),
+            },
+        )
+        .is_some()
+    {
+        return Err(bad(format!(
+            "base tensor '{key}' is already changed by another adapter tensor"
+        )));
     }
     Ok(())
 }
@@ -363,12 +569,19 @@ pub type Progress<'a> = &'a (dyn Fn(&str, u64) -> bool + Sync);
 
 /// Writes every shard of `base`, with the plan applied, into the existing folder `out`, under the
 /// base's shard names, tensor order, dtypes and metadata. Other files are the caller's business.
-pub fn run(base: &Checkpoint, plan: &MergePlan, out: &Path, mode: &Mode, progress: Progress) -> Result<Report> {
+pub fn run(
+    base: &Checkpoint,
+    plan: &MergePlan,
+    out: &Path,
+    mode: &Mode,
+    progress: Progress,
+) -> Result<Report> {
     let sidecars: HashMap<String, SafeTensorsFile> = match mode {
         Mode::Unmerge { sidecar: Some(dir) } => base
             .shards()
             .iter()
-            .map(|s| shard_name(s)).filter(|n| dir.join(n).is_file())
+            .map(|s| shard_name(s))
+            .filter(|n| dir.join(n).is_file())
             .map(|n| Ok((n.clone(), SafeTensorsFile::open(dir.join(&n))?)))
             .collect::<Result<_>>()?,
         _ => HashMap::new(),
@@ -380,12 +593,28 @@ pub fn run(base: &Checkpoint, plan: &MergePlan, out: &Path, mode: &Mode, progres
             let sc = sidecars.get(&shard_name(shard));
             let needs = match op {
                 Op::Replace { .. } => Some(format!("{key}{SUFFIX_ORIGINAL}")),
-                Op::Add(terms) if terms.iter().any(|t| matches!(&t.kind, TermKind::LowRank { magnitude: Some(_), .. })) => Some(format!("{key}{SUFFIX_DORA}")),
+                Op::Add(terms)
+                    if terms.iter().any(|t| {
+                        matches!(
+                            &t.kind,
+                            TermKind::LowRank {
+                                magnitude: Some(_),
+                                ..
+                            }
+                        )
+                    }) =>
+                {
+                    Some(format!("{key}{SUFFIX_DORA}"))
+                }
                 Op::Add(_) => None,
             };
             if let Some(needed) = needs {
                 if sc.and_then(|f| f.get(&needed)).is_none() {
-                    let why = if matches!(op, Op::Replace { .. }) { "was replaced by modules_to_save" } else { "was merged with DoRA, whose row norms" };
+                    let why = if matches!(op, Op::Replace { .. }) {
+                        "was replaced by modules_to_save"
+                    } else {
+                        "was merged with DoRA, whose row norms"
+                    };
                     return Err(Error::tensor(key, format!(
                         "{why} cannot be undone without the exact-unmerge sidecar ({}: missing '{needed}')",
                         sidecar.as_ref().map_or("no sidecar given".to_string(), |d| d.display().to_string())
@@ -394,7 +623,13 @@ pub fn run(base: &Checkpoint, plan: &MergePlan, out: &Path, mode: &Mode, progres
             }
         }
     }
-    if matches!(mode, Mode::Merge { exact_unmerge: true }) && !plan.ops.is_empty() {
+    if matches!(
+        mode,
+        Mode::Merge {
+            exact_unmerge: true
+        }
+    ) && !plan.ops.is_empty()
+    {
         let dir = out.join(SIDECAR_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
@@ -403,7 +638,15 @@ pub fn run(base: &Checkpoint, plan: &MergePlan, out: &Path, mode: &Mode, progres
         .par_iter()
         .map(|shard| {
             let name = shard_name(shard);
-            ShardJob { shard, plan, mode, sidecar: sidecars.get(&name), out: out.join(&name), progress }.run()
+            ShardJob {
+                shard,
+                plan,
+                mode,
+                sidecar: sidecars.get(&name),
+                out: out.join(&name),
+                progress,
+            }
+            .run()
         })
         .collect::<Result<Vec<Report>>>()?;
     let mut total = Report::default();
@@ -412,7 +655,11 @@ pub fn run(base: &Checkpoint, plan: &MergePlan, out: &Path, mode: &Mode, progres
 }
 
 fn shard_name(s: &SafeTensorsFile) -> String {
-    s.path().file_name().expect("opened by name").to_string_lossy().into_owned()
+    s.path()
+        .file_name()
+        .expect("opened by name")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A base tensor's change, with the adapter matrices loaded as fp32 in the layout of W.
@@ -445,31 +692,65 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Result<Prepared> {
     let ft = FloatType::of(w.dtype).expect("checked by the plan");
-    let (rows, cols) = if w.shape.len() == 2 { (w.shape[0], w.shape[1]) } else { (1, w.numel()) };
+    let (rows, cols) = if w.shape.len() == 2 {
+        (w.shape[0], w.shape[1])
+    } else {
+        (1, w.numel())
+    };
     let ready = terms
         .iter()
         .map(|t| {
             let f = &plan.adapters[t.adapter].file;
             Ok(match &t.kind {
-                TermKind::LowRank { a, b, transposed, magnitude } => {
+                TermKind::LowRank {
+                    a,
+                    b,
+                    transposed,
+                    magnitude,
+                } => {
                     let (ta, tb) = (f.require(a)?, f.require(b)?);
                     let (r, fan_in, fan_out) = (ta.shape[0], ta.shape[1], tb.shape[0]);
                     let (av, bv) = (f.read_f32(ta)?, f.read_f32(tb)?);
                     // delta^T[i][j] = sum_k A[k][i] B[j][k]: left = A^T, right = B^T, same k order.
-                    let (left, right) = if *transposed { (transpose(&av, r, fan_in), transpose(&bv, fan_out, r)) } else { (bv, av) };
-                    let magnitude = magnitude.as_ref().map(|m| f.read_f32(f.require(m)?)).transpose()?;
-                    ReadyTerm { left, right, r, scaling: t.scaling, magnitude }
+                    let (left, right) = if *transposed {
+                        (transpose(&av, r, fan_in), transpose(&bv, fan_out, r))
+                    } else {
+                        (bv, av)
+                    };
+                    let magnitude = magnitude
+                        .as_ref()
+                        .map(|m| f.read_f32(f.require(m)?))
+                        .transpose()?;
+                    ReadyTerm {
+                        left,
+                        right,
+                        r,
+                        scaling: t.scaling,
+                        magnitude,
+                    }
                 }
-                TermKind::Bias { bias } => {
-                    ReadyTerm { left: vec![1.0], right: f.read_f32(f.require(bias)?)?, r: 1, scaling: t.scaling, magnitude: None }
-                }
+                TermKind::Bias { bias } => ReadyTerm {
+                    left: vec![1.0],
+                    right: f.read_f32(f.require(bias)?)?,
+                    r: 1,
+                    scaling: t.scaling,
+                    magnitude: None,
+                },
             })
         })
         .collect::<Result<Vec<_>>>()?;
     if ready.iter().filter(|t| t.magnitude.is_some()).count() > MAX_DORA_TERMS {
-        return Err(Error::tensor(&w.name, format!("more than {MAX_DORA_TERMS} DoRA adapters merged into one tensor")));
+        return Err(Error::tensor(
+            &w.name,
+            format!("more than {MAX_DORA_TERMS} DoRA adapters merged into one tensor"),
+        ));
     }
-    Ok(Prepared { ft, rows, cols, terms: ready })
+    Ok(Prepared {
+        ft,
+        rows,
+        cols,
+        terms: ready,
+    })
 }
 
 /// Fix-ups recorded for one chunk: flat element indices and original bit patterns.
@@ -508,13 +789,29 @@ enum SpillSource {
 impl SidecarSpill {
     fn new(dir: PathBuf, name: String) -> Result<Self> {
         let path = dir.join(format!(".{name}.spill"));
-        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(SidecarSpill { dir, name, file, path, entries: Vec::new(), spilled: 0 })
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(SidecarSpill {
+            dir,
+            name,
+            file,
+            path,
+            entries: Vec::new(),
+            spilled: 0,
+        })
     }
 
     fn spill(&mut self, spec: TensorSpec, bytes: &[u8]) -> Result<()> {
-        self.file.write_all(bytes).map_err(|e| Error::io(&self.path, e))?;
-        self.entries.push((spec, SpillSource::Spill(self.spilled, bytes.len() as u64)));
+        self.file
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.entries
+            .push((spec, SpillSource::Spill(self.spilled, bytes.len() as u64)));
         self.spilled += bytes.len() as u64;
         Ok(())
     }
@@ -530,11 +827,15 @@ impl SidecarSpill {
         for (_, src) in &self.entries {
             match src {
                 SpillSource::Spill(start, len) => {
-                    self.file.seek(SeekFrom::Start(*start)).map_err(|e| Error::io(&self.path, e))?;
+                    self.file
+                        .seek(SeekFrom::Start(*start))
+                        .map_err(|e| Error::io(&self.path, e))?;
                     let mut left = *len as usize;
                     while left > 0 {
                         let n = left.min(buf.len());
-                        self.file.read_exact(&mut buf[..n]).map_err(|e| Error::io(&self.path, e))?;
+                        self.file
+                            .read_exact(&mut buf[..n])
+                            .map_err(|e| Error::io(&self.path, e))?;
                         w.write(&buf[..n])?;
                         left -= n;
                     }
@@ -544,7 +845,9 @@ impl SidecarSpill {
         }
         w.finish()?;
         std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(std::fs::metadata(&out).map_err(|e| Error::io(&out, e))?.len())
+        Ok(std::fs::metadata(&out)
+            .map_err(|e| Error::io(&out, e))?
+            .len())
     }
 }
 
@@ -559,7 +862,10 @@ fn copy_tensor(src: &SafeTensorsFile, t: &TensorInfo, w: &mut StreamingWriter) -
     let before = w.written();
     w.copy_from(&mut src.tensor_reader(t)?)?;
     if w.written() - before != t.nbytes() as u64 {
-        return Err(Error::invalid_file(src.path(), format!("tensor '{}': file shrank while being read", t.name)));
+        return Err(Error::invalid_file(
+            src.path(),
+            format!("tensor '{}': file shrank while being read", t.name),
+        ));
     }
     Ok(())
 }
@@ -567,9 +873,20 @@ fn copy_tensor(src: &SafeTensorsFile, t: &TensorInfo, w: &mut StreamingWriter) -
 impl ShardJob<'_> {
     fn run(self) -> Result<Report> {
         // Same layout as the base shard, so its header is reused byte for byte.
-        let mut writer = StreamingWriter::create_with_header(&self.out, self.shard.raw_header(), self.shard.data_len())?;
+        let mut writer = StreamingWriter::create_with_header(
+            &self.out,
+            self.shard.raw_header(),
+            self.shard.data_len(),
+        )?;
         let mut spill = match self.mode {
-            Mode::Merge { exact_unmerge: true } if self.shard.tensors().iter().any(|t| self.plan.ops.contains_key(&t.name)) => {
+            Mode::Merge {
+                exact_unmerge: true,
+            } if self
+                .shard
+                .tensors()
+                .iter()
+                .any(|t| self.plan.ops.contains_key(&t.name)) =>
+            {
                 let dir = self.out.parent().expect("inside out").join(SIDECAR_DIR);
                 Some(SidecarSpill::new(dir, shard_name(self.shard))?)
             }
@@ -585,7 +902,11 @@ impl ShardJob<'_> {
                     self.replace(t, f, f.require(key)?, &mut writer, &mut report)?;
                     if let Some(s) = spill.as_mut() {
                         s.entries.push((
-                            TensorSpec { name: format!("{}{SUFFIX_ORIGINAL}", t.name), dtype: t.dtype, shape: t.shape.clone() },
+                            TensorSpec {
+                                name: format!("{}{SUFFIX_ORIGINAL}", t.name),
+                                dtype: t.dtype,
+                                shape: t.shape.clone(),
+                            },
                             SpillSource::Base(t.name.clone()),
                         ));
                     }
@@ -608,7 +929,14 @@ impl ShardJob<'_> {
         Ok(report)
     }
 
-    fn replace(&self, t: &TensorInfo, f: &SafeTensorsFile, src: &TensorInfo, w: &mut StreamingWriter, report: &mut Report) -> Result<()> {
+    fn replace(
+        &self,
+        t: &TensorInfo,
+        f: &SafeTensorsFile,
+        src: &TensorInfo,
+        w: &mut StreamingWriter,
+        report: &mut Report,
+    ) -> Result<()> {
         report.tensors_changed += 1;
         report.elements_changed += t.numel() as u64;
         if let Mode::Unmerge { .. } = self.mode {
@@ -619,7 +947,10 @@ impl ShardJob<'_> {
         if src.dtype == t.dtype {
             return w.write(f.data(src));
         }
-        let (from, to) = (FloatType::of(src.dtype).expect("planned"), FloatType::of(t.dtype).expect("planned"));
+        let (from, to) = (
+            FloatType::of(src.dtype).expect("planned"),
+            FloatType::of(t.dtype).expect("planned"),
+        );
         let data = f.data(src);
         let mut out = vec![0u8; t.nbytes()];
         for i in 0..t.numel() {
@@ -644,21 +975,47 @@ impl ShardJob<'_> {
         let chunk_rows = (CHUNK_BYTES / block_bytes.max(1)).max(1) * ROW_BLOCK;
         let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
         let unmerge = matches!(self.mode, Mode::Unmerge { .. });
-        let record = matches!(self.mode, Mode::Merge { exact_unmerge: true });
+        let record = matches!(
+            self.mode,
+            Mode::Merge {
+                exact_unmerge: true
+            }
+        );
 
         // Unmerge inputs from the sidecar: DoRA factors and the sorted fix-up list.
-        let (mut dora_factors, mut fix_index, mut fix_value): (Vec<f32>, Option<(&[u8], Dtype)>, &[u8]) = (Vec::new(), None, &[]);
+        let (mut dora_factors, mut fix_index, mut fix_value): (
+            Vec<f32>,
+            Option<(&[u8], Dtype)>,
+            &[u8],
+        ) = (Vec::new(), None, &[]);
         if let (true, Some(sc)) = (unmerge, self.sidecar) {
             if n_dora > 0 {
                 let tf = sc.require(&format!("{}{SUFFIX_DORA}", t.name))?;
                 if tf.shape != [n_dora, p.rows] {
-                    return Err(Error::tensor(&tf.name, format!("sidecar shape {:?}, expected {:?}", tf.shape, [n_dora, p.rows])));
+                    return Err(Error::tensor(
+                        &tf.name,
+                        format!(
+                            "sidecar shape {:?}, expected {:?}",
+                            tf.shape,
+                            [n_dora, p.rows]
+                        ),
+                    ));
                 }
                 dora_factors = sc.read_f32(tf)?;
             }
-            if let (Some(ti), Some(tv)) = (sc.get(&format!("{}{SUFFIX_INDEX}", t.name)), sc.get(&format!("{}{SUFFIX_VALUE}", t.name))) {
-                if ti.shape.len() != 1 || tv.shape != ti.shape || tv.dtype != t.dtype || !matches!(ti.dtype, Dtype::U32 | Dtype::I64) {
-                    return Err(Error::tensor(&ti.name, "sidecar index/value tensors do not match the merged tensor"));
+            if let (Some(ti), Some(tv)) = (
+                sc.get(&format!("{}{SUFFIX_INDEX}", t.name)),
+                sc.get(&format!("{}{SUFFIX_VALUE}", t.name)),
+            ) {
+                if ti.shape.len() != 1
+                    || tv.shape != ti.shape
+                    || tv.dtype != t.dtype
+                    || !matches!(ti.dtype, Dtype::U32 | Dtype::I64)
+                {
+                    return Err(Error::tensor(
+                        &ti.name,
+                        "sidecar index/value tensors do not match the merged tensor",
+                    ));
                 }
                 fix_index = Some((sc.data(ti), ti.dtype));
                 fix_value = sc.data(tv);
@@ -700,8 +1057,12 @@ impl ShardJob<'_> {
                     let n = fix_value.len() / p.ft.size();
                     while fix_cursor < n {
                         let e = match dt {
-                            Dtype::U32 => u32::from_le_bytes(idx[4 * fix_cursor..4 * fix_cursor + 4].try_into().unwrap()) as u64,
-                            _ => u64::from_le_bytes(idx[8 * fix_cursor..8 * fix_cursor + 8].try_into().unwrap()),
+                            Dtype::U32 => u32::from_le_bytes(
+                                idx[4 * fix_cursor..4 * fix_cursor + 4].try_into().unwrap(),
+                            ) as u64,
+                            _ => u64::from_le_bytes(
+                                idx[8 * fix_cursor..8 * fix_cursor + 8].try_into().unwrap(),
+                            ),
                         };
                         if e >= e1 {
                             break;
@@ -740,7 +1101,10 @@ impl ShardJob<'_> {
             self.shard.release(t, row0 * row_bytes, nrows * row_bytes);
         }
         if unmerge && fix_cursor != fix_value.len() / p.ft.size() {
-            return Err(Error::tensor(&t.name, "sidecar holds indices outside the tensor"));
+            return Err(Error::tensor(
+                &t.name,
+                "sidecar holds indices outside the tensor",
+            ));
         }
         if let (true, Some(sc)) = (unmerge, self.sidecar) {
             for suffix in [SUFFIX_INDEX, SUFFIX_VALUE] {
@@ -753,12 +1117,33 @@ impl ShardJob<'_> {
         if let Some(s) = spill.as_deref_mut() {
             if n_fix > 0 {
                 let idx_dtype = if wide_index { Dtype::I64 } else { Dtype::U32 };
-                s.spill(TensorSpec { name: format!("{}{SUFFIX_INDEX}", t.name), dtype: idx_dtype, shape: vec![n_fix as usize] }, &spilled_idx)?;
-                s.spill(TensorSpec { name: format!("{}{SUFFIX_VALUE}", t.name), dtype: t.dtype, shape: vec![n_fix as usize] }, &spilled_val)?;
+                s.spill(
+                    TensorSpec {
+                        name: format!("{}{SUFFIX_INDEX}", t.name),
+                        dtype: idx_dtype,
+                        shape: vec![n_fix as usize],
+                    },
+                    &spilled_idx,
+                )?;
+                s.spill(
+                    TensorSpec {
+                        name: format!("{}{SUFFIX_VALUE}", t.name),
+                        dtype: t.dtype,
+                        shape: vec![n_fix as usize],
+                    },
+                    &spilled_val,
+                )?;
             }
             if n_dora > 0 {
                 let bytes: Vec<u8> = factors_out.iter().flat_map(|x| x.to_le_bytes()).collect();
-                s.spill(TensorSpec { name: format!("{}{SUFFIX_DORA}", t.name), dtype: Dtype::F32, shape: vec![n_dora, p.rows] }, &bytes)?;
+                s.spill(
+                    TensorSpec {
+                        name: format!("{}{SUFFIX_DORA}", t.name),
+                        dtype: Dtype::F32,
+                        shape: vec![n_dora, p.rows],
+                    },
+                    &bytes,
+                )?;
             }
         }
         Ok(())
@@ -773,7 +1158,10 @@ struct Scratch {
 
 impl Scratch {
     fn new(p: &Prepared) -> Self {
-        Scratch { acc: vec![0f32; p.cols], deltas: vec![0f32; p.terms.len() * ROW_BLOCK * p.cols] }
+        Scratch {
+            acc: vec![0f32; p.cols],
+            deltas: vec![0f32; p.terms.len() * ROW_BLOCK * p.cols],
+        }
     }
 }
 
@@ -789,13 +1177,21 @@ mod kernel {
     const LANES: usize = 16;
 
     #[inline(always)]
-    fn dots_generic<const NR: usize>(left: &[f32], right: &[f32], r: usize, cols: usize, out: &mut [f32]) {
+    fn dots_generic<const NR: usize>(
+        left: &[f32],
+        right: &[f32],
+        r: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
         let full = cols / LANES * LANES;
         let mut j = 0;
         while j < full {
             let mut acc = [[0f32; LANES]; NR];
             for k in 0..r {
-                let a: &[f32; LANES] = right[k * cols + j..k * cols + j + LANES].try_into().unwrap();
+                let a: &[f32; LANES] = right[k * cols + j..k * cols + j + LANES]
+                    .try_into()
+                    .unwrap();
                 for (rr, acc_row) in acc.iter_mut().enumerate() {
                     let b = left[rr * r + k];
                     for l in 0..LANES {
@@ -831,13 +1227,27 @@ mod kernel {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn dots_avx512(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+    unsafe fn dots_avx512(
+        left: &[f32],
+        right: &[f32],
+        r: usize,
+        cols: usize,
+        nrows: usize,
+        out: &mut [f32],
+    ) {
         dots_any(left, right, r, cols, nrows, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dots_avx2(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+    unsafe fn dots_avx2(
+        left: &[f32],
+        right: &[f32],
+        r: usize,
+        cols: usize,
+        nrows: usize,
+        out: &mut [f32],
+    ) {
         dots_any(left, right, r, cols, nrows, out)
     }
 
@@ -911,7 +1321,16 @@ mod kernel {
     /// Applies the terms in order to `acc` (a row of float(W)); `w` is the base row, needed for
     /// DoRA's norm, whose factors go to `factors[di]`.
     #[inline(always)]
-    fn apply_terms(ft: FloatType, p: &Prepared, deltas: &[f32], rr: usize, row: usize, w: &[u8], acc: &mut [f32], factors: &mut [[f32; ROW_BLOCK]; MAX_DORA_TERMS]) {
+    fn apply_terms(
+        ft: FloatType,
+        p: &Prepared,
+        deltas: &[f32],
+        rr: usize,
+        row: usize,
+        w: &[u8],
+        acc: &mut [f32],
+        factors: &mut [[f32; ROW_BLOCK]; MAX_DORA_TERMS],
+    ) {
         let mut di = 0;
         for (ti, t) in p.terms.iter().enumerate() {
             let d = &deltas[delta_row(p.cols, ti, rr)];
@@ -938,7 +1357,13 @@ mod kernel {
 
     /// Undoes the terms in reverse order on `acc` (a row of float(W')), as PEFT's unmerge does.
     #[inline(always)]
-    fn undo_terms(p: &Prepared, deltas: &[f32], rr: usize, acc: &mut [f32], factor: impl Fn(usize) -> f32) {
+    fn undo_terms(
+        p: &Prepared,
+        deltas: &[f32],
+        rr: usize,
+        acc: &mut [f32],
+        factor: impl Fn(usize) -> f32,
+    ) {
         let mut di = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
         for (ti, t) in p.terms.iter().enumerate().rev() {
             let d = &deltas[delta_row(p.cols, ti, rr)];
@@ -972,11 +1397,24 @@ mod kernel {
     /// and with `record` the check that round(W' - d) gives W back, per span of 64 elements
     /// (branch-free, so it vectorises; only spans with a miss are scanned for their indices).
     #[inline(always)]
-    fn merge_row_single(ft: FloatType, w: &[u8], d: &[f32], o: &mut [u8], record: bool, base_index: u64, fix: &mut Fixups) {
+    fn merge_row_single(
+        ft: FloatType,
+        w: &[u8],
+        d: &[f32],
+        o: &mut [u8],
+        record: bool,
+        base_index: u64,
+        fix: &mut Fixups,
+    ) {
         const SPAN: usize = 64;
         let size = ft.size();
         let mut miss = [0u32; SPAN];
-        for (c, ((ws, ds), os)) in w.chunks(SPAN * size).zip(d.chunks(SPAN)).zip(o.chunks_mut(SPAN * size)).enumerate() {
+        for (c, ((ws, ds), os)) in w
+            .chunks(SPAN * size)
+            .zip(d.chunks(SPAN))
+            .zip(o.chunks_mut(SPAN * size))
+            .enumerate()
+        {
             let n = ds.len();
             for j in 0..n {
                 let orig = ft.load_bits(ws, j);
@@ -997,7 +1435,15 @@ mod kernel {
 
     /// Merges one block of rows: W' = round(adapter steps in order on float(W)); with `record`,
     /// replays the unmerge and notes the elements that would not come back.
-    pub fn merge_block(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+    pub fn merge_block(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        record: bool,
+        scratch: &mut Scratch,
+        fix: &mut Fixups,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
@@ -1014,28 +1460,74 @@ mod kernel {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn merge_block_avx512(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+    unsafe fn merge_block_avx512(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        record: bool,
+        scratch: &mut Scratch,
+        fix: &mut Fixups,
+    ) {
         merge_block_any(p, first_row, inp, out, record, scratch, fix)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn merge_block_avx2(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+    unsafe fn merge_block_avx2(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        record: bool,
+        scratch: &mut Scratch,
+        fix: &mut Fixups,
+    ) {
         merge_block_any(p, first_row, inp, out, record, scratch, fix)
     }
 
     #[inline(always)]
-    fn merge_block_any(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+    fn merge_block_any(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        record: bool,
+        scratch: &mut Scratch,
+        fix: &mut Fixups,
+    ) {
         match p.ft {
-            FloatType::BF16 => merge_block_t(FloatType::BF16, p, first_row, inp, out, record, scratch, fix),
-            FloatType::F16 => merge_block_t(FloatType::F16, p, first_row, inp, out, record, scratch, fix),
-            FloatType::F32 => merge_block_t(FloatType::F32, p, first_row, inp, out, record, scratch, fix),
+            FloatType::BF16 => merge_block_t(
+                FloatType::BF16,
+                p,
+                first_row,
+                inp,
+                out,
+                record,
+                scratch,
+                fix,
+            ),
+            FloatType::F16 => {
+                merge_block_t(FloatType::F16, p, first_row, inp, out, record, scratch, fix)
+            }
+            FloatType::F32 => {
+                merge_block_t(FloatType::F32, p, first_row, inp, out, record, scratch, fix)
+            }
         }
     }
 
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn merge_block_t(ft: FloatType, p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], record: bool, scratch: &mut Scratch, fix: &mut Fixups) {
+    fn merge_block_t(
+        ft: FloatType,
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        record: bool,
+        scratch: &mut Scratch,
+        fix: &mut Fixups,
+    ) {
         let cols = p.cols;
         let row_bytes = cols * ft.size();
         let nrows = inp.len() / row_bytes;
@@ -1048,7 +1540,15 @@ mod kernel {
             let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
             let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
             if single {
-                merge_row_single(ft, w, &deltas[delta_row(cols, 0, rr)], o, record, ((first_row + rr) * cols) as u64, fix);
+                merge_row_single(
+                    ft,
+                    w,
+                    &deltas[delta_row(cols, 0, rr)],
+                    o,
+                    record,
+                    ((first_row + rr) * cols) as u64,
+                    fix,
+                );
                 continue;
             }
             decode(ft, w, acc);
@@ -1067,7 +1567,14 @@ mod kernel {
 
     /// Unmerges one block of rows: W = round(adapter steps undone in reverse on float(W')).
     /// `dora` holds the sidecar's factors as (n_dora, rows).
-    pub fn unmerge_block(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
+    pub fn unmerge_block(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        dora: &[f32],
+        scratch: &mut Scratch,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -1080,12 +1587,26 @@ mod kernel {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unmerge_block_avx2(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
+    unsafe fn unmerge_block_avx2(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        dora: &[f32],
+        scratch: &mut Scratch,
+    ) {
         unmerge_block_any(p, first_row, inp, out, dora, scratch)
     }
 
     #[inline(always)]
-    fn unmerge_block_any(p: &Prepared, first_row: usize, inp: &[u8], out: &mut [u8], dora: &[f32], scratch: &mut Scratch) {
+    fn unmerge_block_any(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        dora: &[f32],
+        scratch: &mut Scratch,
+    ) {
         let ft = p.ft;
         let row_bytes = p.cols * ft.size();
         let nrows = inp.len() / row_bytes;
@@ -1115,22 +1636,35 @@ mod tests {
     use crate::checkpoint::f32_to_bf16_bits;
 
     fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
-        let specs: Vec<_> = tensors.iter().map(|(n, d, s, _)| TensorSpec { name: n.to_string(), dtype: *d, shape: s.clone() }).collect();
+        let specs: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, _)| TensorSpec {
+                name: n.to_string(),
+                dtype: *d,
+                shape: s.clone(),
+            })
+            .collect();
         let mut w = StreamingWriter::create(path, None, &specs).unwrap();
         for (_, d, _, v) in tensors {
             let ft = FloatType::of(*d).unwrap();
             let mut b = vec![0u8; v.len() * ft.size()];
-            v.iter().enumerate().for_each(|(i, x)| ft.store_bits(&mut b, i, ft.round_bits(*x)));
+            v.iter()
+                .enumerate()
+                .for_each(|(i, x)| ft.store_bits(&mut b, i, ft.round_bits(*x)));
             w.write(&b).unwrap();
         }
         w.finish().unwrap();
     }
 
     fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
             })
             .collect()
@@ -1146,7 +1680,8 @@ mod tests {
             kernel::dots(&left, &right, r, cols, nrows, &mut out);
             for i in 0..nrows {
                 for j in 0..cols {
-                    let want = (0..r).fold(0f32, |s, k| left[i * r + k].mul_add(right[k * cols + j], s));
+                    let want =
+                        (0..r).fold(0f32, |s, k| left[i * r + k].mul_add(right[k * cols + j], s));
                     assert_eq!(out[i * cols + j].to_bits(), want.to_bits());
                 }
             }
@@ -1166,35 +1701,67 @@ mod tests {
         let adapter = dir.path().join("ad");
         std::fs::create_dir_all(&base).unwrap();
         std::fs::create_dir_all(&adapter).unwrap();
-        write_st(&base.join("model.safetensors"), &[
-            ("m.proj.weight", Dtype::BF16, vec![9, 21], rand(189, 3, 0.2)),
-            ("m.proj.bias", Dtype::BF16, vec![9], rand(9, 4, 0.2)),
-            ("norm.weight", Dtype::F32, vec![21], rand(21, 5, 1.0)),
-        ]);
+        write_st(
+            &base.join("model.safetensors"),
+            &[
+                ("m.proj.weight", Dtype::BF16, vec![9, 21], rand(189, 3, 0.2)),
+                ("m.proj.bias", Dtype::BF16, vec![9], rand(9, 4, 0.2)),
+                ("norm.weight", Dtype::F32, vec![21], rand(21, 5, 1.0)),
+            ],
+        );
         let mut t = vec![
-            ("base_model.model.m.proj.lora_A.weight", Dtype::F32, a_shape.to_vec(), rand(a_shape[0] * a_shape[1], 6, 1.0)),
-            ("base_model.model.m.proj.lora_B.weight", Dtype::F32, vec![9, 3], rand(27, 7, 1.0)),
-            ("base_model.model.m.proj.lora_B.bias", Dtype::F32, vec![9], rand(9, 8, 1.0)),
+            (
+                "base_model.model.m.proj.lora_A.weight",
+                Dtype::F32,
+                a_shape.to_vec(),
+                rand(a_shape[0] * a_shape[1], 6, 1.0),
+            ),
+            (
+                "base_model.model.m.proj.lora_B.weight",
+                Dtype::F32,
+                vec![9, 3],
+                rand(27, 7, 1.0),
+            ),
+            (
+                "base_model.model.m.proj.lora_B.bias",
+                Dtype::F32,
+                vec![9],
+                rand(9, 8, 1.0),
+            ),
         ];
         if dora {
-            t.push(("base_model.model.m.proj.lora_magnitude_vector", Dtype::F32, vec![9], rand(9, 9, 1.0).iter().map(|x| x + 2.0).collect()));
+            t.push((
+                "base_model.model.m.proj.lora_magnitude_vector",
+                Dtype::F32,
+                vec![9],
+                rand(9, 9, 1.0).iter().map(|x| x + 2.0).collect(),
+            ));
         }
         write_st(&adapter.join("adapter_model.safetensors"), &t);
         std::fs::write(adapter.join("adapter_config.json"), config).unwrap();
-        Case { _dir: dir, base, adapter }
+        Case {
+            _dir: dir,
+            base,
+            adapter,
+        }
     }
 
     const CFG: &str = r#"{"peft_type":"LORA","r":3,"lora_alpha":6,"lora_bias":true}"#;
 
     fn inputs(c: &Case, weight: f64) -> Vec<AdapterInput> {
-        vec![AdapterInput { dir: c.adapter.clone(), weights_file: c.adapter.join("adapter_model.safetensors"), weight }]
+        vec![AdapterInput {
+            dir: c.adapter.clone(),
+            weights_file: c.adapter.join("adapter_model.safetensors"),
+            weight,
+        }]
     }
 
     fn run_to(c: &Case, from: &Path, name: &str, mode: Mode) -> (PathBuf, Report) {
         let out = from.parent().unwrap().join(name);
         std::fs::create_dir_all(&out).unwrap();
         let ck = Checkpoint::open(from).unwrap();
-        let plan = MergePlan::build(&ck, &inputs(c, 0.5), matches!(mode, Mode::Unmerge { .. })).unwrap();
+        let plan =
+            MergePlan::build(&ck, &inputs(c, 0.5), matches!(mode, Mode::Unmerge { .. })).unwrap();
         let rep = run(&ck, &plan, &out, &mode, &|_, _| true).unwrap();
         (out, rep)
     }
@@ -1202,14 +1769,27 @@ mod tests {
     #[test]
     fn merge_is_single_rounding_and_unmerge_with_sidecar_is_exact() {
         let c = case(CFG, [3, 21], false);
-        let (out, rep) = run_to(&c, &c.base, "merged", Mode::Merge { exact_unmerge: true });
+        let (out, rep) = run_to(
+            &c,
+            &c.base,
+            "merged",
+            Mode::Merge {
+                exact_unmerge: true,
+            },
+        );
         assert_eq!((rep.tensors, rep.tensors_changed), (3, 2));
         let base = SafeTensorsFile::open(c.base.join("model.safetensors")).unwrap();
         let ad = SafeTensorsFile::open(c.adapter.join("adapter_model.safetensors")).unwrap();
         let merged = SafeTensorsFile::open(out.join("model.safetensors")).unwrap();
-        let w = base.read_f32(base.require("m.proj.weight").unwrap()).unwrap();
-        let a = ad.read_f32(ad.require("base_model.model.m.proj.lora_A.weight").unwrap()).unwrap();
-        let b = ad.read_f32(ad.require("base_model.model.m.proj.lora_B.weight").unwrap()).unwrap();
+        let w = base
+            .read_f32(base.require("m.proj.weight").unwrap())
+            .unwrap();
+        let a = ad
+            .read_f32(ad.require("base_model.model.m.proj.lora_A.weight").unwrap())
+            .unwrap();
+        let b = ad
+            .read_f32(ad.require("base_model.model.m.proj.lora_B.weight").unwrap())
+            .unwrap();
         let got = merged.data(merged.require("m.proj.weight").unwrap());
         let s = (6.0f64 / 3.0 * 0.5) as f32;
         for i in 0..9 {
@@ -1219,16 +1799,35 @@ mod tests {
                 assert_eq!(FloatType::BF16.load_bits(got, i * 21 + j), want as u32);
             }
         }
-        assert_eq!(merged.data(merged.require("norm.weight").unwrap()), base.data(base.require("norm.weight").unwrap()));
-        assert!(rep.sidecar_elements > 0, "a large delta must lose some bf16 bits");
+        assert_eq!(
+            merged.data(merged.require("norm.weight").unwrap()),
+            base.data(base.require("norm.weight").unwrap())
+        );
+        assert!(
+            rep.sidecar_elements > 0,
+            "a large delta must lose some bf16 bits"
+        );
 
-        let (restored, rep2) = run_to(&c, &out, "restored", Mode::Unmerge { sidecar: Some(out.join(SIDECAR_DIR)) });
+        let (restored, rep2) = run_to(
+            &c,
+            &out,
+            "restored",
+            Mode::Unmerge {
+                sidecar: Some(out.join(SIDECAR_DIR)),
+            },
+        );
         assert_eq!(rep2.sidecar_elements, rep.sidecar_elements);
         let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
         assert_eq!(bytes(&c.base), bytes(&restored));
         let (approx, _) = run_to(&c, &out, "approx", Mode::Unmerge { sidecar: None });
         let ap = SafeTensorsFile::open(approx.join("model.safetensors")).unwrap();
-        let differing = (0..189).filter(|&i| FloatType::BF16.load_bits(ap.data(ap.require("m.proj.weight").unwrap()), i) != FloatType::BF16.load_bits(base.data(base.require("m.proj.weight").unwrap()), i)).count();
+        let differing = (0..189)
+            .filter(|&i| {
+                FloatType::BF16.load_bits(ap.data(ap.require("m.proj.weight").unwrap()), i)
+                    != FloatType::BF16
+                        .load_bits(base.data(base.require("m.proj.weight").unwrap()), i)
+            })
+            .count();
         assert!(differing > 0);
     }
 
@@ -1236,12 +1835,34 @@ mod tests {
     fn dora_unmerge_needs_and_uses_the_sidecar() {
         let cfg = r#"{"peft_type":"LORA","r":3,"lora_alpha":6,"use_dora":true,"lora_bias":true}"#;
         let c = case(cfg, [3, 21], true);
-        let (out, _) = run_to(&c, &c.base, "merged", Mode::Merge { exact_unmerge: true });
+        let (out, _) = run_to(
+            &c,
+            &c.base,
+            "merged",
+            Mode::Merge {
+                exact_unmerge: true,
+            },
+        );
         let merged = Checkpoint::open(&out).unwrap();
         let plan = MergePlan::build(&merged, &inputs(&c, 0.5), true).unwrap();
-        let e = run(&merged, &plan, &out, &Mode::Unmerge { sidecar: None }, &|_, _| true).unwrap_err().to_string();
+        let e = run(
+            &merged,
+            &plan,
+            &out,
+            &Mode::Unmerge { sidecar: None },
+            &|_, _| true,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("DoRA") && e.contains("m.proj.weight"), "{e}");
-        let (restored, _) = run_to(&c, &out, "restored", Mode::Unmerge { sidecar: Some(out.join(SIDECAR_DIR)) });
+        let (restored, _) = run_to(
+            &c,
+            &out,
+            "restored",
+            Mode::Unmerge {
+                sidecar: Some(out.join(SIDECAR_DIR)),
+            },
+        );
         let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
         assert_eq!(read(&c.base), read(&restored));
     }
@@ -1250,13 +1871,32 @@ mod tests {
     fn plan_errors_name_both_tensors() {
         let c = case(CFG, [3, 20], false);
         let ck = Checkpoint::open(&c.base).unwrap();
-        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false).err().unwrap().to_string();
-        assert!(e.contains("lora_A.weight") && e.contains("'m.proj.weight'") && e.contains("[9, 21]"), "{e}");
+        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("lora_A.weight") && e.contains("'m.proj.weight'") && e.contains("[9, 21]"),
+            "{e}"
+        );
         let c = case(r#"{"peft_type":"IA3"}"#, [3, 21], false);
-        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false).err().unwrap().to_string();
-        assert!(e.contains("IA3") && e.contains("adapter_config.json"), "{e}");
-        let c = case(r#"{"peft_type":"LORA","r":4,"lora_alpha":8}"#, [3, 21], false);
-        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false).err().unwrap().to_string();
+        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("IA3") && e.contains("adapter_config.json"),
+            "{e}"
+        );
+        let c = case(
+            r#"{"peft_type":"LORA","r":4,"lora_alpha":8}"#,
+            [3, 21],
+            false,
+        );
+        let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("r=4"), "{e}");
     }
 
@@ -1267,9 +1907,21 @@ mod tests {
         )
         .unwrap();
         let s = LoraSettings::from_json(&cfg).unwrap();
-        assert_eq!(s.rank_and_scaling("model.layers.0.self_attn.q_proj"), (4, 16.0 / 2.0));
-        assert_eq!(s.rank_and_scaling("model.layers.1.self_attn.v_proj"), (2, 3.0 / 2f64.sqrt()));
-        assert_eq!(s.rank_and_scaling("model.layers.0.self_attn.v_proj"), (8, 3.0 / 8f64.sqrt()));
-        assert_eq!(s.rank_and_scaling("model.layers.0.self_attn.xq_proj"), (8, 16.0 / 8f64.sqrt()));
+        assert_eq!(
+            s.rank_and_scaling("model.layers.0.self_attn.q_proj"),
+            (4, 16.0 / 2.0)
+        );
+        assert_eq!(
+            s.rank_and_scaling("model.layers.1.self_attn.v_proj"),
+            (2, 3.0 / 2f64.sqrt())
+        );
+        assert_eq!(
+            s.rank_and_scaling("model.layers.0.self_attn.v_proj"),
+            (8, 3.0 / 8f64.sqrt())
+        );
+        assert_eq!(
+            s.rank_and_scaling("model.layers.0.self_attn.xq_proj"),
+            (8, 16.0 / 8f64.sqrt())
+        );
     }
 }

@@ -31,9 +31,15 @@ impl Checkpoint {
         } else if dir.join(SINGLE_FILE).is_file() {
             (vec![SINGLE_FILE.to_string()], None)
         } else if !dir.is_dir() {
-            return Err(Error::io(&dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint folder")));
+            return Err(Error::io(
+                &dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint folder"),
+            ));
         } else {
-            return Err(Error::invalid_file(&dir, format!("contains neither {SINGLE_FILE} nor {INDEX_FILE}")));
+            return Err(Error::invalid_file(
+                &dir,
+                format!("contains neither {SINGLE_FILE} nor {INDEX_FILE}"),
+            ));
         };
         let shards = shard_names
             .iter()
@@ -43,22 +49,38 @@ impl Checkpoint {
         for (i, shard) in shards.iter().enumerate() {
             for t in shard.tensors() {
                 if locate.insert(t.name.clone(), i).is_some() {
-                    return Err(Error::invalid_file(shard.path(), format!("tensor '{}' is also in another shard", t.name)));
+                    return Err(Error::invalid_file(
+                        shard.path(),
+                        format!("tensor '{}' is also in another shard", t.name),
+                    ));
                 }
             }
         }
         if let Some(map) = weight_map {
             for (name, file) in &map {
-                let i = shard_names.iter().position(|s| s == file).expect("names come from the map");
+                let i = shard_names
+                    .iter()
+                    .position(|s| s == file)
+                    .expect("names come from the map");
                 if locate.get(name) != Some(&i) {
-                    return Err(Error::invalid_file(&index_path, format!("tensor '{name}' is listed in {file} but is not there")));
+                    return Err(Error::invalid_file(
+                        &index_path,
+                        format!("tensor '{name}' is listed in {file} but is not there"),
+                    ));
                 }
             }
             if let Some(name) = locate.keys().find(|n| !map.contains_key(*n)) {
-                return Err(Error::invalid_file(&index_path, format!("tensor '{name}' of a shard is missing from weight_map")));
+                return Err(Error::invalid_file(
+                    &index_path,
+                    format!("tensor '{name}' of a shard is missing from weight_map"),
+                ));
             }
         }
-        Ok(Checkpoint { dir, shards, locate })
+        Ok(Checkpoint {
+            dir,
+            shards,
+            locate,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -76,7 +98,11 @@ impl Checkpoint {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.shards.iter().flat_map(|s| s.tensors()).map(|t| t.nbytes() as u64).sum()
+        self.shards
+            .iter()
+            .flat_map(|s| s.tensors())
+            .map(|t| t.nbytes() as u64)
+            .sum()
     }
 
     pub fn num_tensors(&self) -> usize {
@@ -87,7 +113,8 @@ impl Checkpoint {
 /// Reads an index: the distinct shard file names (sorted) and the tensor -> file map.
 fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let root: Value = serde_json::from_str(&text).map_err(|e| Error::invalid_file(path, format!("not valid JSON: {e}")))?;
+    let root: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid_file(path, format!("not valid JSON: {e}")))?;
     let map = root
         .get("weight_map")
         .and_then(Value::as_object)
@@ -95,12 +122,25 @@ fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
     let mut weight_map = HashMap::with_capacity(map.len());
     let mut names: Vec<String> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::invalid_file(path, format!("weight_map entry for '{tensor}' is not a string")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::invalid_file(
+                path,
+                format!("weight_map entry for '{tensor}' is not a string"),
+            )
+        })?;
         // Shards must be plain names inside the folder: an index must not point elsewhere.
-        if file.is_empty() || file.contains('/') || file.contains('\\') || file == "." || file == ".." {
-            return Err(Error::invalid_file(path, format!("weight_map entry for '{tensor}' names '{file}', not a file of this folder")));
+        if file.is_empty()
+            || file.contains('/')
+            || file.contains('\\')
+            || file == "."
+            || file == ".."
+        {
+            return Err(Error::invalid_file(
+                path,
+                format!(
+                    "weight_map entry for '{tensor}' names '{file}', not a file of this folder"
+                ),
+            ));
         }
         if !names.iter().any(|n| n == file) {
             names.push(file.to_string());
@@ -118,7 +158,14 @@ mod tests {
     use crate::checkpoint::writer::{StreamingWriter, TensorSpec};
 
     fn shard(dir: &Path, name: &str, tensors: &[&str]) {
-        let specs: Vec<_> = tensors.iter().map(|t| TensorSpec { name: t.to_string(), dtype: Dtype::U8, shape: vec![2] }).collect();
+        let specs: Vec<_> = tensors
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.to_string(),
+                dtype: Dtype::U8,
+                shape: vec![2],
+            })
+            .collect();
         let mut w = StreamingWriter::create(dir.join(name), None, &specs).unwrap();
         w.write(&vec![1u8; 2 * tensors.len()]).unwrap();
         w.finish().unwrap();
@@ -138,10 +185,18 @@ mod tests {
 
         let idx = r#"{"weight_map":{"x":"a.safetensors","y":"b.safetensors","z":"b.safetensors"}}"#;
         std::fs::write(d.path().join(INDEX_FILE), idx).unwrap();
-        assert!(Checkpoint::open(d.path()).err().unwrap().to_string().contains("'y' is listed in b.safetensors"));
+        assert!(Checkpoint::open(d.path())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("'y' is listed in b.safetensors"));
         let idx = r#"{"weight_map":{"x":"../a.safetensors"}}"#;
         std::fs::write(d.path().join(INDEX_FILE), idx).unwrap();
-        assert!(Checkpoint::open(d.path()).err().unwrap().to_string().contains("not a file of this folder"));
+        assert!(Checkpoint::open(d.path())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a file of this folder"));
         let idx = r#"{"weight_map":{"x":"a.safetensors","y":"a.safetensors"}}"#;
         std::fs::write(d.path().join(INDEX_FILE), idx).unwrap();
         assert!(Checkpoint::open(d.path()).is_ok());
@@ -150,7 +205,14 @@ mod tests {
     #[test]
     fn missing_checkpoint() {
         let d = tempfile::tempdir().unwrap();
-        assert!(Checkpoint::open(d.path()).err().unwrap().to_string().contains("neither"));
-        assert!(matches!(Checkpoint::open(d.path().join("nope")), Err(Error::Io { .. })));
+        assert!(Checkpoint::open(d.path())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("neither"));
+        assert!(matches!(
+            Checkpoint::open(d.path().join("nope")),
+            Err(Error::Io { .. })
+        ));
     }
 }

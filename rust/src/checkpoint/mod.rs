@@ -38,8 +38,12 @@ impl FloatType {
     #[inline(always)]
     pub fn load(self, bytes: &[u8], i: usize) -> f32 {
         match self {
-            FloatType::BF16 => f32::from_bits((u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32) << 16),
-            FloatType::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+            FloatType::BF16 => {
+                f32::from_bits((u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32) << 16)
+            }
+            FloatType::F16 => {
+                half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+            }
             FloatType::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
         }
     }
@@ -48,7 +52,9 @@ impl FloatType {
     #[inline(always)]
     pub fn load_bits(self, bytes: &[u8], i: usize) -> u32 {
         match self {
-            FloatType::BF16 | FloatType::F16 => u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32,
+            FloatType::BF16 | FloatType::F16 => {
+                u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32
+            }
             FloatType::F32 => u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
         }
     }
@@ -77,7 +83,9 @@ impl FloatType {
     #[inline(always)]
     pub fn store_bits(self, out: &mut [u8], i: usize, bits: u32) {
         match self {
-            FloatType::BF16 | FloatType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&(bits as u16).to_le_bytes()),
+            FloatType::BF16 | FloatType::F16 => {
+                out[2 * i..2 * i + 2].copy_from_slice(&(bits as u16).to_le_bytes())
+            }
             FloatType::F32 => out[4 * i..4 * i + 4].copy_from_slice(&bits.to_le_bytes()),
         }
     }
@@ -97,7 +105,11 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 /// Reads little-endian float data of `dtype` into fp32, or `None` for a non-float dtype.
 pub fn to_f32_vec(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let ft = FloatType::of(dtype)?;
-    Some((0..bytes.len() / ft.size()).map(|i| ft.load(bytes, i)).collect())
+    Some(
+        (0..bytes.len() / ft.size())
+            .map(|i| ft.load(bytes, i))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -124,7 +124,9 @@ pub struct Header {
 
 /// `numel * dtype size`, or `None` on overflow.
 pub fn byte_size(shape: &[usize], dtype: Dtype) -> Option<usize> {
-    shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
 }
 
 /// Parses and validates the header of a safetensors file of `file_len` bytes whose first bytes
@@ -132,15 +134,21 @@ pub fn byte_size(shape: &[usize], dtype: Dtype) -> Option<usize> {
 pub fn parse_header(path: &Path, prefix: &[u8], file_len: u64) -> Result<Header> {
     let bad = |reason: String| Error::invalid_file(path, reason);
     if file_len < 8 || prefix.len() < 8 {
-        return Err(bad(format!("truncated: {file_len} bytes, too short for the 8-byte header length")));
+        return Err(bad(format!(
+            "truncated: {file_len} bytes, too short for the 8-byte header length"
+        )));
     }
     let n = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER_LEN {
-        return Err(bad(format!("header length {n} exceeds the limit of {MAX_HEADER_LEN} bytes")));
+        return Err(bad(format!(
+            "header length {n} exceeds the limit of {MAX_HEADER_LEN} bytes"
+        )));
     }
     let data_start = 8 + n; // cannot overflow: n <= 1e8
     if data_start > file_len {
-        return Err(bad(format!("truncated: header says {n} bytes of JSON but the file has {file_len} bytes")));
+        return Err(bad(format!(
+            "truncated: header says {n} bytes of JSON but the file has {file_len} bytes"
+        )));
     }
     let n = n as usize;
     if prefix.len() < 8 + n {
@@ -200,7 +208,11 @@ pub fn parse_header(path: &Path, prefix: &[u8], file_len: u64) -> Result<Header>
             buffer_len - expected
         )));
     }
-    Ok(Header { tensors, metadata, data_start: data_start as usize })
+    Ok(Header {
+        tensors,
+        metadata,
+        data_start: data_start as usize,
+    })
 }
 
 fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
@@ -212,7 +224,8 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
         .get("dtype")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("missing or non-string 'dtype'".to_string()))?;
-    let dtype = Dtype::parse(dtype_str).ok_or_else(|| bad(format!("unsupported dtype '{dtype_str}'")))?;
+    let dtype =
+        Dtype::parse(dtype_str).ok_or_else(|| bad(format!("unsupported dtype '{dtype_str}'")))?;
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
@@ -229,20 +242,35 @@ fn parse_entry(path: &Path, name: String, entry: &Value) -> Result<TensorInfo> {
     let off = |v: &Value| v.as_u64().and_then(|x| usize::try_from(x).ok());
     let (begin, end) = match (off(&offsets[0]), off(&offsets[1])) {
         (Some(b), Some(e)) => (b, e),
-        _ => return Err(bad("'data_offsets' must be non-negative integers that fit in memory".to_string())),
+        _ => {
+            return Err(bad(
+                "'data_offsets' must be non-negative integers that fit in memory".to_string(),
+            ))
+        }
     };
     if end < begin {
-        return Err(bad(format!("data_offsets [{begin}, {end}] end before they begin")));
+        return Err(bad(format!(
+            "data_offsets [{begin}, {end}] end before they begin"
+        )));
     }
-    let nbytes = byte_size(&shape, dtype)
-        .ok_or_else(|| bad(format!("shape {shape:?} of {dtype_str} overflows the address space")))?;
+    let nbytes = byte_size(&shape, dtype).ok_or_else(|| {
+        bad(format!(
+            "shape {shape:?} of {dtype_str} overflows the address space"
+        ))
+    })?;
     if end - begin != nbytes {
         return Err(bad(format!(
             "data_offsets [{begin}, {end}] span {} bytes but shape {shape:?} of {dtype_str} needs {nbytes}",
             end - begin
         )));
     }
-    Ok(TensorInfo { name, dtype, shape, begin, end })
+    Ok(TensorInfo {
+        name,
+        dtype,
+        shape,
+        begin,
+        end,
+    })
 }
 
 /// A safetensors file, memory-mapped and validated.
@@ -260,14 +288,28 @@ impl SafeTensorsFile {
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len < 8 {
-            return Err(Error::invalid_file(&path, format!("truncated: {len} bytes, too short for the header length")));
+            return Err(Error::invalid_file(
+                &path,
+                format!("truncated: {len} bytes, too short for the header length"),
+            ));
         }
         // SAFETY: the map is read-only; the input files are not ours to modify and we document that
         // they must not change while a merge runs (as every mmap-based safetensors reader does).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let header = parse_header(&path, &mmap, len)?;
-        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafeTensorsFile { path, file, mmap, header, by_name })
+        let by_name = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(SafeTensorsFile {
+            path,
+            file,
+            mmap,
+            header,
+            by_name,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -313,16 +355,28 @@ impl SafeTensorsFile {
     /// that the kernel can do without passing the data through this process (copy_file_range).
     pub fn tensor_reader(&self, t: &TensorInfo) -> Result<std::io::Take<File>> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut f = self.file.try_clone().map_err(|e| Error::io(&self.path, e))?;
-        f.seek(SeekFrom::Start((self.header.data_start + t.begin) as u64)).map_err(|e| Error::io(&self.path, e))?;
+        let mut f = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&self.path, e))?;
+        f.seek(SeekFrom::Start((self.header.data_start + t.begin) as u64))
+            .map_err(|e| Error::io(&self.path, e))?;
         Ok(f.take(t.nbytes() as u64))
     }
 
     /// Reads a tensor of a float dtype into fp32 (small tensors: adapter weights, biases).
     /// The pages read are released afterwards (see [`release`](Self::release)).
     pub fn read_f32(&self, t: &TensorInfo) -> Result<Vec<f32>> {
-        let v = crate::checkpoint::to_f32_vec(self.data(t), t.dtype)
-            .ok_or_else(|| Error::tensor(&t.name, format!("{}: dtype {} is not a float type", self.path.display(), t.dtype.as_str())))?;
+        let v = crate::checkpoint::to_f32_vec(self.data(t), t.dtype).ok_or_else(|| {
+            Error::tensor(
+                &t.name,
+                format!(
+                    "{}: dtype {} is not a float type",
+                    self.path.display(),
+                    t.dtype.as_str()
+                ),
+            )
+        })?;
         self.release(t, 0, t.nbytes());
         Ok(v)
     }
@@ -339,7 +393,10 @@ impl SafeTensorsFile {
         if last > first {
             // SAFETY: the mapping is private and read-only; dropping its pages only means they are
             // read again from the file if touched later, which is harmless.
-            let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, first, last - first) };
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, first, last - first)
+            };
         }
     }
 }
@@ -368,7 +425,13 @@ mod tests {
     #[test]
     fn valid_file_sorted_by_offset() {
         let h = parse(&file_bytes(TWO, 16)).unwrap();
-        assert_eq!(h.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            h.tensors
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(h.metadata.unwrap()["format"], "pt");
         assert_eq!(h.data_start, 8 + TWO.len());
     }
@@ -378,7 +441,10 @@ mod tests {
         let mut b = file_bytes(TWO, 16);
         b.truncate(b.len() - 1);
         let e = err(&b);
-        assert!(e.contains("x.safetensors") && e.contains("'b'") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("x.safetensors") && e.contains("'b'") && e.contains("truncated"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -415,7 +481,10 @@ mod tests {
     fn bad_dtype_and_bad_json() {
         let h = r#"{"a":{"dtype":"Q7","shape":[4],"data_offsets":[0,4]}}"#;
         let e = err(&file_bytes(h, 4));
-        assert!(e.contains("'a'") && e.contains("unsupported dtype 'Q7'"), "{e}");
+        assert!(
+            e.contains("'a'") && e.contains("unsupported dtype 'Q7'"),
+            "{e}"
+        );
         assert!(err(&file_bytes(r#"{"a": [1,"#, 0)).contains("not valid JSON"));
         let mut b = file_bytes(r#"{"a":1}"#, 0);
         b[9] = 0xff;
@@ -453,7 +522,14 @@ mod tests {
         let a = f.require("a").unwrap();
         assert_eq!(f.data(a), &[7u8; 8]);
         f.release(a, 0, 8);
-        assert!(f.require("zz").unwrap_err().to_string().contains("no tensor named 'zz'"));
-        assert!(matches!(SafeTensorsFile::open(dir.path().join("none")), Err(Error::Io { .. })));
+        assert!(f
+            .require("zz")
+            .unwrap_err()
+            .to_string()
+            .contains("no tensor named 'zz'"));
+        assert!(matches!(
+            SafeTensorsFile::open(dir.path().join("none")),
+            Err(Error::Io { .. })
+        ));
     }
 }

@@ -20,9 +20,22 @@ fn checkpoint_size(py: Python<'_>, path: PathBuf) -> PyResult<(u64, usize)> {
     Ok((ck.total_bytes(), ck.num_tensors()))
 }
 
-fn run(py: Python<'_>, base: PathBuf, adapters: Vec<PyAdapter>, out: PathBuf, mode: Mode, progress: Option<Py<PyAny>>) -> PyResult<Py<PyDict>> {
-    let inputs: Vec<AdapterInput> =
-        adapters.into_iter().map(|(dir, weights_file, weight)| AdapterInput { dir, weights_file, weight }).collect();
+fn run(
+    py: Python<'_>,
+    base: PathBuf,
+    adapters: Vec<PyAdapter>,
+    out: PathBuf,
+    mode: Mode,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    let inputs: Vec<AdapterInput> = adapters
+        .into_iter()
+        .map(|(dir, weights_file, weight)| AdapterInput {
+            dir,
+            weights_file,
+            weight,
+        })
+        .collect();
     // An exception raised by the callback (e.g. KeyboardInterrupt) stops the run and is re-raised.
     let raised: Mutex<Option<PyErr>> = Mutex::new(None);
     let result = py.detach(|| -> crate::Result<Report> {
@@ -59,16 +72,44 @@ fn run(py: Python<'_>, base: PathBuf, adapters: Vec<PyAdapter>, out: PathBuf, mo
 /// written when an adapter does not fit the base.
 #[pyfunction]
 #[pyo3(signature = (base, adapters, out, exact_unmerge=true, progress=None))]
-fn merge_checkpoint(py: Python<'_>, base: PathBuf, adapters: Vec<PyAdapter>, out: PathBuf, exact_unmerge: bool, progress: Option<Py<PyAny>>) -> PyResult<Py<PyDict>> {
-    run(py, base, adapters, out, Mode::Merge { exact_unmerge }, progress)
+fn merge_checkpoint(
+    py: Python<'_>,
+    base: PathBuf,
+    adapters: Vec<PyAdapter>,
+    out: PathBuf,
+    exact_unmerge: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    run(
+        py,
+        base,
+        adapters,
+        out,
+        Mode::Merge { exact_unmerge },
+        progress,
+    )
 }
 
 /// Subtracts `adapters` from the merged checkpoint in `merged`, writing into `out`; with the
 /// sidecar folder the result is the original base bit for bit.
 #[pyfunction]
 #[pyo3(signature = (merged, adapters, out, sidecar=None, progress=None))]
-fn unmerge_checkpoint(py: Python<'_>, merged: PathBuf, adapters: Vec<PyAdapter>, out: PathBuf, sidecar: Option<PathBuf>, progress: Option<Py<PyAny>>) -> PyResult<Py<PyDict>> {
-    run(py, merged, adapters, out, Mode::Unmerge { sidecar }, progress)
+fn unmerge_checkpoint(
+    py: Python<'_>,
+    merged: PathBuf,
+    adapters: Vec<PyAdapter>,
+    out: PathBuf,
+    sidecar: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    run(
+        py,
+        merged,
+        adapters,
+        out,
+        Mode::Unmerge { sidecar },
+        progress,
+    )
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
