@@ -9,6 +9,14 @@ from oxpeft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_model,
 )
+from oxpeft.quant import (
+    Linear4bit,
+    Linear8bit,
+    QuantizationConfig,
+    load_quantized,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 from oxpeft.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -21,6 +29,14 @@ from oxpeft.peft_model import (
 from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.prompt import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 __version__: str = _native_version()
 
@@ -40,6 +56,12 @@ __all__ = [
     "TaskType",
     "LoraConfig",
     "LoraModel",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PrefixTuningConfig",
     "PeftModel",
     "PeftTrainer",
     "PeftModelForCausalLM",
@@ -55,5 +77,11 @@ __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
+    "Linear4bit",
+    "Linear8bit",
+    "QuantizationConfig",
+    "load_quantized",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
 ]
 __all__ += ["MergeReport", "merge_checkpoint", "unmerge_checkpoint"]

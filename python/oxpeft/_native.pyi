@@ -2,6 +2,41 @@
 
 def version() -> str: ...
 
+# Adapter configs across PEFT releases (rust/src/python/config.rs). All take and return JSON text.
+def config_upgrade(config_json: str, strict: bool = True) -> tuple[str, list[str]]:
+    """Read a config written by any PEFT release into the current schema; returns (JSON, notes)."""
+    ...
+def config_downgrade(config_json: str, target_version: str) -> str:
+    """Rewrite a config so that PEFT `target_version` loads it and computes the same thing."""
+    ...
+def config_inspect(config_json: str) -> str:
+    """Who wrote a config, which PEFT releases load it as is, and what it uses (a JSON object)."""
+    ...
+# --- quantisation (rust/src/python/quant.rs); 16-bit floats travel as uint16 bit patterns ---
+import numpy as np
+import numpy.typing as npt
+
+def quantize_4bit(
+    input: npt.NDArray[np.float32] | npt.NDArray[np.uint16], blocksize: int, quant_type: str, dtype: str
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+def dequantize_4bit(
+    packed: npt.NDArray[np.uint8], absmax: npt.NDArray[np.float32], n: int, blocksize: int, quant_type: str, dtype: str
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
+def double_quantize_absmax(
+    absmax: npt.NDArray[np.float32], offset: float | None = None
+) -> tuple[tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]], float]: ...
+def dequantize_nested_absmax(
+    codes: npt.NDArray[np.uint8], absmax2: npt.NDArray[np.float32], offset: float
+) -> npt.NDArray[np.float32]: ...
+def quantize_int8_rows(
+    input: npt.NDArray[np.float32] | npt.NDArray[np.uint16], dtype: str
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]: ...
+def dequantize_int8_rows(
+    cb: npt.NDArray[np.int8], scb: npt.NDArray[np.float32], dtype: str
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
+def four_bit_code(quant_type: str) -> npt.NDArray[np.float32]: ...
+def dynamic_map() -> npt.NDArray[np.float32]: ...
+
 # checkpoint merge / unmerge (rust/src/python/checkpoint.rs)
 from typing import Callable, Sequence
 

@@ -3,15 +3,125 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
 from typing import Callable, Sequence
 
 import oxpeft
+from oxpeft import _native
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"oxpeft {oxpeft.__version__}")
     return 0
+
+
+def _config_path(target: str) -> str:
+    """An adapter directory or its adapter_config.json, as the path of the JSON file."""
+    path = os.path.join(target, "adapter_config.json") if os.path.isdir(target) else target
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no adapter_config.json there")
+    return path
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _ranges(report: dict) -> str:
+    spans = [a if a == b else f"{a} to {b}" for a, b in report["loads_as_is_ranges"]]
+    return ", ".join(spans) if spans else "none of the releases oxpeft knows"
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    path = _config_path(args.dir)
+    try:
+        report = json.loads(_native.config_inspect(_read_text(path)))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{path}: {report['peft_type']} adapter config")
+    written_by = report["written_by"] or "not a complete config of any PEFT release (hand-written or another tool)"
+    print(f"  written by:     {written_by}")
+    print(f"  loads as is in: PEFT {_ranges(report)} (of the releases up to {report['newest_known_release']})")
+    if report["min_peft_version"] is None:
+        print("  migratable to:  no release oxpeft knows (it has unknown fields that change results)")
+    else:
+        print(f"  migratable to:  PEFT {report['min_peft_version']} or later (oxpeft config migrate DIR --to VERSION)")
+    uses = [
+        f"{u['field']}={json.dumps(u['value'])}" + (f" (PEFT >= {u['since']})" if u["since"] != "0.2.0" else "")
+        for u in report["features"]
+    ]
+    print(f"  uses:           {', '.join(uses) if uses else 'only defaults'}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if "0.3.0" in report["loads_as_is"] and not os.path.exists(os.path.join(folder, "adapter_model.bin")):
+        print("  note: PEFT 0.3 reads only adapter_model.bin weights; 0.4 on also read adapter_model.safetensors")
+    for unknown in report["unknown_fields"]:
+        kind = "neutral, dropped on load" if unknown["neutral"] else "NOT neutral, refused on load"
+        print(f"  unknown field:  {unknown['field']}={json.dumps(unknown['value'])} ({kind})")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
+def _cmd_config_migrate(args: argparse.Namespace) -> int:
+    from oxpeft._io import atomic_write_text
+
+    source = _config_path(args.dir)
+    text = _read_text(source)
+    try:
+        _, notes = _native.config_upgrade(text, True)
+        migrated = json.loads(_native.config_downgrade(text, args.to))
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    body = json.dumps(migrated, indent=2, sort_keys=True)
+
+    if args.output is None:
+        backup = _free_name(source + ".bak")
+        atomic_write_text(backup, text)
+        atomic_write_text(source, body)
+        print(f"rewrote {source} for PEFT {args.to} (the original is in {backup})")
+        return 0
+
+    out = args.output
+    if out.endswith(".json"):
+        atomic_write_text(out, body)
+        print(f"wrote {out} for PEFT {args.to}")
+        return 0
+    # A directory: the adapter's other files (weights, README) come along so that it loads as it is.
+    os.makedirs(out, exist_ok=True)
+    source_dir = os.path.dirname(os.path.abspath(source))
+    if os.path.abspath(out) != source_dir:
+        for name in sorted(os.listdir(source_dir)):
+            src = os.path.join(source_dir, name)
+            if name != "adapter_config.json" and os.path.isfile(src) and not name.startswith("."):
+                _atomic_copy(src, os.path.join(out, name))
+    target = os.path.join(out, "adapter_config.json")
+    atomic_write_text(target, body)
+    print(f"wrote {target} for PEFT {args.to}")
+    return 0
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ... : the first name that does not exist yet."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+    from oxpeft._io import atomic_write_with
+
+    atomic_write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -54,6 +164,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("config", help="check or migrate an adapter_config.json across PEFT releases")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = config_sub.add_parser("check", help="who wrote it, which PEFT releases load it, what it uses")
+    q.add_argument("dir", help="adapter directory (or its adapter_config.json)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=_cmd_config_check)
+    q = config_sub.add_parser("migrate", help="rewrite the config so that a given PEFT release loads it")
+    q.add_argument("dir", help="adapter directory (or its adapter_config.json)")
+    q.add_argument("--to", required=True, metavar="VERSION", help="the PEFT release to write for, e.g. 0.10.0")
+    q.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="a .json file, or a directory that receives the config and a copy of the adapter's other files; "
+        "without it the config is rewritten in place and the original kept as adapter_config.json.bak",
+    )
+    q.set_defaults(func=_cmd_config_migrate)
 
     p = sub.add_parser("demo", help="fine-tune a tiny built-in Llama with LoRA, save, reload and merge it")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")

@@ -11,10 +11,12 @@ import dataclasses
 import enum
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from oxpeft._io import atomic_write_text
+from oxpeft._native import config_downgrade, config_upgrade
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -113,13 +115,21 @@ class PeftConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **overrides: Any) -> None:
-        """Write adapter_config.json into `save_directory` (atomically). `overrides` replace fields in the file only."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, peft_version: str | None = None, **overrides: Any
+    ) -> None:
+        """Write adapter_config.json into `save_directory` (atomically). `overrides` replace fields in the file only.
+
+        With `peft_version` (e.g. "0.10.0") the file holds only the fields that PEFT release knows, so it loads
+        there; a feature that release lacks (e.g. DoRA before 0.9) is a ValueError rather than a silent change.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
-        os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
         data.update({k: _to_json_value(v) for k, v in overrides.items()})
+        if peft_version is not None:
+            data = json.loads(config_downgrade(json.dumps(data), peft_version))
+        os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
 
     @classmethod
@@ -151,9 +161,15 @@ class PeftConfig:
         cls: type[_ConfigT],
         pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
+        strict: bool = True,
         **kwargs: Any,
     ) -> _ConfigT:
-        """Load adapter_config.json from a local directory or a hub repo id; `kwargs` override fields."""
+        """Load adapter_config.json from a local directory or a hub repo id; `kwargs` override fields.
+
+        A config written by any PEFT release (0.3 on) is read into the current schema. Unknown fields with a
+        neutral value are dropped with a warning; any other unknown field is a ValueError, or with
+        `strict=False` a loud warning (the adapter may then compute something different).
+        """
         from oxpeft.hub import resolve_file
 
         path = resolve_file(
@@ -164,8 +180,12 @@ class PeftConfig:
             token=kwargs.pop("token", None),
         )
         data = cls.from_json_file(path)
-        data.update(kwargs)
         try:
+            upgraded, notes = config_upgrade(json.dumps(data), strict)
+            for note in notes:
+                warnings.warn(f"{path}: {note}", stacklevel=2)
+            data = json.loads(upgraded)
+            data.update(kwargs)
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None

@@ -9,9 +9,13 @@ from oxpeft.peft_model import TASK_MODEL_CLASSES, PeftModel
 from oxpeft.tuners.base import BaseTuner
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
     PeftType.LORA: LoraConfig,
+    PeftType.PROMPT_TUNING: PromptTuningConfig,
+    PeftType.P_TUNING: PromptEncoderConfig,
+    PeftType.PREFIX_TUNING: PrefixTuningConfig,
 }
 
 PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type[BaseTuner]] = {

@@ -4,8 +4,10 @@
 //! `python` feature (maturin enables it; `cargo test` does not).
 
 pub mod checkpoint;
+pub mod config;
 pub mod error;
 pub mod merge;
+pub mod quant;
 
 #[cfg(feature = "python")]
 mod python;

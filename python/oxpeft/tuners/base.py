@@ -589,17 +589,31 @@ class BaseTuner(nn.Module, abc.ABC):
                 module.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        *,
+        requantize: bool = False,
     ) -> nn.Module:
-        """Merge the active (or named) adapters into the base weights and return the plain base model."""
-        return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names)
+        """Merge the active (or named) adapters into the base weights and return the plain base model.
+
+        Quantised base layers become full-precision Linear layers (dequantised weight + delta, in their
+        compute dtype) unless `requantize=True`, which quantises the merged weight again (lossy, with a warning).
+        """
+        return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names, requantize)
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging and return the plain base model."""
         return self._unload_and_optionally_merge(False, False, False, None)
 
     def _unload_and_optionally_merge(
-        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None
+        self,
+        merge: bool,
+        progressbar: bool,
+        safe_merge: bool,
+        adapter_names: list[str] | None,
+        requantize: bool = False,
     ) -> nn.Module:
         if merge:
             self._untie_targeted_embeddings()
@@ -611,6 +625,8 @@ class BaseTuner(nn.Module, abc.ABC):
                 continue
             if isinstance(module, BaseTunerLayer):
                 if merge:
+                    if not requantize and hasattr(module, "dequantize_base"):
+                        module.dequantize_base()
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, target_name, module.get_base_layer())
             elif isinstance(module, ModulesToSaveWrapper):

@@ -6,6 +6,8 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod config;
+mod quant;
 mod checkpoint;
 
 impl From<Error> for PyErr {
@@ -30,6 +32,8 @@ fn version() -> &'static str {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    config::register(m)?;
+    quant::register(m)?;
     checkpoint::register(m)?;
     Ok(())
 }

@@ -256,10 +256,29 @@ class LoraLayer(BaseTunerLayer):
 
     def _store_weight(self, weight: torch.Tensor) -> None:
         base = self.get_base_layer()
-        if hasattr(base, "set_weight"):
-            base.set_weight(_transpose(weight, self.fan_in_fan_out))
+        if hasattr(base, "dequantize"):
+            warnings.warn(
+                f"merging into the quantised {type(base).__name__} requantises its weight, which rounds the merged "
+                "weight to the quantisation grid; merge_and_unload() keeps a full-precision weight instead",
+                stacklevel=4,
+            )
+            base.set_weight(_transpose(weight, self.fan_in_fan_out).to(base.compute_dtype))
         else:
             base.weight.data = weight.to(base.weight.dtype)
+
+    def dequantize_base(self) -> None:
+        """Replace a quantised base layer by a full-precision nn.Linear holding its dequantised weight."""
+        base = self.base_layer
+        if not hasattr(base, "dequantize"):
+            return
+        dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        weight = base.dequantize().detach()
+        dense.to(device=weight.device, dtype=weight.dtype)
+        dense.weight.data = weight
+        if base.bias is not None:
+            dense.bias.data = base.bias.detach().to(weight.dtype)
+        dense.requires_grad_(False)
+        self.base_layer = dense
 
     def _check_forward_args(self, x: torch.Tensor) -> None:
         if self.merged and self.disable_adapters:
@@ -335,6 +354,12 @@ class Linear(nn.Module, LoraLayer):
             x_ = x.to(lora_A.weight.dtype)
             if self.use_dora[name]:
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
+            elif lora_B.bias is None and result.dtype == lora_B.weight.dtype:
+                # Scale the rank-r activations, not the full output, and fuse the add into the GEMM:
+                # two fewer passes over the (tokens x out_features) result than B(A(x)) * s + y.
+                after_a = lora_A(dropout(x_)) * scaling
+                flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_a.reshape(-1, after_a.shape[-1]), lora_B.weight.t())
+                result = flat.view(result.shape)
             else:
                 result = result + lora_B(lora_A(dropout(x_))) * scaling
         return result.to(result_dtype)
