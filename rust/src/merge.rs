@@ -580,9 +580,12 @@ pub fn run(
         Mode::Unmerge { sidecar: Some(dir) } => base
             .shards()
             .iter()
-            .map(|s| shard_name(s))
+            .map(shard_name)
             .filter(|n| dir.join(n).is_file())
-            .map(|n| Ok((n.clone(), SafeTensorsFile::open(dir.join(&n))?)))
+            .map(|n| {
+                let f = SafeTensorsFile::open(dir.join(&n))?;
+                Ok((n, f))
+            })
             .collect::<Result<_>>()?,
         _ => HashMap::new(),
     };
@@ -965,7 +968,7 @@ impl ShardJob<'_> {
         p: &Prepared,
         buf: &mut Vec<u8>,
         w: &mut StreamingWriter,
-        mut spill: Option<&mut SidecarSpill>,
+        spill: Option<&mut SidecarSpill>,
         report: &mut Report,
     ) -> Result<()> {
         report.tensors_changed += 1;
@@ -983,11 +986,9 @@ impl ShardJob<'_> {
         );
 
         // Unmerge inputs from the sidecar: DoRA factors and the sorted fix-up list.
-        let (mut dora_factors, mut fix_index, mut fix_value): (
-            Vec<f32>,
-            Option<(&[u8], Dtype)>,
-            &[u8],
-        ) = (Vec::new(), None, &[]);
+        let mut dora_factors: Vec<f32> = Vec::new();
+        let mut fix_index: Option<(&[u8], Dtype)> = None;
+        let mut fix_value: &[u8] = &[];
         if let (true, Some(sc)) = (unmerge, self.sidecar) {
             if n_dora > 0 {
                 let tf = sc.require(&format!("{}{SUFFIX_DORA}", t.name))?;
@@ -1114,7 +1115,7 @@ impl ShardJob<'_> {
             }
         }
         report.sidecar_elements += n_fix;
-        if let Some(s) = spill.as_deref_mut() {
+        if let Some(s) = spill {
             if n_fix > 0 {
                 let idx_dtype = if wide_index { Dtype::I64 } else { Dtype::U32 };
                 s.spill(
@@ -1320,6 +1321,7 @@ mod kernel {
 
     /// Applies the terms in order to `acc` (a row of float(W)); `w` is the base row, needed for
     /// DoRA's norm, whose factors go to `factors[di]`.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn apply_terms(
         ft: FloatType,

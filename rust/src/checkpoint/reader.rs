@@ -179,7 +179,7 @@ pub fn parse_header(path: &Path, prefix: &[u8], file_len: u64) -> Result<Header>
     }
 
     let buffer_len = (file_len - data_start) as usize;
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|t| (t.begin, t.end));
     let mut expected = 0usize;
     for t in &tensors {
         if t.begin > expected {
