@@ -380,3 +380,20 @@ def test_tied_embedding_lora_warns(models, tmp_path):
     adapter = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True)
     with pytest.warns(UserWarning, match="tied"):
         oxpeft.merge_checkpoint(base, adapter, tmp_path / "m", progress=False)
+
+
+def test_interrupt_from_progress_cancels_and_leaves_nothing(models, tmp_path, monkeypatch):
+    base = models["llama32"]
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    seen = []
+
+    def interrupt(self, name: str, nbytes: int) -> None:
+        seen.append(name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("oxpeft.checkpoint._Progress.callback", interrupt)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        oxpeft.merge_checkpoint(base, adapter, work / "out", progress=False)
+    assert seen and list(work.iterdir()) == []

@@ -1,8 +1,14 @@
-//! Bindings for offline merge / unmerge of adapters into safetensors checkpoints. The work runs
-//! with the GIL released; the progress callback re-attaches only once per tensor.
+//! Bindings for offline merge / unmerge of adapters into safetensors checkpoints.
+//!
+//! The work runs on a worker thread (and its rayon pool) while the calling thread, with the GIL
+//! released except for a moment per event, forwards per-tensor progress to the Python callback
+//! and checks for signals every 100 ms, so that Ctrl-C stops a long merge promptly (Python only
+//! delivers signals on its main thread).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -36,24 +42,44 @@ fn run(
             weight,
         })
         .collect();
-    // An exception raised by the callback (e.g. KeyboardInterrupt) stops the run and is re-raised.
-    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
-    let result = py.detach(|| -> crate::Result<Report> {
-        let ck = Checkpoint::open(&base)?;
-        let plan = MergePlan::build(&ck, &inputs, matches!(mode, Mode::Unmerge { .. }))?;
-        let report = |name: &str, bytes: u64| -> bool {
-            let Some(cb) = &progress else { return true };
-            Python::attach(|py| match cb.call1(py, (name, bytes)) {
-                Ok(_) => true,
-                Err(e) => {
-                    raised.lock().expect("not poisoned").get_or_insert(e);
-                    false
-                }
-            })
-        };
-        merge::run(&ck, &plan, &out, &mode, &report)
+    let cancel = AtomicBool::new(false);
+    // An exception raised by the callback or a signal handler (KeyboardInterrupt) cancels the run
+    // and is re-raised once the worker has stopped.
+    let mut raised: Option<PyErr> = None;
+    let result = std::thread::scope(|scope| {
+        let (cancel, inputs, mode, base, out) = (&cancel, &inputs, &mode, &base, &out);
+        let (tx, mut rx): (_, Receiver<(String, u64)>) = channel();
+        let worker = scope.spawn(move || -> crate::Result<Report> {
+            let ck = Checkpoint::open(base)?;
+            let plan = MergePlan::build(&ck, inputs, matches!(mode, Mode::Unmerge { .. }))?;
+            let report = |name: &str, bytes: u64| -> bool {
+                tx.send((name.to_string(), bytes)).is_ok() && !cancel.load(Ordering::Relaxed)
+            };
+            merge::run(&ck, &plan, out, mode, &report)
+        });
+        loop {
+            let (back, event) = py.detach(move || {
+                let event = rx.recv_timeout(Duration::from_millis(100));
+                (rx, event)
+            });
+            rx = back;
+            let outcome = match event {
+                Ok((name, bytes)) => match &progress {
+                    Some(cb) => cb.call1(py, (name, bytes)).map(drop),
+                    None => Ok(()),
+                },
+                Err(RecvTimeoutError::Timeout) => Ok(()),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            .and_then(|()| py.check_signals());
+            if let Err(e) = outcome {
+                raised.get_or_insert(e);
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+        worker.join().expect("the merge worker does not panic")
     });
-    if let Some(e) = raised.into_inner().expect("not poisoned") {
+    if let Some(e) = raised {
         return Err(e);
     }
     let r = result?;
