@@ -1,6 +1,7 @@
 """oxpeft: parameter-efficient fine-tuning with HF PEFT's API and files and a Rust core."""
 
 from oxpeft._native import version as _native_version
+from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
 from oxpeft.config import PeftConfig, PeftType, TaskType
 from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
 from oxpeft.mapping import (
@@ -86,3 +87,4 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "quantize_model",
 ]
+__all__ += ["MergeReport", "merge_checkpoint", "unmerge_checkpoint"]

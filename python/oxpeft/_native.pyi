@@ -60,3 +60,23 @@ def loftq_fit_fixed_base(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
     """LoRA factors fitted to weight - dequantized for a base already quantised: (lora_A, lora_B, relative error)."""
     ...
+# checkpoint merge / unmerge (rust/src/python/checkpoint.rs)
+from typing import Callable, Sequence
+
+SIDECAR_DIR: str
+
+def checkpoint_size(path: str) -> tuple[int, int]: ...
+def merge_checkpoint(
+    base: str,
+    adapters: Sequence[tuple[str, str, float]],
+    out: str,
+    exact_unmerge: bool = True,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, int]: ...
+def unmerge_checkpoint(
+    merged: str,
+    adapters: Sequence[tuple[str, str, float]],
+    out: str,
+    sidecar: str | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, int]: ...

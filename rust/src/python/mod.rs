@@ -9,6 +9,7 @@ use crate::Error;
 mod config;
 mod loftq;
 mod quant;
+mod checkpoint;
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
@@ -50,5 +51,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     config::register(m)?;
     quant::register(m)?;
     loftq::register(m)?;
+    checkpoint::register(m)?;
     Ok(())
 }
