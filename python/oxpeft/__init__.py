@@ -1,7 +1,9 @@
 """oxpeft: parameter-efficient fine-tuning with HF PEFT's API and files and a Rust core."""
 
 from oxpeft._native import version as _native_version
+from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
 from oxpeft.config import PeftConfig, PeftType, TaskType
+from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
 from oxpeft.mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
@@ -32,6 +34,14 @@ from oxpeft.tuners.loha import LoHaConfig, LoHaModel
 from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.prompt import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 __version__: str = _native_version()
 
@@ -50,6 +60,8 @@ __all__ = [
     "PeftType",
     "TaskType",
     "LoraConfig",
+    "LoftQConfig",
+    "replace_lora_weights_loftq",
     "LoraModel",
     "IA3Config",
     "IA3Model",
@@ -59,6 +71,12 @@ __all__ = [
     "LoKrModel",
     "AdaLoraConfig",
     "AdaLoraModel",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PrefixTuningConfig",
     "PeftModel",
     "PeftTrainer",
     "PeftModelForCausalLM",
@@ -81,3 +99,4 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "quantize_model",
 ]
+__all__ += ["MergeReport", "merge_checkpoint", "unmerge_checkpoint"]

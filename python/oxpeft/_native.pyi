@@ -36,3 +36,47 @@ def dequantize_int8_rows(
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
 def four_bit_code(quant_type: str) -> npt.NDArray[np.float32]: ...
 def dynamic_map() -> npt.NDArray[np.float32]: ...
+
+# --- LoftQ (rust/src/python/loftq.rs) ---
+def loftq_init(
+    weight: npt.NDArray[np.float32],
+    rank: int,
+    iters: int,
+    scaling: float,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    exact_svd: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
+    """LoftQ on one (out, in) weight: (dequantized (out, in), lora_A (rank, in), lora_B (out, rank),
+    relative error), with dequantized + scaling * lora_B @ lora_A ~ weight."""
+    ...
+def loftq_fit_fixed_base(
+    weight: npt.NDArray[np.float32],
+    dequantized: npt.NDArray[np.float32],
+    rank: int,
+    scaling: float,
+    exact_svd: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
+    """LoRA factors fitted to weight - dequantized for a base already quantised: (lora_A, lora_B, relative error)."""
+    ...
+# checkpoint merge / unmerge (rust/src/python/checkpoint.rs)
+from typing import Callable, Sequence
+
+SIDECAR_DIR: str
+
+def checkpoint_size(path: str) -> tuple[int, int]: ...
+def merge_checkpoint(
+    base: str,
+    adapters: Sequence[tuple[str, str, float]],
+    out: str,
+    exact_unmerge: bool = True,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, int]: ...
+def unmerge_checkpoint(
+    merged: str,
+    adapters: Sequence[tuple[str, str, float]],
+    out: str,
+    sidecar: str | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, int]: ...

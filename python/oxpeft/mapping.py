@@ -17,6 +17,7 @@ from oxpeft.tuners.lokr.config import LoKrConfig
 from oxpeft.tuners.lokr.model import LoKrModel
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.model import LoraModel
+from oxpeft.tuners.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
     PeftType.LORA: LoraConfig,
@@ -24,6 +25,9 @@ PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
     PeftType.LOHA: LoHaConfig,
     PeftType.LOKR: LoKrConfig,
     PeftType.ADALORA: AdaLoraConfig,
+    PeftType.PROMPT_TUNING: PromptTuningConfig,
+    PeftType.P_TUNING: PromptEncoderConfig,
+    PeftType.PREFIX_TUNING: PrefixTuningConfig,
 }
 
 PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type[BaseTuner]] = {

@@ -18,13 +18,17 @@ from oxpeft.save_load import (
     set_peft_model_state_dict,
 )
 from oxpeft.tuners.base import BaseTuner, classifier_modules_for
+from oxpeft.tuners.prompt.model import PromptLearningMixin
 
 
-class PeftModel(nn.Module):
+class PeftModel(PromptLearningMixin, nn.Module):
     """A base model with one or more adapters.
 
     Adapter rule (same as HF PEFT, stated once): `add_adapter` and `load_adapter` never change which adapter is
     active; `set_adapter(name)` makes `name` the adapter that runs in forward AND the only one that trains.
+
+    Prompt-learning methods (prompt tuning, P-tuning, prefix tuning) inject nothing: as in HF PEFT, `base_model` is
+    then the transformers model itself and the encoders live in `prompt_encoder` (see `PromptLearningMixin`).
     """
 
     def __init__(
@@ -41,7 +45,12 @@ class PeftModel(nn.Module):
 
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
+        self._is_prompt_learning = peft_config.is_prompt_learning
         config = self._with_task_heads(peft_config)
+        self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
+        if self._is_prompt_learning:
+            self._prompt_init(model, config, adapter_name)
+            return
         tuner_cls = tuner_class_for(config)
         self.base_model: BaseTuner = tuner_cls(
             model,
@@ -50,7 +59,6 @@ class PeftModel(nn.Module):
             strict_targets=strict_targets,
             autocast_adapter_dtype=autocast_adapter_dtype,
         )
-        self._input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
         self._install_input_grad_hook()
 
     # --- plumbing ------------------------------------------------------------------------------------------------
@@ -64,14 +72,20 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
+        if self._is_prompt_learning:
+            return self._prompt_configs
         return self.base_model.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
+        if self._is_prompt_learning:
+            return self._prompt_active
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
+        if self._is_prompt_learning:
+            return [self._prompt_active] if self._prompt_configs else []
         return self.base_model.active_adapters
 
     @property
@@ -79,6 +93,8 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapters[0]]
 
     def get_base_model(self) -> nn.Module:
+        if self._is_prompt_learning:
+            return self.base_model
         return self.base_model.model
 
     def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
@@ -121,12 +137,16 @@ class PeftModel(nn.Module):
     # --- forward -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model; `adapter_names` (one per sample, "__base__" for none) mixes adapters in one batch."""
+        if self._is_prompt_learning:
+            self._prompt_refuse_untasked()
         if adapter_names is None:
             return self.get_base_model()(*args, **kwargs)
         with self.base_model.batch_adapters(adapter_names):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._prompt_refuse_untasked()
         if adapter_names is None:
             return self.get_base_model().generate(*args, **kwargs)
         with self.base_model.batch_adapters(adapter_names):
@@ -139,20 +159,35 @@ class PeftModel(nn.Module):
             raise ValueError(
                 f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters"
             )
+        if self._is_prompt_learning:
+            self._prompt_add(adapter_name, self._with_task_heads(peft_config))
+            return
         active = self.active_adapters
         self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config), strict_targets=strict_targets)
         self.base_model.set_adapter(active)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate adapter(s); the active ones are the trainable ones, all others are frozen."""
+        if self._is_prompt_learning:
+            if not isinstance(adapter_name, str):
+                raise ValueError("prompt-learning models run one adapter at a time; pass a single adapter name")
+            self._prompt_set_adapter(adapter_name)
+            return
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            self._prompt_delete(adapter_name)
+            return
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the `with` block."""
+        if self._is_prompt_learning:
+            with self._prompt_disabled_block():
+                yield
+            return
         with self.base_model._adapters_disabled():
             yield
 
@@ -178,7 +213,7 @@ class PeftModel(nn.Module):
         try:
             set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
         except BaseException:
-            self.base_model.delete_adapter(adapter_name)
+            self.delete_adapter(adapter_name)
             raise
 
     @classmethod
@@ -217,7 +252,7 @@ class PeftModel(nn.Module):
         try:
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
         except BaseException:
-            peft_model.base_model.delete_adapter(adapter_name)
+            peft_model.delete_adapter(adapter_name)
             peft_model._remove_input_grad_hook()
             raise
         if not is_trainable:
@@ -291,10 +326,14 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge adapters and return the base model; quantised layers come back full precision unless
         `requantize=True`."""
+        if self._is_prompt_learning:
+            self._prompt_refuse_merge("merge_and_unload")
         self._remove_input_grad_hook()
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, requantize=requantize)
 
     def unload(self) -> nn.Module:
+        if self._is_prompt_learning:
+            self._prompt_refuse_merge("unload")
         self._remove_input_grad_hook()
         return self.base_model.unload()
 
@@ -302,13 +341,43 @@ class PeftModel(nn.Module):
 class PeftModelForCausalLM(PeftModel):
     """A causal language model with adapters."""
 
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._prompt_refuse_batch_adapters(adapter_names)
+            return self._prompt_causal_forward(*args, **kwargs)
+        return super().forward(*args, adapter_names=adapter_names, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._prompt_refuse_batch_adapters(adapter_names)
+            return self._prompt_causal_generate(*args, **kwargs)
+        return super().generate(*args, adapter_names=adapter_names, **kwargs)
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """An encoder-decoder model with adapters."""
 
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._prompt_refuse_batch_adapters(adapter_names)
+            return self._prompt_seq2seq_forward(*args, **kwargs)
+        return super().forward(*args, adapter_names=adapter_names, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._prompt_refuse_batch_adapters(adapter_names)
+            return self._prompt_seq2seq_generate(*args, **kwargs)
+        return super().generate(*args, adapter_names=adapter_names, **kwargs)
+
 
 class PeftModelForSequenceClassification(PeftModel):
     """A sequence classifier with adapters; the classification head trains and is saved with the adapter."""
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._prompt_refuse_batch_adapters(adapter_names)
+            return self._prompt_seq_cls_forward(*args, **kwargs)
+        return super().forward(*args, adapter_names=adapter_names, **kwargs)
 
 
 class PeftModelForTokenClassification(PeftModel):

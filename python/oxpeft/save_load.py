@@ -20,6 +20,8 @@ from oxpeft.hub import resolve_file
 from oxpeft.tuners.base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, matches_targets
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+# The one tensor of a prompt-learning adapter: its encoder's output for every virtual token.
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 WEIGHTS_NAME = "adapter_model.bin"
 # Names PEFT treats as embedding layers when deciding whether to save full embedding weights.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -80,6 +82,8 @@ def get_peft_model_state_dict(
     if tuner is not None:
         selected = tuner.adapter_tensors_to_save(model, selected, adapter_name)
     out: dict[str, torch.Tensor] = {ckpt_key: selected[model_key] for model_key, ckpt_key in key_map.items()}
+    if config.is_prompt_learning:
+        out[PROMPT_EMBEDDINGS_KEY] = model.get_prompt_embedding_to_save(adapter_name)
 
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -137,6 +141,11 @@ def set_peft_model_state_dict(
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     unexpected: list[str] = []
     problems: list[str] = []
+    prompt_value: torch.Tensor | None = None
+    if model.peft_config[adapter_name].is_prompt_learning:
+        peft_model_state_dict = dict(peft_model_state_dict)
+        prompt_value = peft_model_state_dict.pop(PROMPT_EMBEDDINGS_KEY, None)
+        problems += _prompt_problems(model, adapter_name, prompt_value)
     for ckpt_key, value in peft_model_state_dict.items():
         model_key = by_ckpt.get(ckpt_key, ckpt_key if ckpt_key in tensors else None)
         if model_key is None:
@@ -165,6 +174,29 @@ def set_peft_model_state_dict(
     with torch.no_grad():
         for target, value in plan:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if prompt_value is not None:
+        model.prompt_encoder[adapter_name].load_output(prompt_value)
+
+
+def _prompt_problems(model: nn.Module, adapter_name: str, value: torch.Tensor | None) -> list[str]:
+    """What keeps `value` (a file's prompt_embeddings) from loading into the adapter's prompt encoder."""
+    if value is None:
+        return [f"tensor '{PROMPT_EMBEDDINGS_KEY}' is missing from the file"]
+    encoder = model.prompt_encoder[adapter_name]
+    if encoder.reparametrised:
+        return [
+            f"tensor '{PROMPT_EMBEDDINGS_KEY}' is the {type(encoder).__name__}'s output, not its reparametrisation "
+            "weights, so it cannot be trained further through the encoder; load it with is_trainable=False"
+        ]
+    expected = tuple(encoder.embedding.weight.shape)
+    if tuple(value.shape) != expected:
+        return [
+            f"tensor '{PROMPT_EMBEDDINGS_KEY}' has shape {tuple(value.shape)} but the config gives {expected} "
+            "(num_virtual_tokens x width)"
+        ]
+    if not value.dtype.is_floating_point:
+        return [f"tensor '{PROMPT_EMBEDDINGS_KEY}' has dtype {value.dtype}; expected a floating-point tensor"]
+    return []
 
 
 def _first(keys: list[str], n: int = 3) -> str:

@@ -3,8 +3,11 @@
 //! Nothing here knows Python except the `python` module, which is compiled only with the
 //! `python` feature (maturin enables it; `cargo test` does not).
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod loftq;
+pub mod merge;
 pub mod quant;
 
 #[cfg(feature = "python")]

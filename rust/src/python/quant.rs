@@ -34,7 +34,7 @@ impl Dtype {
 }
 
 fn slice_of<'a, T: numpy::Element>(array: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    array.as_slice().map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
+    super::c_contiguous(array, name)
 }
 
 fn u16_input<'py>(input: &Bound<'py, PyAny>, dtype: &str) -> PyResult<PyReadonlyArray1<'py, u16>> {
@@ -168,7 +168,7 @@ fn quantize_int8_rows<'py>(
             PyValueError::new_err("int8 input must be a 2-D array (float32, or uint16 bit patterns for 16-bit dtypes)")
         })?;
         let (rows, cols) = (arr.shape()[0], arr.shape()[1]);
-        let data = arr.as_slice().map_err(|_| PyValueError::new_err("int8 input must be C-contiguous"))?;
+        let data = super::c_contiguous(&arr, "int8 input")?;
         let (cb, scb) = py.detach(|| f(data, rows, cols))?;
         let cb = cb.into_pyarray(py).reshape([rows, cols])?;
         Ok((cb, scb.into_pyarray(py)))
@@ -190,7 +190,7 @@ fn dequantize_int8_rows<'py>(
     dtype: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (rows, cols) = (cb.shape()[0], cb.shape()[1]);
-    let cb = cb.as_slice().map_err(|_| PyValueError::new_err("CB must be C-contiguous"))?;
+    let cb = super::c_contiguous(&cb, "CB")?;
     let scb = slice_of(&scb, "SCB")?;
     let n = rows * cols;
     Ok(match Dtype::parse(dtype)? {

@@ -1,0 +1,333 @@
+"""Offline merge and unmerge of LoRA adapters into safetensors checkpoints of any size.
+
+The Rust core streams the base checkpoint from memory-mapped shards and writes each output tensor
+as it is produced, so memory use does not grow with the model. This module resolves the adapters,
+builds the output in a temporary folder beside ``out``, copies the non-weight files and renames the
+folder into place only when everything succeeded: a failed run leaves nothing behind.
+
+Exact unmerge: by default a merge also writes ``out/oxpeft-unmerge/`` (safetensors files plus
+``manifest.json``) holding the few elements whose original bits would not come back by subtracting
+the delta again, the per-row DoRA factors and the originals of ``modules_to_save`` tensors.
+Serving tools that load every ``*.safetensors`` of a folder do not look into that sub-folder.
+:func:`unmerge_checkpoint` with it restores the base bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+from oxpeft import _native
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SIDECAR_DIR: str = _native.SIDECAR_DIR
+_MANIFEST = "manifest.json"
+_MANIFEST_FORMAT = "oxpeft-exact-unmerge/1"
+# Weight files of other formats are not copied: they would hold the unmerged weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge or unmerge did."""
+
+    #: "merge" or "unmerge".
+    operation: str
+    out: Path
+    tensors: int
+    tensors_changed: int
+    bytes: int
+    elements_changed: int
+    #: Merge: elements recorded in the exact-unmerge sidecar. Unmerge: elements restored from it.
+    sidecar_elements: int
+    sidecar_bytes: int
+    seconds: float
+    #: Merge: whether a sidecar was written. Unmerge: whether the result is bit-exact.
+    exact: bool
+
+    @property
+    def sidecar_fraction(self) -> float:
+        """Sidecar size as a fraction of the checkpoint's tensor bytes."""
+        return self.sidecar_bytes / self.bytes if self.bytes else 0.0
+
+    def summary(self) -> str:
+        """A one-paragraph human summary."""
+        gib = self.bytes / 2**30
+        text = (
+            f"{self.out}: {self.tensors_changed} of {self.tensors} tensors changed, "
+            f"{gib:.2f} GiB in {self.seconds:.1f} s ({gib / max(self.seconds, 1e-9):.2f} GiB/s)"
+        )
+        if self.operation == "merge" and self.exact:
+            text += (
+                f"; exact-unmerge sidecar in {SIDECAR_DIR}/: {self.sidecar_elements} elements, "
+                f"{self.sidecar_bytes / 2**20:.2f} MiB ({100 * self.sidecar_fraction:.3f} % of the model)"
+            )
+        elif self.operation == "unmerge":
+            text += (
+                f"; bit-exact ({self.sidecar_elements} elements restored from the sidecar)"
+                if self.exact
+                else "; APPROXIMATE: no exact-unmerge sidecar, elements may differ from the original by rounding"
+            )
+        return text
+
+
+def merge_checkpoint(
+    base: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    out: PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    force: bool = False,
+    exact_unmerge: bool = True,
+    progress: bool = True,
+) -> MergeReport:
+    """Merge LoRA adapters into the safetensors checkpoint folder ``base``, writing folder ``out``.
+
+    Each adapter is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``
+    or ``.bin``). The merged weight is ``round(float(W) + sum_i weights[i] * scaling_i * B_i @ A_i)``
+    computed in fp32 and rounded once; DoRA, rsLoRA, rank/alpha patterns, fan_in_fan_out,
+    lora_bias, embedding LoRA and modules_to_save are handled. The output keeps the base's tensor
+    names, dtypes, shard layout and metadata, plus its config and tokenizer files.
+
+    Args:
+        base: folder with ``model.safetensors`` or ``model.safetensors.index.json`` and shards.
+        adapters: one adapter folder or several, merged in order.
+        out: output folder; must not exist unless ``force``.
+        weights: one multiplier per adapter (default 1.0 each).
+        force: replace an existing ``out``.
+        exact_unmerge: also write the sidecar that makes :func:`unmerge_checkpoint` bit-exact.
+        progress: show a progress bar on stderr.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is false.
+        ValueError: an adapter does not fit the base (the message names both tensors), or a file is corrupt.
+    """
+    base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
+    with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
+        resolved = [_resolve_adapter(d, w, Path(scratch)) for d, w in zip(adapter_dirs, weights)]
+        _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
+
+        def work(tmp: Path, bar: _Progress) -> dict:
+            report = _native.merge_checkpoint(
+                str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.callback
+            )
+            if exact_unmerge and (tmp / SIDECAR_DIR).is_dir():
+                manifest = {"format": _MANIFEST_FORMAT, "adapters": [r[3] for r in resolved]}
+                (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            return report
+
+        return _build(base_dir, out_dir, force, progress, "merge", work, exact=exact_unmerge)
+
+
+def unmerge_checkpoint(
+    merged: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    out: PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> MergeReport:
+    """Remove merged LoRA adapters from the checkpoint folder ``merged``, writing folder ``out``.
+
+    When ``merged`` holds the exact-unmerge sidecar written for these adapters (same files, same
+    order), the result equals the original base bit for bit, and the merge's weights are used.
+    Without it the delta is subtracted and the result is approximate (a warning says so); DoRA
+    and modules_to_save cannot be undone without it.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is false.
+        ValueError: the sidecar belongs to other adapters, or an adapter does not fit.
+    """
+    explicit_weights = weights is not None
+    merged_dir, out_dir, adapter_dirs, weights = _check_paths(merged, adapters, out, weights, force)
+    sidecar = merged_dir / SIDECAR_DIR
+    with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
+        resolved = [_resolve_adapter(d, w, Path(scratch)) for d, w in zip(adapter_dirs, weights)]
+        manifest_path = sidecar / _MANIFEST
+        exact = manifest_path.is_file()
+        if exact:
+            manifest = json.loads(manifest_path.read_text())
+            recorded = manifest.get("adapters", [])
+            given = [r[3] for r in resolved]
+            strip = lambda fps: [{k: v for k, v in fp.items() if k != "weight"} for fp in fps]  # noqa: E731
+            if manifest.get("format") != _MANIFEST_FORMAT or strip(recorded) != strip(given):
+                raise ValueError(
+                    f"{manifest_path}: the exact-unmerge sidecar was written for other adapters "
+                    f"(or another order); pass the adapters that were merged, in the same order"
+                )
+            # The sidecar is only valid for the weights it was written with.
+            if explicit_weights and weights != [fp["weight"] for fp in recorded]:
+                raise ValueError(
+                    f"{manifest_path}: the adapters were merged with weights "
+                    f"{[fp['weight'] for fp in recorded]}, not {weights}"
+                )
+            resolved = [(d, f, fp["weight"], fp) for (d, f, _, _), fp in zip(resolved, recorded)]
+        else:
+            warnings.warn(
+                f"{merged_dir} has no exact-unmerge sidecar: the unmerged weights are approximate "
+                "(elements may differ from the original base by rounding)",
+                stacklevel=2,
+            )
+
+        def work(tmp: Path, bar: _Progress) -> dict:
+            return _native.unmerge_checkpoint(
+                str(merged_dir),
+                [r[:3] for r in resolved],
+                str(tmp),
+                str(sidecar) if exact else None,
+                bar.callback,
+            )
+
+        return _build(merged_dir, out_dir, force, progress, "unmerge", work, exact=exact)
+
+
+def _check_paths(
+    base: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    out: PathLike,
+    weights: Sequence[float] | None,
+    force: bool,
+) -> tuple[Path, Path, list[Path], list[float]]:
+    base_dir = Path(base).resolve()
+    out_dir = Path(out).resolve()
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    adapter_dirs = [Path(a).resolve() for a in adapters]
+    if not adapter_dirs:
+        raise ValueError("no adapters given")
+    weights = [1.0] * len(adapter_dirs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapter_dirs):
+        raise ValueError(f"{len(weights)} weights given for {len(adapter_dirs)} adapters")
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"{base_dir}: no such checkpoint folder")
+    for p in [base_dir, *adapter_dirs]:
+        if out_dir == p or out_dir in p.parents or p in out_dir.parents:
+            raise ValueError(f"output folder {out_dir} overlaps input {p}")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} already exists (pass force=True / --force to replace it)")
+    return base_dir, out_dir, adapter_dirs, weights
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, str, float, dict]:
+    """(folder, safetensors weights file, weight, fingerprint) of an adapter folder.
+
+    A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
+    unpickle) and converted to a safetensors file in ``scratch``.
+    """
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
+    st = folder / "adapter_model.safetensors"
+    source = st if st.is_file() else folder / "adapter_model.bin"
+    if not source.is_file():
+        raise FileNotFoundError(f"{folder}: neither adapter_model.safetensors nor adapter_model.bin")
+    weights_file = st
+    if source != st:
+        import torch
+        from safetensors.torch import save_file
+
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{source}: not a state dict of tensors")
+        weights_file = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
+    fingerprint = {"config_sha256": _sha256(config), "weights_sha256": _sha256(source), "weight": weight}
+    return str(folder), str(weights_file), weight, fingerprint
+
+
+def _warn_if_tied_embedding_changes(base: Path, weight_files: list[str]) -> None:
+    """LoRA on an input embedding that the output layer shares (tie_word_embeddings) changes the output
+    layer too once merged, which the adapted model did not do."""
+    config = base / "config.json"
+    if not config.is_file():
+        return
+    cfg = json.loads(config.read_text())
+    # transformers' PretrainedConfig default is to tie.
+    if not cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", True)):
+        return
+    from safetensors import safe_open
+
+    for f in weight_files:
+        with safe_open(f, "np") as st:
+            if any(k.endswith(".lora_embedding_A") for k in st.keys()):
+                warnings.warn(
+                    f"{f}: LoRA on an embedding of a model with tied input/output embeddings "
+                    f"({config}: tie_word_embeddings): the merged embedding is also the output layer, so the "
+                    "merged model differs from the adapted one",
+                    stacklevel=3,
+                )
+                return
+
+
+class _Progress:
+    """A tqdm bar fed by the native per-tensor callback (bytes, tensors, ETA)."""
+
+    def __init__(self, enabled: bool, desc: str, total_bytes: int, total_tensors: int) -> None:
+        self.total_tensors = total_tensors
+        self.done = 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+    def callback(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.done}/{self.total_tensors} tensors", refresh=False)
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """Copies config, generation config, tokenizer and other non-weight top-level files."""
+    for entry in src.iterdir():
+        if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(entry, dst / entry.name)
+
+
+def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *, exact: bool) -> MergeReport:
+    total_bytes, total_tensors = _native.checkpoint_size(str(src))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    bar = _Progress(progress, desc, total_bytes, total_tensors)
+    start = time.perf_counter()
+    try:
+        raw = work(tmp, bar)
+        _copy_other_files(src, tmp)
+        if out.exists():
+            if not force:
+                raise FileExistsError(f"{out} appeared while writing; not replacing it")
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return MergeReport(operation=desc, out=out, seconds=time.perf_counter() - start, exact=exact, **raw)

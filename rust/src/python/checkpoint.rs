@@ -1,0 +1,147 @@
+//! Bindings for offline merge / unmerge of adapters into safetensors checkpoints.
+//!
+//! The work runs on a worker thread (and its rayon pool) while the calling thread, with the GIL
+//! released except for a moment per event, forwards per-tensor progress to the Python callback
+//! and checks for signals every 100 ms, so that Ctrl-C stops a long merge promptly (Python only
+//! delivers signals on its main thread).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::checkpoint::Checkpoint;
+use crate::merge::{self, AdapterInput, MergePlan, Mode, Report};
+
+/// (adapter folder, weights file, weight) as passed from Python.
+type PyAdapter = (PathBuf, PathBuf, f64);
+
+/// Total tensor bytes and tensor count of the checkpoint in `path` (validates every shard).
+#[pyfunction]
+fn checkpoint_size(py: Python<'_>, path: PathBuf) -> PyResult<(u64, usize)> {
+    let ck = py.detach(|| Checkpoint::open(&path))?;
+    Ok((ck.total_bytes(), ck.num_tensors()))
+}
+
+fn run(
+    py: Python<'_>,
+    base: PathBuf,
+    adapters: Vec<PyAdapter>,
+    out: PathBuf,
+    mode: Mode,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    let inputs: Vec<AdapterInput> = adapters
+        .into_iter()
+        .map(|(dir, weights_file, weight)| AdapterInput {
+            dir,
+            weights_file,
+            weight,
+        })
+        .collect();
+    let cancel = AtomicBool::new(false);
+    // An exception raised by the callback or a signal handler (KeyboardInterrupt) cancels the run
+    // and is re-raised once the worker has stopped.
+    let mut raised: Option<PyErr> = None;
+    let result = std::thread::scope(|scope| {
+        let (cancel, inputs, mode, base, out) = (&cancel, &inputs, &mode, &base, &out);
+        let (tx, mut rx): (_, Receiver<(String, u64)>) = channel();
+        let worker = scope.spawn(move || -> crate::Result<Report> {
+            let ck = Checkpoint::open(base)?;
+            let plan = MergePlan::build(&ck, inputs, matches!(mode, Mode::Unmerge { .. }))?;
+            let report = |name: &str, bytes: u64| -> bool {
+                tx.send((name.to_string(), bytes)).is_ok() && !cancel.load(Ordering::Relaxed)
+            };
+            merge::run(&ck, &plan, out, mode, &report)
+        });
+        loop {
+            let (back, event) = py.detach(move || {
+                let event = rx.recv_timeout(Duration::from_millis(100));
+                (rx, event)
+            });
+            rx = back;
+            let outcome = match event {
+                Ok((name, bytes)) => match &progress {
+                    Some(cb) => cb.call1(py, (name, bytes)).map(drop),
+                    None => Ok(()),
+                },
+                Err(RecvTimeoutError::Timeout) => Ok(()),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            .and_then(|()| py.check_signals());
+            if let Err(e) = outcome {
+                raised.get_or_insert(e);
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+        worker.join().expect("the merge worker does not panic")
+    });
+    if let Some(e) = raised {
+        return Err(e);
+    }
+    let r = result?;
+    let d = PyDict::new(py);
+    d.set_item("tensors", r.tensors)?;
+    d.set_item("tensors_changed", r.tensors_changed)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("elements_changed", r.elements_changed)?;
+    d.set_item("sidecar_elements", r.sidecar_elements)?;
+    d.set_item("sidecar_bytes", r.sidecar_bytes)?;
+    Ok(d.unbind())
+}
+
+/// Merges `adapters` into the checkpoint in `base`, writing its shards into the existing folder
+/// `out` (and the exact-unmerge sidecar into `out/oxpeft-unmerge/` when asked). Nothing is
+/// written when an adapter does not fit the base.
+#[pyfunction]
+#[pyo3(signature = (base, adapters, out, exact_unmerge=true, progress=None))]
+fn merge_checkpoint(
+    py: Python<'_>,
+    base: PathBuf,
+    adapters: Vec<PyAdapter>,
+    out: PathBuf,
+    exact_unmerge: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    run(
+        py,
+        base,
+        adapters,
+        out,
+        Mode::Merge { exact_unmerge },
+        progress,
+    )
+}
+
+/// Subtracts `adapters` from the merged checkpoint in `merged`, writing into `out`; with the
+/// sidecar folder the result is the original base bit for bit.
+#[pyfunction]
+#[pyo3(signature = (merged, adapters, out, sidecar=None, progress=None))]
+fn unmerge_checkpoint(
+    py: Python<'_>,
+    merged: PathBuf,
+    adapters: Vec<PyAdapter>,
+    out: PathBuf,
+    sidecar: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    run(
+        py,
+        merged,
+        adapters,
+        out,
+        Mode::Unmerge { sidecar },
+        progress,
+    )
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(checkpoint_size, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(unmerge_checkpoint, m)?)?;
+    m.add("SIDECAR_DIR", merge::SIDECAR_DIR)?;
+    Ok(())
+}
