@@ -77,7 +77,7 @@ def rebuild_cp(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Te
 
 
 class LycorisLayer(DeltaTunerLayer):
-    """A LyCORIS adapter on nn.Linear or nn.Conv2d. Subclasses name their factor containers in
+    """A LyCORIS adapter on nn.Linear, nn.Conv1d or nn.Conv2d. Subclasses name their factor containers in
     `adapter_layer_names` and implement `_create_factors` and `_full_delta`."""
 
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "rank_dropout_scale", "module_dropout")
@@ -92,9 +92,9 @@ class LycorisLayer(DeltaTunerLayer):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+        if not isinstance(base_layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             raise ValueError(
-                f"{type(self).__name__} supports nn.Linear and nn.Conv2d, not {type(base_layer).__name__}"
+                f"{type(self).__name__} supports nn.Linear, nn.Conv1d and nn.Conv2d, not {type(base_layer).__name__}"
             )
         self._init_tuner_layer(base_layer)
         if isinstance(base_layer, nn.Linear):
@@ -139,7 +139,12 @@ class LycorisLayer(DeltaTunerLayer):
     # --- shared behaviour ----------------------------------------------------------------------------------------
     @property
     def is_conv(self) -> bool:
-        return isinstance(self.get_base_layer(), nn.Conv2d)
+        return isinstance(self.get_base_layer(), (nn.Conv1d, nn.Conv2d))
+
+    def _cp_kernel(self) -> tuple[int, int]:
+        """The kernel shape of a CP core: (kh, kw), or (k, 1) for Conv1d (HF PEFT's layout)."""
+        kernel = tuple(self.get_base_layer().kernel_size)
+        return (kernel[0], 1) if len(kernel) == 1 else kernel
 
     def _param(self, attr: str, shape: tuple[int, ...], adapter_name: str) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape))
@@ -153,7 +158,7 @@ class LycorisLayer(DeltaTunerLayer):
 
     def _uses_cp(self, config: LycorisConfig) -> bool:
         # A 1x1 convolution is a matrix product, so the CP form would only add work.
-        return config.use_effective_conv2d and self.is_conv and self.get_base_layer().kernel_size != (1, 1)
+        return config.use_effective_conv2d and self.is_conv and math.prod(self.get_base_layer().kernel_size) > 1
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         base = self.get_base_layer()
@@ -176,9 +181,8 @@ class LycorisLayer(DeltaTunerLayer):
         base = self.get_base_layer()
         if self.is_conv:
             # The bias is already in the base output.
-            return F.conv2d(
-                x, delta, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups
-            )
+            conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+            return conv(x, delta, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
         return F.linear(x, delta)
 
 

@@ -1,7 +1,7 @@
 """LoHa layers: the weight delta is the Hadamard (element-wise) product of two rank-r products.
 
-Linear, and Conv2d flattened to (out, in * kh * kw): ``delta = (w1_a @ w1_b) * (w2_a @ w2_b)``, with w*_a (out, r)
-and w*_b (r, in). Conv2d with `use_effective_conv2d` (kernel > 1x1): each factor is a CP form
+Linear, and Conv1d / Conv2d flattened to (out, in * kernel): ``delta = (w1_a @ w1_b) * (w2_a @ w2_b)``, with
+w*_a (out, r) and w*_b (r, in). Convolutions with `use_effective_conv2d` (kernel > 1): each factor is a CP form
 ``einsum(t (r, r, kh, kw), w_a (r, out), w_b (r, in))`` and ``delta = factor1 * factor2``.
 """
 
@@ -16,16 +16,15 @@ from oxpeft.tuners.lycoris import LycorisConfig, LycorisLayer, kaiming_init, reb
 
 
 class LoHaLayer(LycorisLayer):
-    """LoHa on nn.Linear or nn.Conv2d."""
+    """LoHa on nn.Linear, nn.Conv1d or nn.Conv2d."""
 
     adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     def _create_factors(self, adapter_name: str, r: int, config: LycorisConfig) -> None:
         if self._uses_cp(config):
             base = self.get_base_layer()
-            kh, kw = base.kernel_size
             in_channels = base.in_channels // base.groups
-            cores = [self._param(t, (r, r, kh, kw), adapter_name) for t in ("hada_t1", "hada_t2")]
+            cores = [self._param(t, (r, r, *self._cp_kernel()), adapter_name) for t in ("hada_t1", "hada_t2")]
             shapes = {"_a": (r, self.out_features), "_b": (r, in_channels)}
         else:
             cores = []

@@ -1,7 +1,7 @@
 """LoKr layers: the weight delta is a Kronecker product ``kron(w1, w2)``.
 
-With out = a * b and in = c * d (`factorization`), w1 is (a, c) and w2 is (b, d) (Conv2d: (b, d, kh, kw), or
-(b, d * kh * kw) in flattened form). Either factor may be stored as a rank-r product (`lokr_w1_a @ lokr_w1_b`,
+With out = a * b and in = c * d (`factorization`), w1 is (a, c) and w2 is (b, d) (convolutions: (b, d, *kernel), or
+(b, d * kernel size) in flattened form). Either factor may be stored as a rank-r product (`lokr_w1_a @ lokr_w1_b`,
 `lokr_w2_a @ lokr_w2_b`), and a k x k conv's w2 in CP form (`lokr_t2`, `lokr_w2_a`, `lokr_w2_b`).
 """
 
@@ -38,7 +38,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LoKrLayer(LycorisLayer):
-    """LoKr on nn.Linear or nn.Conv2d."""
+    """LoKr on nn.Linear, nn.Conv1d or nn.Conv2d."""
 
     adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -64,7 +64,7 @@ class LoKrLayer(LycorisLayer):
                 w2 = [
                     self._param("lokr_w2_a", (r, b), adapter_name),
                     self._param("lokr_w2_b", (r, d), adapter_name),
-                    self._param("lokr_t2", (r, r, *kernel), adapter_name),
+                    self._param("lokr_t2", (r, r, *self._cp_kernel()), adapter_name),
                 ]
             else:
                 w2 = [
@@ -91,7 +91,11 @@ class LoKrLayer(LycorisLayer):
         else:
             w2 = self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]
         if w2.dim() == 4:
-            w1 = w1[:, :, None, None]
+            # kron(w1[:, :, None, None], w2) written out: torch.kron fails on a CP-form Conv1d w2 (b, d, k, 1).
+            (a, c), (b, d, kh, kw) = w1.shape, w2.shape
+            return (w1[:, None, :, None, None, None] * w2[None, :, None, :, :, :]).reshape(a * b, c * d, kh, kw)
+        # A full Conv1d w2 is 3-D and kron pads w1 with a leading axis; the result is reshaped to the kernel as is,
+        # exactly as HF PEFT computes it, so that adapters mean the same in both libraries.
         return torch.kron(w1, w2)
 
     def __repr__(self) -> str:
