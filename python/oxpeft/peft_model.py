@@ -290,7 +290,12 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 kwargs.setdefault(
                     "auto_mapping", {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
                 )
-            config.save_pretrained(directory, inference_mode=True, **kwargs)
+            overrides = dict(kwargs)
+            if getattr(config, "init_lora_weights", None) == "loftq":
+                # The saved factors are already fitted: loading must not run LoftQ again (PEFT's own practice).
+                overrides.setdefault("init_lora_weights", True)
+                overrides.setdefault("loftq_config", {})
+            config.save_pretrained(directory, inference_mode=True, **overrides)
 
     # --- parameters ----------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -210,11 +210,13 @@ class BaseTunerLayer:
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active (and trainable) adapters of this layer; others are frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.adapter_names():
+        present = self.adapter_names()
+        for name in present:
             trainable = name in names
             for p in self.adapter_parameters(name):
-                p.requires_grad_(trainable)
-        self._active_adapter = [n for n in names if n in self.adapter_names()]
+                if p.requires_grad != trainable:
+                    p.requires_grad_(trainable)
+        self._active_adapter = [n for n in names if n in present]
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
@@ -100,6 +101,8 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
         if self.use_dora and self.lora_bias:
             raise ValueError("use_dora and lora_bias cannot be combined")
+        if dataclasses.is_dataclass(self.loftq_config):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
         self._check_init(self.init_lora_weights)
         self._refuse_unsupported()
         if self.loftq_config and self.init_lora_weights != "loftq":

@@ -147,6 +147,35 @@ class LoraLayer(BaseTunerLayer):
         q, rr = torch.linalg.qr(weight)
         self._set_principal(adapter_name, rr[:r].contiguous(), q[:, :r].contiguous())
 
+    # --- LoftQ ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def loftq_init(self, adapter_name: str, loftq_config: dict) -> None:
+        """Quantise the base layer and initialise the adapter so that deq(Q) + scaling * B @ A ~ W (LoftQ).
+
+        The base becomes oxpeft's Linear4bit (NF4, no double quantisation, so it holds exactly the weight the
+        loop optimised for) or Linear8bit; the adapter is fitted to the quantisation residual by the Rust loop.
+        """
+        from oxpeft.loftq import LoftQConfig, loftq_initialize
+        from oxpeft.quant import Linear4bit, Linear8bit
+
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            raise ValueError(f"init_lora_weights='loftq' needs a full-precision nn.Linear base, got {type(base).__name__}")
+        config = LoftQConfig.from_dict(loftq_config or {})
+        dequantized, lora_a, lora_b = loftq_initialize(
+            base.weight, self.r[adapter_name], self.scaling[adapter_name], config
+        )
+        fitted = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+        fitted.weight = nn.Parameter(dequantized, requires_grad=False)
+        if base.bias is not None:
+            fitted.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
+        if config.loftq_bits == 4:
+            self.base_layer = Linear4bit.from_linear(fitted, quant_type="nf4", compress_statistics=False)
+        else:
+            self.base_layer = Linear8bit.from_linear(fitted)
+        self.lora_A[adapter_name].weight.copy_(lora_a)
+        self.lora_B[adapter_name].weight.copy_(lora_b)
+
     # --- DoRA ----------------------------------------------------------------------------------------------------
     def _dense_base_weight(self) -> torch.Tensor:
         """The base weight as a dense (out, in) tensor, dequantised if the base is quantised."""

@@ -44,9 +44,12 @@ class LoraModel(BaseTuner):
             use_dora=config.use_dora,
             lora_bias=config.lora_bias,
         )
-        if config.init_lora_weights == "loftq":
-            raise ValueError("init_lora_weights='loftq' needs oxpeft's LoftQ initialisation (oxpeft.loftq)")
+        loftq = config.init_lora_weights == "loftq"
+        if loftq:
+            options["init_lora_weights"] = True  # the LoftQ fit below replaces both factors
         if isinstance(target, LoraLayer):
+            if loftq:
+                raise ValueError(f"'{current_key}' already has an adapter; LoftQ initialises a layer's first adapter only")
             target.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(target.get_base_layer()), **options)
             return
         layer_cls, required_fifo = lora_layer_for(target)
@@ -56,6 +59,8 @@ class LoraModel(BaseTuner):
             warn_fan_in_fan_out(current_key, fifo, config.fan_in_fan_out)
             kwargs["fan_in_fan_out"] = fifo
         new_module = layer_cls(target, adapter_name, **kwargs)
+        if loftq:
+            new_module.loftq_init(adapter_name, config.loftq_config)
         setattr(parent, target_name, new_module)
 
     def add_weighted_adapter(
