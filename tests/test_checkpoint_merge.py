@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import oxpeft
 from oxpeft import cli
+from conftest import TINY_LLAMA
 from oxpeft.checkpoint import SIDECAR_DIR
 
 peft = pytest.importorskip("peft")
@@ -25,15 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
-LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    tie_word_embeddings=False,
-)
+LLAMA = dict(TINY_LLAMA, tie_word_embeddings=False)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOATS = {torch.float32, torch.bfloat16, torch.float16}
 

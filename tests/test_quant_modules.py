@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_llama
 from oxpeft.quant import (
     Linear4bit,
     Linear8bit,
@@ -250,19 +251,7 @@ def _nan_scaled_state():
 
 
 def _tiny_llama(tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return make_llama(tie_word_embeddings=tie).to(torch.bfloat16)
 
 
 def test_quantization_config_accepts_bitsandbytes_config():

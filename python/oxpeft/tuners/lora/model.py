@@ -9,9 +9,6 @@ from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
 from oxpeft.tuners.lora.weighted import add_weighted_adapter
 
-# Kept under this name for callers of the LoRA package; the table is shared with LoHa and LoKr.
-DEFAULT_TARGET_MODULES = LOW_RANK_TARGET_MODULES
-
 
 class LoraModel(BaseTuner):
     """The LoRA tuner. Usually created through `get_peft_model`."""
@@ -20,7 +17,7 @@ class LoraModel(BaseTuner):
     layer_cls = LoraLayer
 
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
-        return DEFAULT_TARGET_MODULES.get(model_type or "")
+        return LOW_RANK_TARGET_MODULES.get(model_type or "")
 
     def _create_and_replace(
         self,
