@@ -1,102 +1,123 @@
-"""oxpeft: parameter-efficient fine-tuning with HF PEFT's API and files and a Rust core."""
+"""oxpeft: parameter-efficient fine-tuning with HF PEFT's API and files and a Rust core.
+
+The public names are imported on first use, so `import oxpeft` is cheap: the offline merge, the config
+tools and the CLI never load torch or transformers unless they need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from oxpeft._native import version as _native_version
-from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
-from oxpeft.config import PeftConfig, PeftType, TaskType
-from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
-from oxpeft.mapping import (
-    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
-    PEFT_TYPE_TO_CONFIG_MAPPING,
-    PEFT_TYPE_TO_TUNER_MAPPING,
-    get_peft_model,
-)
-from oxpeft.quant import (
-    Linear4bit,
-    Linear8bit,
-    QuantizationConfig,
-    load_quantized,
-    prepare_model_for_kbit_training,
-    quantize_model,
-)
-from oxpeft.peft_model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-)
-from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
-from oxpeft.tuners.ia3 import IA3Config, IA3Model
-from oxpeft.tuners.loha import LoHaConfig, LoHaModel
-from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
-from oxpeft.tuners.lora.config import LoraConfig
-from oxpeft.tuners.lora.model import LoraModel
-from oxpeft.tuners.prompt import (
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptLearningConfig,
-    PromptTuningConfig,
-    PromptTuningInit,
-)
 
 __version__: str = _native_version()
 
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "MergeReport": "oxpeft.checkpoint",
+    "merge_checkpoint": "oxpeft.checkpoint",
+    "unmerge_checkpoint": "oxpeft.checkpoint",
+    "PeftConfig": "oxpeft.config",
+    "PeftType": "oxpeft.config",
+    "TaskType": "oxpeft.config",
+    "LoftQConfig": "oxpeft.loftq",
+    "replace_lora_weights_loftq": "oxpeft.loftq",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "oxpeft.mapping",
+    "PEFT_TYPE_TO_CONFIG_MAPPING": "oxpeft.mapping",
+    "PEFT_TYPE_TO_TUNER_MAPPING": "oxpeft.mapping",
+    "get_peft_model": "oxpeft.mapping",
+    "Linear4bit": "oxpeft.quant",
+    "Linear8bit": "oxpeft.quant",
+    "QuantizationConfig": "oxpeft.quant",
+    "load_quantized": "oxpeft.quant",
+    "prepare_model_for_kbit_training": "oxpeft.quant",
+    "quantize_model": "oxpeft.quant",
+    "PeftModel": "oxpeft.peft_model",
+    "PeftModelForCausalLM": "oxpeft.peft_model",
+    "PeftModelForFeatureExtraction": "oxpeft.peft_model",
+    "PeftModelForQuestionAnswering": "oxpeft.peft_model",
+    "PeftModelForSeq2SeqLM": "oxpeft.peft_model",
+    "PeftModelForSequenceClassification": "oxpeft.peft_model",
+    "PeftModelForTokenClassification": "oxpeft.peft_model",
+    "get_peft_model_state_dict": "oxpeft.save_load",
+    "load_peft_weights": "oxpeft.save_load",
+    "set_peft_model_state_dict": "oxpeft.save_load",
+    "AdaLoraConfig": "oxpeft.tuners.adalora",
+    "AdaLoraModel": "oxpeft.tuners.adalora",
+    "IA3Config": "oxpeft.tuners.ia3",
+    "IA3Model": "oxpeft.tuners.ia3",
+    "LoHaConfig": "oxpeft.tuners.loha",
+    "LoHaModel": "oxpeft.tuners.loha",
+    "LoKrConfig": "oxpeft.tuners.lokr",
+    "LoKrModel": "oxpeft.tuners.lokr",
+    "LoraConfig": "oxpeft.tuners.lora.config",
+    "LoraModel": "oxpeft.tuners.lora.model",
+    "PrefixTuningConfig": "oxpeft.tuners.prompt",
+    "PromptEncoderConfig": "oxpeft.tuners.prompt",
+    "PromptEncoderReparameterizationType": "oxpeft.tuners.prompt",
+    "PromptLearningConfig": "oxpeft.tuners.prompt",
+    "PromptTuningConfig": "oxpeft.tuners.prompt",
+    "PromptTuningInit": "oxpeft.tuners.prompt",
+    "PeftTrainer": "oxpeft.trainer",
+}
 
-def __getattr__(name: str):
-    # PeftTrainer pulls in transformers' Trainer (and accelerate); import it only when asked for.
-    if name == "PeftTrainer":
-        from oxpeft.trainer import PeftTrainer
+__all__ = ["__version__", *_EXPORTS]
 
-        return PeftTrainer
-    raise AttributeError(f"module 'oxpeft' has no attribute {name!r}")
 
-__all__ = [
-    "__version__",
-    "PeftConfig",
-    "PeftType",
-    "TaskType",
-    "LoraConfig",
-    "LoftQConfig",
-    "replace_lora_weights_loftq",
-    "LoraModel",
-    "IA3Config",
-    "IA3Model",
-    "LoHaConfig",
-    "LoHaModel",
-    "LoKrConfig",
-    "LoKrModel",
-    "AdaLoraConfig",
-    "AdaLoraModel",
-    "PromptLearningConfig",
-    "PromptTuningConfig",
-    "PromptTuningInit",
-    "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType",
-    "PrefixTuningConfig",
-    "PeftModel",
-    "PeftTrainer",
-    "PeftModelForCausalLM",
-    "PeftModelForFeatureExtraction",
-    "PeftModelForQuestionAnswering",
-    "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification",
-    "PeftModelForTokenClassification",
-    "get_peft_model",
-    "get_peft_model_state_dict",
-    "set_peft_model_state_dict",
-    "load_peft_weights",
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
-    "PEFT_TYPE_TO_CONFIG_MAPPING",
-    "PEFT_TYPE_TO_TUNER_MAPPING",
-    "Linear4bit",
-    "Linear8bit",
-    "QuantizationConfig",
-    "load_quantized",
-    "prepare_model_for_kbit_training",
-    "quantize_model",
-]
-__all__ += ["MergeReport", "merge_checkpoint", "unmerge_checkpoint"]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oxpeft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
+    from oxpeft.config import PeftConfig, PeftType, TaskType
+    from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
+    from oxpeft.mapping import (
+        MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+        get_peft_model,
+    )
+    from oxpeft.quant import (
+        Linear4bit,
+        Linear8bit,
+        QuantizationConfig,
+        load_quantized,
+        prepare_model_for_kbit_training,
+        quantize_model,
+    )
+    from oxpeft.peft_model import (
+        PeftModel,
+        PeftModelForCausalLM,
+        PeftModelForFeatureExtraction,
+        PeftModelForQuestionAnswering,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+    )
+    from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
+    from oxpeft.tuners.ia3 import IA3Config, IA3Model
+    from oxpeft.tuners.loha import LoHaConfig, LoHaModel
+    from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
+    from oxpeft.tuners.lora.config import LoraConfig
+    from oxpeft.tuners.lora.model import LoraModel
+    from oxpeft.tuners.prompt import (
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptEncoderReparameterizationType,
+        PromptLearningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+    )
+    from oxpeft.trainer import PeftTrainer
