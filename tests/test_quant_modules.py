@@ -377,3 +377,17 @@ def test_load_quantized_rejects_corrupt_checkpoints(tmp_path):
     path.write_bytes(data[:8] + b"{" * header_len + data[8 + header_len :])
     with pytest.raises(ValueError, match="header is not UTF-8 JSON"):
         load_quantized(tmp_path / "m", QuantizationConfig())
+
+
+def test_dequantize_into_a_reused_buffer():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).to(torch.bfloat16)
+    packed, state = Q.quantize_4bit(w, 64, "nf4", compress_statistics=True)
+    expected = Q.dequantize_4bit(packed, state)
+    out = torch.full_like(expected, float("nan"))
+    assert Q.dequantize_4bit(packed, state, out=out) is out
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        Q.dequantize_4bit(packed, state, out=torch.empty(64, 96, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        Q.dequantize_4bit(packed, state, out=torch.empty(64, 96, dtype=torch.bfloat16).T)

@@ -20,7 +20,13 @@ def quantize_4bit(
     input: npt.NDArray[np.float32] | npt.NDArray[np.uint16], blocksize: int, quant_type: str, dtype: str
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
 def dequantize_4bit(
-    packed: npt.NDArray[np.uint8], absmax: npt.NDArray[np.float32], n: int, blocksize: int, quant_type: str, dtype: str
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    n: int,
+    blocksize: int,
+    quant_type: str,
+    dtype: str,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.uint16] | None = None,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
 def double_quantize_absmax(
     absmax: npt.NDArray[np.float32], offset: float | None = None

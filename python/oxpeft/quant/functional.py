@@ -356,10 +356,26 @@ def quantize_4bit(
     return packed.reshape(-1, 1), state
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The tensor `state.shape` in `dtype` (default: the quantised tensor's dtype): every value is
-    `quant_map[code] * absmax[block]` in fp32, then rounded to `dtype` (nearest, ties to even)."""
-    dtype = dtype or state.dtype
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    dtype: Optional[torch.dtype] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The tensor `state.shape` in `dtype` (default: `out`'s dtype, else the quantised tensor's dtype): every
+    value is `quant_map[code] * absmax[block]` in fp32, then rounded to `dtype` (nearest, ties to even).
+
+    `out` (a contiguous tensor of `state.shape` on the packed weight's device) receives the result, which
+    saves allocating, and on CPU page-faulting, a fresh output each call (bitsandbytes has the same option)."""
+    dtype = dtype or (out.dtype if out is not None else state.dtype)
+    if out is not None and (
+        out.dtype != dtype or tuple(out.shape) != tuple(state.shape) or not out.is_contiguous()
+        or out.device != packed.device
+    ):
+        raise ValueError(
+            f"dequantize_4bit: out must be a contiguous {dtype} tensor of shape {list(state.shape)} on "
+            f"{packed.device}, got {out.dtype} {list(out.shape)} on {out.device}"
+        )
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dequantize_4bit: dtype must be float32, bfloat16 or float16, got {dtype}")
     n = state.numel
@@ -370,11 +386,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
         )
     scales = state.block_scales()
     if packed.device.type == "cpu":
-        out = _native.dequantize_4bit(
-            _np(packed), _np(scales), n, state.blocksize, state.quant_type, _FLOAT_DTYPES[dtype]
+        target = None if out is None else _np(out)
+        result = _native.dequantize_4bit(
+            _np(packed), _np(scales), n, state.blocksize, state.quant_type, _FLOAT_DTYPES[dtype], target
         )
-        return _from_bits(out, dtype).view(state.shape)
-    return _dequantize_4bit_torch(packed, scales, n, state.blocksize, state.quant_map, dtype).view(state.shape)
+        return out if out is not None else _from_bits(result, dtype).view(state.shape)
+    result = _dequantize_4bit_torch(packed, scales, n, state.blocksize, state.quant_map, dtype).view(state.shape)
+    return result if out is None else out.copy_(result)
 
 
 def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

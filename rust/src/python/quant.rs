@@ -97,8 +97,11 @@ fn bits_as<T: quant::Bits16>(out: &mut [u16]) -> &mut [T] {
 }
 
 /// Dequantises packed 4-bit codes to `n` values: float32, or uint16 bit patterns for 16-bit dtypes.
+/// With `out` (a contiguous 1-D array of that element type and length `n`), writes there and returns it,
+/// so a caller that reuses its output buffer pays no page faults for a fresh one.
 #[pyfunction]
-#[pyo3(signature = (packed, absmax, n, blocksize, quant_type, dtype))]
+#[pyo3(signature = (packed, absmax, n, blocksize, quant_type, dtype, out=None))]
+#[allow(clippy::too_many_arguments)]
 fn dequantize_4bit<'py>(
     py: Python<'py>,
     packed: PyReadonlyArray1<'py, u8>,
@@ -107,22 +110,48 @@ fn dequantize_4bit<'py>(
     blocksize: usize,
     quant_type: &str,
     dtype: &str,
+    out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let kind = FourBitType::from_name(quant_type)?;
     let packed = slice_of(&packed, "packed")?;
     let absmax = slice_of(&absmax, "absmax")?;
     Ok(match Dtype::parse(dtype)? {
-        Dtype::F32 => fresh_array::<f32, _>(py, n, |o| quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, o))?
+        Dtype::F32 => output_array::<f32, _>(py, n, out, |o| quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, o))?
             .into_any(),
-        Dtype::Bf16 => fresh_array::<u16, _>(py, n, |o| {
+        Dtype::Bf16 => output_array::<u16, _>(py, n, out, |o| {
             quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, bits_as::<Bf16>(o))
         })?
         .into_any(),
-        Dtype::F16 => fresh_array::<u16, _>(py, n, |o| {
+        Dtype::F16 => output_array::<u16, _>(py, n, out, |o| {
             quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, bits_as::<F16>(o))
         })?
         .into_any(),
     })
+}
+
+/// `fill` into the caller's `out` array (checked: element type, contiguity, length) or into a new one.
+fn output_array<'py, T, F>(py: Python<'py>, n: usize, out: Option<Bound<'py, PyAny>>, fill: F) -> PyResult<Bound<'py, PyArray1<T>>>
+where
+    T: numpy::Element + Send,
+    F: FnOnce(&mut [T]) -> crate::Result<()> + Send,
+{
+    let Some(out) = out else {
+        return fresh_array(py, n, fill);
+    };
+    let array = out.cast_into::<PyArray1<T>>().map_err(|_| {
+        PyValueError::new_err(format!("out must be a 1-D {} array", std::any::type_name::<T>()))
+    })?;
+    {
+        let mut guard = array
+            .try_readwrite()
+            .map_err(|_| PyValueError::new_err("out must be a writeable array not borrowed elsewhere"))?;
+        let slice = guard.as_slice_mut().map_err(|_| PyValueError::new_err("out must be contiguous"))?;
+        if slice.len() != n {
+            return Err(PyValueError::new_err(format!("out has {} elements, expected {n}", slice.len())));
+        }
+        py.detach(|| fill(slice))?;
+    }
+    Ok(array)
 }
 
 /// Double quantisation of 4-bit block scales; returns `((codes uint8, absmax2 float32), offset)`.
