@@ -165,3 +165,17 @@ def test_multiple_adapters_saved_by_oxpeft_load_in_peft(tmp_path, input_ids):
         ours.set_adapter(name)
         theirs.set_adapter(name)
         torch.testing.assert_close(logits(ours, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
+
+
+def test_a_trainable_adapter_that_is_not_active_is_loud(two_peft_adapters):
+    base, path = two_peft_adapters
+    model = oxpeft.PeftModel.from_pretrained(twin(base), path, is_trainable=True)
+    with pytest.warns(UserWarning, match=r"'second' is added but not active.*set_adapter\('second'\)"):
+        model.load_adapter(path / "second", "second", is_trainable=True)
+    with pytest.warns(UserWarning, match="not active"):
+        model.add_adapter("third", oxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        model.load_adapter(path / "second", "inference-only")  # not trainable: switching for inference is normal

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal
 
@@ -165,6 +166,13 @@ class PeftModel(PromptLearningMixin, nn.Module):
         active = self.active_adapters
         self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config), strict_targets=strict_targets)
         self.base_model.set_adapter(active)
+        if not peft_config.inference_mode:
+            # PEFT's most common multi-adapter surprise: a new trainable adapter that never trains.
+            warnings.warn(
+                f"adapter '{adapter_name}' is added but not active: forward still runs, and training still "
+                f"updates, {active}. Call set_adapter('{adapter_name}') to run and train it.",
+                stacklevel=2,
+            )
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate adapter(s); the active ones are the trainable ones, all others are frozen."""
