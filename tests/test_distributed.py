@@ -28,6 +28,15 @@ def _setup(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _teardown() -> None:
+    # Every rank reaches the barrier before the group goes: destroying it while a peer's gloo work is still
+    # in flight aborts that process ("terminate called without an active exception").
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _model():
     import oxpeft
     from conftest import make_llama
@@ -39,28 +48,30 @@ def _model():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import oxpeft
-
     _setup(rank, world, port)
     try:
-        model = _model()
-        ddp = DDP(model)
-        optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-        for _ in range(3):
-            batch = torch.randint(0, 256, (2, 12), generator=gen)
-            ddp(input_ids=batch, labels=batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        flat = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_" in n])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        torch.save({"gathered": gathered, "flat": flat}, os.path.join(out_dir, f"rank{rank}.pt"))
-        model.save_pretrained(os.path.join(out_dir, "adapter"), is_main_process=rank == 0)
+        _ddp_train(rank, world, out_dir)  # its models are freed before the group is torn down
     finally:
-        dist.destroy_process_group()
+        _teardown()
+
+
+def _ddp_train(rank: int, world: int, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(3):
+        batch = torch.randint(0, 256, (2, 12), generator=gen)
+        ddp(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    flat = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_" in n])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    torch.save({"gathered": gathered, "flat": flat}, os.path.join(out_dir, f"rank{rank}.pt"))
+    model.save_pretrained(os.path.join(out_dir, "adapter"), is_main_process=rank == 0)
 
 
 def test_ddp_gloo_two_processes_keeps_adapters_identical(tmp_path):
@@ -81,29 +92,33 @@ def test_ddp_gloo_two_processes_keeps_adapters_identical(tmp_path):
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     _setup(rank, world, port)
     try:
-        model = _model()
-        for layer in model.get_base_model().model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)
-        losses = []
-        for _ in range(3):
-            batch = torch.randint(0, 256, (2, 12), generator=gen)
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters() if "lora_" in n]
-        flat = torch.cat([t.detach().flatten() for t in full])
-        torch.save({"losses": losses, "flat": flat}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        _fsdp_train(rank, out_dir)  # its sharded model is freed before the group is torn down
     finally:
-        dist.destroy_process_group()
+        _teardown()
+
+
+def _fsdp_train(rank: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)
+    losses = []
+    for _ in range(3):
+        batch = torch.randint(0, 256, (2, 12), generator=gen)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters() if "lora_" in n]
+    flat = torch.cat([t.detach().flatten() for t in full])
+    torch.save({"losses": losses, "flat": flat}, os.path.join(out_dir, f"fsdp{rank}.pt"))
 
 
 def test_fsdp2_fully_shard_on_cpu(tmp_path):
