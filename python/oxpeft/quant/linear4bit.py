@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oxpeft.quant._linear_init import copy_bias, init_like_linear
 from oxpeft.quant.functional import BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = ["Linear4bit"]
@@ -52,18 +52,7 @@ class Linear4bit(nn.Module):
         self.quant_type = quant_type
         self.compress_statistics = compress_statistics
         self.blocksize = blocksize
-        # Initialised like nn.Linear, then quantised; on the meta device only shapes are made.
-        init = torch.empty(out_features, in_features, dtype=compute_dtype, device=device)
-        if init.device.type != "meta":
-            nn.init.kaiming_uniform_(init, a=math.sqrt(5))
-        self.set_weight(init)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device))
-            if self.bias.device.type != "meta":
-                bound = 1 / math.sqrt(in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
-        else:
-            self.register_parameter("bias", None)
+        init_like_linear(self, bias, compute_dtype, device)
 
     def set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
         """Quantises a full-precision (out, in) weight into this module."""
@@ -120,8 +109,7 @@ class Linear4bit(nn.Module):
             device="meta",
         )
         module.set_weight(linear.weight.detach(), name=name)
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        copy_bias(module, linear)
         return module
 
     def dequantize(self) -> torch.Tensor:

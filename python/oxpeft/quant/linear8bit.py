@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oxpeft.quant._linear_init import copy_bias, init_like_linear
 from oxpeft.quant.functional import dequantize_int8, quantize_int8
 
 __all__ = ["Linear8bit"]
@@ -37,17 +37,7 @@ class Linear8bit(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
-        init = torch.empty(out_features, in_features, dtype=compute_dtype, device=device)
-        if init.device.type != "meta":
-            nn.init.kaiming_uniform_(init, a=math.sqrt(5))
-        self.set_weight(init)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device))
-            if self.bias.device.type != "meta":
-                bound = 1 / math.sqrt(in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
-        else:
-            self.register_parameter("bias", None)
+        init_like_linear(self, bias, compute_dtype, device)
 
     def set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -75,8 +65,7 @@ class Linear8bit(nn.Module):
             device="meta",
         )
         module.set_weight(linear.weight.detach(), name=name)
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        copy_bias(module, linear)
         return module
 
     def dequantize(self) -> torch.Tensor:
