@@ -30,15 +30,24 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub fn invalid_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::InvalidFile { path: path.into(), reason: reason.into() }
+        Error::InvalidFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn tensor(name: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Tensor { name: name.into(), reason: reason.into() }
+        Error::Tensor {
+            name: name.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn invalid_argument(reason: impl Into<String>) -> Self {

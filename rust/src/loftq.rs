@@ -25,7 +25,11 @@ pub enum SvdMode {
     /// `power_iters` applications of `R R^T`. From the second LoftQ iteration on, the start block
     /// holds the previous right singular vectors, which the new residual shares to a large degree.
     /// Falls back to the exact SVD when the Krylov basis would span the smaller dimension.
-    Randomized { oversample: usize, power_iters: usize, seed: u64 },
+    Randomized {
+        oversample: usize,
+        power_iters: usize,
+        seed: u64,
+    },
     /// Full thin SVD of the residual: the reference, much slower on large matrices.
     Exact,
 }
@@ -33,7 +37,11 @@ pub enum SvdMode {
 impl SvdMode {
     /// The randomised mode with the settings the benchmarks validate against [`SvdMode::Exact`].
     pub const fn fast() -> Self {
-        SvdMode::Randomized { oversample: 16, power_iters: 2, seed: 0x5eed_1f7a }
+        SvdMode::Randomized {
+            oversample: 16,
+            power_iters: 2,
+            seed: 0x5eed_1f7a,
+        }
     }
 }
 
@@ -105,12 +113,20 @@ pub fn loftq_init(
         quant_roundtrip(&res, &mut deq)?;
         res.par_chunks_mut(CHUNK)
             .zip(w.par_chunks(CHUNK).zip(deq.par_chunks(CHUNK)))
-            .for_each(|(r, (w, d))| r.iter_mut().zip(w.iter().zip(d)).for_each(|(r, (w, d))| *r = w - d));
+            .for_each(|(r, (w, d))| {
+                r.iter_mut()
+                    .zip(w.iter().zip(d))
+                    .for_each(|(r, (w, d))| *r = w - d)
+            });
 
         let residual = MatRef::from_row_major_slice(&res, rows, cols);
         let factors = match svd {
             SvdMode::Exact => exact_svd(residual, rank)?,
-            SvdMode::Randomized { oversample, power_iters, seed } => randomized_svd(
+            SvdMode::Randomized {
+                oversample,
+                power_iters,
+                seed,
+            } => randomized_svd(
                 residual,
                 rank,
                 oversample,
@@ -141,7 +157,12 @@ pub fn loftq_init(
         right_vectors = Some(factors.v);
     }
 
-    Ok(LoftqResult { dequantized: deq, lora_a, lora_b, rel_error })
+    Ok(LoftqResult {
+        dequantized: deq,
+        lora_a,
+        lora_b,
+        rel_error,
+    })
 }
 
 /// The base layer's quantiser, with the round trip [`loftq_init`] runs on each iteration.
@@ -158,7 +179,10 @@ impl LoftqQuant {
     /// `blocksize`; 8 is row-wise int8, which has neither.
     pub fn from_bits(bits: u32, quant_type: &str, blocksize: usize) -> Result<Self> {
         match bits {
-            4 => Ok(LoftqQuant::FourBit { kind: FourBitType::from_name(quant_type)?, blocksize }),
+            4 => Ok(LoftqQuant::FourBit {
+                kind: FourBitType::from_name(quant_type)?,
+                blocksize,
+            }),
             8 => Ok(LoftqQuant::Int8Rows),
             other => Err(Error::invalid_argument(format!(
                 "LoftQ: loftq_bits must be 4 (NF4 / FP4) or 8 (int8), got {other}"
@@ -217,7 +241,9 @@ pub fn loftq_fit_fixed_base(
         )));
     }
     if !frobenius_norm(dequantized).is_finite() {
-        return Err(Error::invalid_argument("LoftQ: the dequantized base holds a non-finite value"));
+        return Err(Error::invalid_argument(
+            "LoftQ: the dequantized base holds a non-finite value",
+        ));
     }
     let fixed = |_: &[f32], out: &mut [f32]| {
         out.copy_from_slice(dequantized);
@@ -229,10 +255,19 @@ pub fn loftq_fit_fixed_base(
 /// Elements per rayon task in elementwise passes: big enough to amortise scheduling.
 const CHUNK: usize = 1 << 16;
 
-fn validate(rows: usize, cols: usize, len: usize, rank: usize, iters: usize, scaling: f32) -> Result<()> {
+fn validate(
+    rows: usize,
+    cols: usize,
+    len: usize,
+    rank: usize,
+    iters: usize,
+    scaling: f32,
+) -> Result<()> {
     let bad = |reason: String| Err(Error::invalid_argument(format!("LoftQ: {reason}")));
     if rows == 0 || cols == 0 {
-        return bad(format!("the weight must be a non-empty matrix, got {rows}x{cols}"));
+        return bad(format!(
+            "the weight must be a non-empty matrix, got {rows}x{cols}"
+        ));
     }
     if rows.checked_mul(cols) != Some(len) {
         return bad(format!("the weight has {len} elements, not {rows}x{cols}"));
@@ -250,13 +285,18 @@ fn validate(rows: usize, cols: usize, len: usize, rank: usize, iters: usize, sca
         return bad("loftq_iter must be at least 1".into());
     }
     if !(scaling.is_finite() && scaling > 0.0) {
-        return bad(format!("the LoRA scaling must be a positive finite number, got {scaling}"));
+        return bad(format!(
+            "the LoRA scaling must be a positive finite number, got {scaling}"
+        ));
     }
     Ok(())
 }
 
 fn frobenius_norm(x: &[f32]) -> f64 {
-    x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()).sum::<f64>().sqrt()
+    x.par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// A rank-r factorisation `U diag(S) V^T` of a residual.
@@ -275,18 +315,25 @@ impl LowRank {
     fn write_lora(&self, scaling: f32, lora_a: &mut [f32], lora_b: &mut [f32]) {
         let rank = self.s.len();
         let gains: Vec<f32> = self.s.iter().map(|&s| (s / scaling).sqrt()).collect();
-        lora_b.par_chunks_mut(rank).enumerate().for_each(|(i, row)| {
-            for (j, b) in row.iter_mut().enumerate() {
-                *b = self.u[(i, j)] * gains[j];
-            }
-        });
+        lora_b
+            .par_chunks_mut(rank)
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (j, b) in row.iter_mut().enumerate() {
+                    *b = self.u[(i, j)] * gains[j];
+                }
+            });
         let cols = self.v.nrows();
-        lora_a.par_chunks_mut(cols).zip(gains.par_iter()).enumerate().for_each(|(j, (row, &g))| {
-            let v = self.v.col(j);
-            for (a, &x) in row.iter_mut().zip(v.iter()) {
-                *a = x * g;
-            }
-        });
+        lora_a
+            .par_chunks_mut(cols)
+            .zip(gains.par_iter())
+            .enumerate()
+            .for_each(|(j, (row, &g))| {
+                let v = self.v.col(j);
+                for (a, &x) in row.iter_mut().zip(v.iter()) {
+                    *a = x * g;
+                }
+            });
     }
 }
 
@@ -295,7 +342,9 @@ fn svd_failed(what: &str) -> Error {
 }
 
 fn exact_svd(residual: MatRef<'_, f32>, rank: usize) -> Result<LowRank> {
-    let svd = residual.thin_svd().map_err(|_| svd_failed("quantisation residual"))?;
+    let svd = residual
+        .thin_svd()
+        .map_err(|_| svd_failed("quantisation residual"))?;
     Ok(LowRank {
         u: svd.U().subcols(0, rank).to_owned(),
         s: svd.S().column_vector().iter().take(rank).copied().collect(),
@@ -341,7 +390,10 @@ fn randomized_svd(
     let mut omega = gaussian_matrix(n, k, seed);
     if let Some(v) = warm_start {
         let carried = v.ncols().min(k);
-        omega.as_mut().subcols_mut(0, carried).copy_from(v.subcols(0, carried));
+        omega
+            .as_mut()
+            .subcols_mut(0, carried)
+            .copy_from(v.subcols(0, carried));
     }
 
     let mut krylov = Mat::<f32>::zeros(m, basis_size);
@@ -350,7 +402,10 @@ fn randomized_svd(
     for i in 1..=power_iters {
         let z = orthonormalize(&product(residual.transpose(), block.as_ref()));
         block = orthonormalize(&product(residual, z.as_ref()));
-        krylov.as_mut().subcols_mut(i * k, k).copy_from(block.as_ref());
+        krylov
+            .as_mut()
+            .subcols_mut(i * k, k)
+            .copy_from(block.as_ref());
     }
     let q = orthonormalize(&krylov);
     // R ~ Q Q^T R = Q z^T with z = R^T Q; z = Uz Sz Vz^T gives R ~ (Q Vz) Sz Uz^T.
@@ -358,7 +413,13 @@ fn randomized_svd(
     let small = z.thin_svd().map_err(|_| svd_failed("projected residual"))?;
     Ok(LowRank {
         u: product(q.as_ref(), small.V().subcols(0, rank)),
-        s: small.S().column_vector().iter().take(rank).copied().collect(),
+        s: small
+            .S()
+            .column_vector()
+            .iter()
+            .take(rank)
+            .copied()
+            .collect(),
         v: small.U().subcols(0, rank).to_owned(),
     })
 }
@@ -427,22 +488,40 @@ mod tests {
         let mut w = vec![0.0f32; rows * cols];
         for i in 0..rows {
             for j in 0..cols {
-                let low: f32 = (0..lr).map(|l| left[(i, l)] * right[(l, j)] / (1.0 + l as f32)).sum();
+                let low: f32 = (0..lr)
+                    .map(|l| left[(i, l)] * right[(l, j)] / (1.0 + l as f32))
+                    .sum();
                 w[i * cols + j] = noise_std * noise[(i, j)] + 0.01 * low;
             }
         }
         w
     }
 
-    fn run(w: &[f32], rows: usize, cols: usize, rank: usize, iters: usize, svd: SvdMode) -> LoftqResult {
+    fn run(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        iters: usize,
+        svd: SvdMode,
+    ) -> LoftqResult {
         loftq_init(w, rows, cols, rank, iters, 2.0, svd, &uniform_roundtrip).unwrap()
     }
 
-    fn direct_error(w: &[f32], rows: usize, cols: usize, rank: usize, scaling: f32, r: &LoftqResult) -> f64 {
+    fn direct_error(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        scaling: f32,
+        r: &LoftqResult,
+    ) -> f64 {
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for i in 0..rows {
             for j in 0..cols {
-                let ba: f32 = (0..rank).map(|l| r.lora_b[i * rank + l] * r.lora_a[l * cols + j]).sum();
+                let ba: f32 = (0..rank)
+                    .map(|l| r.lora_b[i * rank + l] * r.lora_a[l * cols + j])
+                    .sum();
                 let e = w[i * cols + j] - r.dequantized[i * cols + j] - scaling * ba;
                 num += f64::from(e) * f64::from(e);
                 den += f64::from(w[i * cols + j]).powi(2);
@@ -462,7 +541,11 @@ mod tests {
             assert_eq!(r.lora_a.len(), rank * cols);
             assert_eq!(r.lora_b.len(), rows * rank);
             let direct = direct_error(&w, rows, cols, rank, 2.0, &r);
-            assert!((direct - f64::from(r.rel_error)).abs() < 1e-5 * direct.max(1.0), "{direct} vs {}", r.rel_error);
+            assert!(
+                (direct - f64::from(r.rel_error)).abs() < 1e-5 * direct.max(1.0),
+                "{direct} vs {}",
+                r.rel_error
+            );
         }
     }
 
@@ -473,7 +556,10 @@ mod tests {
         let once = run(&w, rows, cols, rank, 1, SvdMode::Exact);
         let mut plain = vec![0.0; rows * cols];
         uniform_roundtrip(&w, &mut plain).unwrap();
-        assert_eq!(once.dequantized, plain, "with T = 1 the base is the plain quantisation of W");
+        assert_eq!(
+            once.dequantized, plain,
+            "with T = 1 the base is the plain quantisation of W"
+        );
     }
 
     #[test]
@@ -488,7 +574,10 @@ mod tests {
         let err = |rank, iters| run(&w, rows, cols, rank, iters, SvdMode::fast()).rel_error as f64;
         let (r4t1, r16t1, r16t5) = (err(4, 1), err(16, 1), err(16, 5));
         assert!(r4t1 < plain_error, "{r4t1} !< {plain_error}");
-        assert!(r16t1 < r4t1, "rank 16 ({r16t1}) should beat rank 4 ({r4t1})");
+        assert!(
+            r16t1 < r4t1,
+            "rank 16 ({r16t1}) should beat rank 4 ({r4t1})"
+        );
         assert!(r16t5 < r16t1, "T=5 ({r16t5}) should beat T=1 ({r16t1})");
     }
 
@@ -504,11 +593,20 @@ mod tests {
             assert!((e - f).abs() <= 1e-3 * e, "singular values {e} vs {f}");
         }
         // Same rank-r approximation: compare U S V^T elementwise.
-        let approx =
-            |f: &LowRank| product(f.u.as_ref(), Mat::from_fn(rank, cols, |l, j| f.s[l] * f.v[(j, l)]).as_ref());
+        let approx = |f: &LowRank| {
+            product(
+                f.u.as_ref(),
+                Mat::from_fn(rank, cols, |l, j| f.s[l] * f.v[(j, l)]).as_ref(),
+            )
+        };
         let (ae, af) = (approx(&exact), approx(&fast));
         let diff = Mat::from_fn(rows, cols, |i, j| ae[(i, j)] - af[(i, j)]);
-        assert!(diff.norm_l2() <= 1e-3 * ae.norm_l2(), "{} vs {}", diff.norm_l2(), ae.norm_l2());
+        assert!(
+            diff.norm_l2() <= 1e-3 * ae.norm_l2(),
+            "{} vs {}",
+            diff.norm_l2(),
+            ae.norm_l2()
+        );
 
         // The LoftQ residual is noise-like (no gap), where the captured energy, not the individual
         // triplets, is what the two modes must agree on.
@@ -516,7 +614,10 @@ mod tests {
         for iters in [1, 3] {
             let e = run(&w, rows, cols, rank, iters, SvdMode::Exact).rel_error;
             let f = run(&w, rows, cols, rank, iters, SvdMode::fast()).rel_error;
-            assert!((f - e).abs() <= 0.01 * e, "T={iters}: fast {f} vs exact {e}");
+            assert!(
+                (f - e).abs() <= 0.01 * e,
+                "T={iters}: fast {f} vs exact {e}"
+            );
         }
     }
 
@@ -525,7 +626,17 @@ mod tests {
         let (rows, cols, rank) = (40, 56, 5);
         let w = test_weight(rows, cols, 6, 5);
         let delta = |scaling: f32| {
-            let r = loftq_init(&w, rows, cols, rank, 2, scaling, SvdMode::Exact, &uniform_roundtrip).unwrap();
+            let r = loftq_init(
+                &w,
+                rows,
+                cols,
+                rank,
+                2,
+                scaling,
+                SvdMode::Exact,
+                &uniform_roundtrip,
+            )
+            .unwrap();
             let b = MatRef::from_row_major_slice(&r.lora_b, rows, rank);
             let a = MatRef::from_row_major_slice(&r.lora_a, rank, cols);
             let mut d = product(b, a);
@@ -548,12 +659,24 @@ mod tests {
             let diff: Vec<f32> = w.iter().zip(&plain).map(|(a, b)| a - b).collect();
             let plain_error = frobenius_norm(&diff) / frobenius_norm(&w);
 
-            let once = loftq_init_quantized(&w, rows, cols, rank, 1, 1.0, SvdMode::fast(), q).unwrap();
-            assert_eq!(once.dequantized, plain, "{bits}-bit {quant_type}: T = 1 keeps the plain quantisation");
+            let once =
+                loftq_init_quantized(&w, rows, cols, rank, 1, 1.0, SvdMode::fast(), q).unwrap();
+            assert_eq!(
+                once.dequantized, plain,
+                "{bits}-bit {quant_type}: T = 1 keeps the plain quantisation"
+            );
             let direct = direct_error(&w, rows, cols, rank, 1.0, &once);
-            assert!((direct - f64::from(once.rel_error)).abs() < 1e-5, "{direct} vs {}", once.rel_error);
-            assert!(direct < plain_error, "{bits}-bit {quant_type}: {direct} !< {plain_error}");
-            let five = loftq_init_quantized(&w, rows, cols, rank, 5, 1.0, SvdMode::fast(), q).unwrap();
+            assert!(
+                (direct - f64::from(once.rel_error)).abs() < 1e-5,
+                "{direct} vs {}",
+                once.rel_error
+            );
+            assert!(
+                direct < plain_error,
+                "{bits}-bit {quant_type}: {direct} !< {plain_error}"
+            );
+            let five =
+                loftq_init_quantized(&w, rows, cols, rank, 5, 1.0, SvdMode::fast(), q).unwrap();
             assert!(
                 five.rel_error < once.rel_error,
                 "{bits}-bit {quant_type}: T=5 {} !< T=1 {}",
@@ -574,10 +697,16 @@ mod tests {
         assert_eq!(fixed.dequantized, base);
         assert_eq!(fixed.rel_error, looped.rel_error);
         assert_eq!(fixed.lora_a, looped.lora_a);
-        let err = loftq_fit_fixed_base(&w, &base[1..], rows, cols, rank, 2.0, SvdMode::Exact).unwrap_err();
-        assert!(err.to_string().contains("dequantized base has 3071 elements, the weight 3072"), "{err}");
+        let err = loftq_fit_fixed_base(&w, &base[1..], rows, cols, rank, 2.0, SvdMode::Exact)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("dequantized base has 3071 elements, the weight 3072"),
+            "{err}"
+        );
         base[7] = f32::INFINITY;
-        let err = loftq_fit_fixed_base(&w, &base, rows, cols, rank, 2.0, SvdMode::Exact).unwrap_err();
+        let err =
+            loftq_fit_fixed_base(&w, &base, rows, cols, rank, 2.0, SvdMode::Exact).unwrap_err();
         assert!(err.to_string().contains("non-finite"), "{err}");
     }
 
@@ -589,23 +718,58 @@ mod tests {
             Err(Error::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
-        assert!(msg(loftq_init(&w, 8, 12, 0, 1, 1.0, SvdMode::fast(), q)).contains("rank must be at least 1"));
+        assert!(msg(loftq_init(&w, 8, 12, 0, 1, 1.0, SvdMode::fast(), q))
+            .contains("rank must be at least 1"));
         assert!(msg(loftq_init(&w, 8, 12, 9, 1, 1.0, SvdMode::fast(), q))
             .contains("rank 9 is larger than min(rows, cols) = 8"));
         assert!(msg(loftq_init(&w, 8, 12, 2, 0, 1.0, SvdMode::fast(), q)).contains("loftq_iter"));
-        assert!(msg(loftq_init(&w, 8, 11, 2, 1, 1.0, SvdMode::fast(), q)).contains("96 elements, not 8x11"));
+        assert!(msg(loftq_init(&w, 8, 11, 2, 1, 1.0, SvdMode::fast(), q))
+            .contains("96 elements, not 8x11"));
         assert!(msg(loftq_init(&w, 8, 12, 2, 1, 0.0, SvdMode::fast(), q)).contains("scaling"));
         let mut nan = w.clone();
         nan[2 * 12 + 5] = f32::NAN;
-        assert!(msg(loftq_init(&nan, 8, 12, 2, 1, 1.0, SvdMode::fast(), q)).contains("NaN) at row 2, column 5"));
-        assert!(msg(loftq_init(&vec![0.0; 96], 8, 12, 2, 1, 1.0, SvdMode::fast(), q)).contains("all zeros"));
+        assert!(msg(loftq_init(&nan, 8, 12, 2, 1, 1.0, SvdMode::fast(), q))
+            .contains("NaN) at row 2, column 5"));
+        assert!(msg(loftq_init(
+            &vec![0.0; 96],
+            8,
+            12,
+            2,
+            1,
+            1.0,
+            SvdMode::fast(),
+            q
+        ))
+        .contains("all zeros"));
         let bits = LoftqQuant::from_bits(3, "nf4", 64).unwrap_err().to_string();
-        assert!(bits.contains("loftq_bits must be 4 (NF4 / FP4) or 8 (int8), got 3"), "{bits}");
-        assert!(LoftqQuant::from_bits(4, "int4", 64).unwrap_err().to_string().contains("'int4'"));
-        let blocksize =
-            loftq_init_quantized(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), LoftqQuant::from_bits(4, "nf4", 48).unwrap());
-        assert!(matches!(blocksize, Err(Error::InvalidArgument(_))), "{blocksize:?}");
-        let failing = |_: &[f32], _: &mut [f32]| -> Result<()> { Err(Error::invalid_argument("quantiser says no")) };
-        assert!(msg(loftq_init(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), &failing)).contains("quantiser says no"));
+        assert!(
+            bits.contains("loftq_bits must be 4 (NF4 / FP4) or 8 (int8), got 3"),
+            "{bits}"
+        );
+        assert!(LoftqQuant::from_bits(4, "int4", 64)
+            .unwrap_err()
+            .to_string()
+            .contains("'int4'"));
+        let blocksize = loftq_init_quantized(
+            &w,
+            8,
+            12,
+            2,
+            1,
+            1.0,
+            SvdMode::fast(),
+            LoftqQuant::from_bits(4, "nf4", 48).unwrap(),
+        );
+        assert!(
+            matches!(blocksize, Err(Error::InvalidArgument(_))),
+            "{blocksize:?}"
+        );
+        let failing = |_: &[f32], _: &mut [f32]| -> Result<()> {
+            Err(Error::invalid_argument("quantiser says no"))
+        };
+        assert!(
+            msg(loftq_init(&w, 8, 12, 2, 1, 1.0, SvdMode::fast(), &failing))
+                .contains("quantiser says no")
+        );
     }
 }

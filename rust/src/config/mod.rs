@@ -86,7 +86,10 @@ pub fn upgrade(config: &Value, strict: bool) -> Result<Upgraded> {
 
     let mut out = BTreeMap::new();
     let mut missing = Vec::new();
-    out.insert("peft_type".to_string(), Value::String(method.peft_type.to_string()));
+    out.insert(
+        "peft_type".to_string(),
+        Value::String(method.peft_type.to_string()),
+    );
     for field in method.fields() {
         let value = match raw.get(field.name) {
             Some(value) => {
@@ -151,7 +154,11 @@ pub fn upgrade(config: &Value, strict: bool) -> Result<Upgraded> {
         }
     }
 
-    Ok(Upgraded { config: Value::Object(out.into_iter().collect()), notes, written_by })
+    Ok(Upgraded {
+        config: Value::Object(out.into_iter().collect()),
+        notes,
+        written_by,
+    })
 }
 
 /// Rewrites a config so that PEFT `target_version` loads it and computes the same thing.
@@ -168,7 +175,10 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
         )));
     }
     let upgraded = upgrade(config, true)?;
-    let full = upgraded.config.as_object().expect("upgrade returns an object");
+    let full = upgraded
+        .config
+        .as_object()
+        .expect("upgrade returns an object");
     let method = method_of(full)?;
     if method.since > target {
         return Err(Error::Config(format!(
@@ -179,7 +189,10 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
 
     let mut problems = Vec::new();
     let mut out = BTreeMap::new();
-    out.insert("peft_type".to_string(), Value::String(method.peft_type.to_string()));
+    out.insert(
+        "peft_type".to_string(),
+        Value::String(method.peft_type.to_string()),
+    );
     for field in method.fields() {
         let value = &full[field.name];
         if field.since <= target {
@@ -193,7 +206,10 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
     }
     for feature in method.value_features() {
         if feature.since > target && feature.matches(&full[feature.field]) {
-            problems.push(format!("'{}' = {} needs PEFT >= {}", feature.field, full[feature.field], feature.since));
+            problems.push(format!(
+                "'{}' = {} needs PEFT >= {}",
+                feature.field, full[feature.field], feature.since
+            ));
         }
     }
     if let Some((name, since)) = method.list_selectors_since {
@@ -221,7 +237,10 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
         )));
     }
     if target >= Version(0, 18, 0) {
-        out.insert("peft_version".to_string(), Value::String(target.to_string()));
+        out.insert(
+            "peft_version".to_string(),
+            Value::String(target.to_string()),
+        );
     }
     Ok(Value::Object(out.into_iter().collect()))
 }
@@ -231,7 +250,10 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
 pub fn inspect(config: &Value) -> Result<Inspection> {
     let raw = as_object(config)?;
     let upgraded = upgrade(config, false)?;
-    let full = upgraded.config.as_object().expect("upgrade returns an object");
+    let full = upgraded
+        .config
+        .as_object()
+        .expect("upgrade returns an object");
     let method = method_of(raw)?;
     let writer = Writer::detect(raw, method);
 
@@ -239,12 +261,19 @@ pub fn inspect(config: &Value) -> Result<Inspection> {
         .fields()
         .into_iter()
         .filter(|field| field.role != Role::Meta && matters(field, &full[field.name], full))
-        .map(|field| Used { field: field.name.to_string(), value: full[field.name].clone(), since: field.since })
+        .map(|field| Used {
+            field: field.name.to_string(),
+            value: full[field.name].clone(),
+            since: field.since,
+        })
         .collect();
     for feature in method.value_features() {
         if feature.matches(&full[feature.field]) {
-            let used =
-                Used { field: feature.field.to_string(), value: full[feature.field].clone(), since: feature.since };
+            let used = Used {
+                field: feature.field.to_string(),
+                value: full[feature.field].clone(),
+                since: feature.since,
+            };
             match features.iter_mut().find(|f| f.field == used.field) {
                 Some(existing) => existing.since = existing.since.max(used.since),
                 None => features.push(used),
@@ -275,7 +304,12 @@ pub fn inspect(config: &Value) -> Result<Inspection> {
     let min_peft_version = if unknown_fields.iter().any(|u| !u.neutral) {
         None
     } else {
-        Some(features.iter().map(|f| f.since).fold(method.since.max(oldest_writable_release()), Version::max))
+        Some(
+            features
+                .iter()
+                .map(|f| f.since)
+                .fold(method.since.max(oldest_writable_release()), Version::max),
+        )
     };
 
     let loads_as_is = table::RELEASES
@@ -333,7 +367,9 @@ pub fn parse(text: &str) -> Result<Value> {
 }
 
 fn as_object(config: &Value) -> Result<&Map<String, Value>> {
-    config.as_object().ok_or_else(|| Error::Config(format!("expected a JSON object, got {}", json_type(config))))
+    config
+        .as_object()
+        .ok_or_else(|| Error::Config(format!("expected a JSON object, got {}", json_type(config))))
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -348,7 +384,11 @@ fn json_type(value: &Value) -> &'static str {
 }
 
 fn supported_types() -> String {
-    table::METHODS.iter().map(|m| m.peft_type).collect::<Vec<_>>().join(", ")
+    table::METHODS
+        .iter()
+        .map(|m| m.peft_type)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn method_of(config: &Map<String, Value>) -> Result<&'static Method> {
@@ -361,15 +401,20 @@ fn method_of(config: &Map<String, Value>) -> Result<&'static Method> {
         }
         Some(Value::String(name)) => name,
         Some(other) => {
-            return Err(Error::Config(format!("'peft_type' must be a string, got {other}")));
+            return Err(Error::Config(format!(
+                "'peft_type' must be a string, got {other}"
+            )));
         }
     };
-    table::METHODS.iter().find(|m| m.peft_type == peft_type).ok_or_else(|| {
-        Error::Config(format!(
-            "unsupported peft_type '{peft_type}': oxpeft reads the configs of {}",
-            supported_types()
-        ))
-    })
+    table::METHODS
+        .iter()
+        .find(|m| m.peft_type == peft_type)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "unsupported peft_type '{peft_type}': oxpeft reads the configs of {}",
+                supported_types()
+            ))
+        })
 }
 
 fn is_legacy_key(key: &str) -> bool {
@@ -406,7 +451,10 @@ fn check_legacy_layout(config: &Map<String, Value>, notes: &mut Vec<String>) -> 
 impl Method {
     /// The field of this name, the most derived class's definition winning.
     fn field(&self, name: &str) -> Option<&'static Field> {
-        self.groups.iter().rev().find_map(|group| group.iter().find(|f| f.name == name))
+        self.groups
+            .iter()
+            .rev()
+            .find_map(|group| group.iter().find(|f| f.name == name))
     }
 
     /// Every field once, the most derived definition winning, in a stable order.
@@ -463,7 +511,10 @@ fn matters(field: &Field, value: &Value, config: &Map<String, Value>) -> bool {
     match field.role {
         Role::Meta => false,
         Role::Feature => !is_neutral(value, Some(field)),
-        Role::With(other) => !is_neutral(value, Some(field)) && config.get(other).is_some_and(|v| !is_neutral(v, None)),
+        Role::With(other) => {
+            !is_neutral(value, Some(field))
+                && config.get(other).is_some_and(|v| !is_neutral(v, None))
+        }
     }
 }
 
@@ -487,8 +538,15 @@ fn check_value(method: &Method, field: &Field, value: &Value) -> Result<()> {
         Kind::Number => value.is_number(),
         Kind::Str => value.is_string(),
         Kind::OneOf(options) => value.as_str().is_some_and(|s| options.contains(&s)),
-        Kind::Modules => value.is_string() || value.as_array().is_some_and(|items| items.iter().all(Value::is_string)),
-        Kind::Names => value.as_array().is_some_and(|items| items.iter().all(Value::is_string)),
+        Kind::Modules => {
+            value.is_string()
+                || value
+                    .as_array()
+                    .is_some_and(|items| items.iter().all(Value::is_string))
+        }
+        Kind::Names => value
+            .as_array()
+            .is_some_and(|items| items.iter().all(Value::is_string)),
         Kind::Object => value.is_object(),
         Kind::Any => true,
     };
@@ -507,7 +565,11 @@ fn check_value(method: &Method, field: &Field, value: &Value) -> Result<()> {
         Kind::Object => "an object".to_string(),
         Kind::Any => unreachable!("Any accepts every value"),
     };
-    let nullable = if field.default == "null" { " or null" } else { "" };
+    let nullable = if field.default == "null" {
+        " or null"
+    } else {
+        ""
+    };
     Err(Error::Config(format!(
         "field '{}' of a {} config must be {expected}{nullable}, got {value}",
         field.name, method.peft_type
@@ -528,8 +590,10 @@ fn loads_unchanged(
     let tolerates_extra_keys = table::unknown_keys(release) != UnknownKeys::Rejected;
     let unknown_ok = unknown.iter().all(|u| u.neutral && tolerates_extra_keys);
     // Known fields the release lacks are harmless (not among the features) but must be tolerated.
-    let newer_ok =
-        raw.keys().filter_map(|key| method.field(key)).all(|field| field.since <= release || tolerates_extra_keys);
+    let newer_ok = raw
+        .keys()
+        .filter_map(|key| method.field(key))
+        .all(|field| field.since <= release || tolerates_extra_keys);
     unknown_ok && newer_ok
 }
 
@@ -554,15 +618,24 @@ impl Writer {
             return Writer::Legacy;
         }
         let fields = method.fields();
-        let from =
-            fields.iter().filter(|f| config.contains_key(f.name)).map(|f| f.since).fold(method.since, Version::max);
+        let from = fields
+            .iter()
+            .filter(|f| config.contains_key(f.name))
+            .map(|f| f.since)
+            .fold(method.since, Version::max);
         // PEFT writes every field of the dataclass, so a release's config lacks only newer fields.
-        let complete = fields.iter().all(|f| f.since > from || config.contains_key(f.name) || f.name == "peft_version");
+        let complete = fields
+            .iter()
+            .all(|f| f.since > from || config.contains_key(f.name) || f.name == "peft_version");
         // Since 0.18 every release fills in `peft_version`, so a newer layout without it is not a release's.
         if !complete || from >= Version(0, 18, 0) {
             return Writer::Partial;
         }
-        let before = fields.iter().filter(|f| !config.contains_key(f.name) && f.since > from).map(|f| f.since).min();
+        let before = fields
+            .iter()
+            .filter(|f| !config.contains_key(f.name) && f.since > from)
+            .map(|f| f.since)
+            .min();
         Writer::Inferred(from.max(oldest_writable_release()), before)
     }
 
@@ -576,11 +649,16 @@ impl Writer {
     fn describe(&self) -> Option<String> {
         match self {
             Writer::Stated(text, _) => Some(format!("PEFT {text}")),
-            Writer::Legacy => Some("PEFT 0.1/0.2 (inferred from enable_lora/merge_weights)".to_string()),
+            Writer::Legacy => {
+                Some("PEFT 0.1/0.2 (inferred from enable_lora/merge_weights)".to_string())
+            }
             Writer::Partial => None,
             Writer::Inferred(from, before) => {
-                let candidates: Vec<Version> =
-                    table::RELEASES.iter().copied().filter(|r| r >= from && before.map_or(true, |b| *r < b)).collect();
+                let candidates: Vec<Version> = table::RELEASES
+                    .iter()
+                    .copied()
+                    .filter(|r| r >= from && before.is_none_or(|b| *r < b))
+                    .collect();
                 let text = match (candidates.first(), candidates.last(), before) {
                     (Some(first), Some(last), Some(_)) if first == last => format!("PEFT {first}"),
                     (Some(first), Some(last), Some(_)) => format!("PEFT {first} to {last}"),
@@ -595,7 +673,10 @@ impl Writer {
     fn newer_than_known_note(&self) -> String {
         match self {
             Writer::Stated(_, Some(release)) if *release > newest_known_release() => {
-                format!(", a release newer than the newest oxpeft knows ({})", newest_known_release())
+                format!(
+                    ", a release newer than the newest oxpeft knows ({})",
+                    newest_known_release()
+                )
             }
             _ => String::new(),
         }

@@ -53,19 +53,49 @@ pub(crate) struct Field {
 }
 
 const fn f(name: &'static str, since: Version, default: &'static str, kind: Kind) -> Field {
-    Field { name, since, default, kind, role: Role::Feature }
+    Field {
+        name,
+        since,
+        default,
+        kind,
+        role: Role::Feature,
+    }
 }
 
 const fn meta(name: &'static str, since: Version, default: &'static str, kind: Kind) -> Field {
-    Field { name, since, default, kind, role: Role::Meta }
+    Field {
+        name,
+        since,
+        default,
+        kind,
+        role: Role::Meta,
+    }
 }
 
-const fn with(name: &'static str, since: Version, default: &'static str, kind: Kind, needs: &'static str) -> Field {
-    Field { name, since, default, kind, role: Role::With(needs) }
+const fn with(
+    name: &'static str,
+    since: Version,
+    default: &'static str,
+    kind: Kind,
+    needs: &'static str,
+) -> Field {
+    Field {
+        name,
+        since,
+        default,
+        kind,
+        role: Role::With(needs),
+    }
 }
 
-pub(crate) const TASK_TYPES: &[&str] =
-    &["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"];
+pub(crate) const TASK_TYPES: &[&str] = &[
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+];
 
 /// `PeftConfigMixin` / `PeftConfig`: on every config. `peft_type` is handled apart (it selects the class).
 static BASE: &[Field] = &[
@@ -84,7 +114,12 @@ static LORA: &[Field] = &[
     f("lora_alpha", v(2), "8", Kind::Number),
     f("lora_dropout", v(2), "0.0", Kind::Number),
     f("fan_in_fan_out", v(2), "false", Kind::Bool),
-    f("bias", v(2), "\"none\"", Kind::OneOf(&["none", "all", "lora_only"])),
+    f(
+        "bias",
+        v(2),
+        "\"none\"",
+        Kind::OneOf(&["none", "all", "lora_only"]),
+    ),
     f("modules_to_save", v(2), "null", Kind::Names),
     f("init_lora_weights", v(3), "true", Kind::Any),
     f("layers_to_transform", v(4), "null", Kind::Any),
@@ -92,7 +127,13 @@ static LORA: &[Field] = &[
     f("rank_pattern", v(6), "{}", Kind::Object),
     f("alpha_pattern", v(6), "{}", Kind::Object),
     f("megatron_config", v(7), "null", Kind::Object),
-    with("megatron_core", v(7), "\"megatron.core\"", Kind::Str, "megatron_config"),
+    with(
+        "megatron_core",
+        v(7),
+        "\"megatron.core\"",
+        Kind::Str,
+        "megatron_config",
+    ),
     f("loftq_config", v(7), "{}", Kind::Object),
     f("use_rslora", v(8), "false", Kind::Bool),
     f("use_dora", v(9), "false", Kind::Bool),
@@ -172,14 +213,24 @@ static PROMPT_LEARNING: &[Field] = &[
 ];
 
 static PROMPT_TUNING: &[Field] = &[
-    f("prompt_tuning_init", v(2), "\"RANDOM\"", Kind::OneOf(&["TEXT", "SAMPLE_VOCAB", "RANDOM"])),
+    f(
+        "prompt_tuning_init",
+        v(2),
+        "\"RANDOM\"",
+        Kind::OneOf(&["TEXT", "SAMPLE_VOCAB", "RANDOM"]),
+    ),
     f("prompt_tuning_init_text", v(2), "null", Kind::Str),
     f("tokenizer_name_or_path", v(2), "null", Kind::Str),
     f("tokenizer_kwargs", v(7), "null", Kind::Object),
 ];
 
 static P_TUNING: &[Field] = &[
-    f("encoder_reparameterization_type", v(2), "\"MLP\"", Kind::OneOf(&["MLP", "LSTM"])),
+    f(
+        "encoder_reparameterization_type",
+        v(2),
+        "\"MLP\"",
+        Kind::OneOf(&["MLP", "LSTM"]),
+    ),
     f("encoder_hidden_size", v(2), "null", Kind::Count),
     f("encoder_num_layers", v(2), "2", Kind::Count),
     f("encoder_dropout", v(2), "0.0", Kind::Number),
@@ -202,14 +253,24 @@ pub(crate) struct ValueFeature {
 }
 
 const fn val(field: &'static str, value: &'static str, since: Version) -> ValueFeature {
-    ValueFeature { field, value, prefix: false, since }
+    ValueFeature {
+        field,
+        value,
+        prefix: false,
+        since,
+    }
 }
 
 static LORA_VALUES: &[ValueFeature] = &[
     val("init_lora_weights", "gaussian", v(7)),
     val("init_lora_weights", "loftq", v(7)),
     val("init_lora_weights", "pissa", v(11)),
-    ValueFeature { field: "init_lora_weights", value: "pissa_niter_", prefix: true, since: v(11) },
+    ValueFeature {
+        field: "init_lora_weights",
+        value: "pissa_niter_",
+        prefix: true,
+        since: v(11),
+    },
     val("init_lora_weights", "olora", v(12)),
     val("init_lora_weights", "eva", v(14)),
     val("init_lora_weights", "corda", v(15)),
@@ -219,8 +280,10 @@ static LORA_VALUES: &[ValueFeature] = &[
 ];
 
 /// Values of base fields that some releases lack, shared by every method.
-pub(crate) static BASE_VALUES: &[ValueFeature] =
-    &[val("task_type", "QUESTION_ANS", v(4)), val("task_type", "FEATURE_EXTRACTION", v(4))];
+pub(crate) static BASE_VALUES: &[ValueFeature] = &[
+    val("task_type", "QUESTION_ANS", v(4)),
+    val("task_type", "FEATURE_EXTRACTION", v(4)),
+];
 
 static LOKR_VALUES: &[ValueFeature] = &[val("init_weights", "lycoris", v(14))];
 static PROMPT_TUNING_VALUES: &[ValueFeature] = &[val("prompt_tuning_init", "SAMPLE_VOCAB", v(18))];

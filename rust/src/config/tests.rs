@@ -20,14 +20,20 @@ fn written_by_0_10_0() -> Value {
         "layer_replication": null, "loftq_config": {}, "megatron_config": null, "megatron_core": "megatron.core",
         "use_dora": false, "use_rslora": false
     });
-    config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     config
 }
 
 fn current(overrides: Value) -> Value {
     let mut config = upgrade(&written_by_0_10_0(), true).unwrap().config;
     config["peft_version"] = json!("0.21.2");
-    config.as_object_mut().unwrap().extend(overrides.as_object().unwrap().clone());
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(overrides.as_object().unwrap().clone());
     config
 }
 
@@ -42,7 +48,11 @@ fn config_error(result: Result<impl std::fmt::Debug>) -> String {
 fn upgrade_fills_every_current_field_with_its_default() {
     let up = upgrade(&written_by_0_6_2(), true).unwrap();
     let config = up.config.as_object().unwrap();
-    assert_eq!(config.len(), 41, "the 41 keys PEFT 0.21.2 writes for a LoraConfig");
+    assert_eq!(
+        config.len(),
+        41,
+        "the 41 keys PEFT 0.21.2 writes for a LoraConfig"
+    );
     assert_eq!(config["use_dora"], json!(false));
     assert_eq!(config["megatron_core"], json!("megatron.core"));
     assert_eq!(config["qalora_group_size"], json!(16));
@@ -54,16 +64,23 @@ fn upgrade_fills_every_current_field_with_its_default() {
     sorted.sort();
     assert_eq!(keys, sorted, "keys are written sorted, like PEFT");
     assert!(up.notes.is_empty(), "{:?}", up.notes);
-    assert_eq!(up.written_by.as_deref(), Some("PEFT 0.6.0 to 0.6.2 (inferred from its fields)"));
+    assert_eq!(
+        up.written_by.as_deref(),
+        Some("PEFT 0.6.0 to 0.6.2 (inferred from its fields)")
+    );
 }
 
 #[test]
 fn writer_is_inferred_from_fields_or_read_from_peft_version() {
     let up = upgrade(&written_by_0_10_0(), true).unwrap();
-    assert_eq!(up.written_by.as_deref(), Some("PEFT 0.10.0 to 0.13.2 (inferred from its fields)"));
+    assert_eq!(
+        up.written_by.as_deref(),
+        Some("PEFT 0.10.0 to 0.13.2 (inferred from its fields)")
+    );
     let up = upgrade(&current(json!({"peft_version": "0.19.0.dev0@abc"})), true).unwrap();
     assert_eq!(up.written_by.as_deref(), Some("PEFT 0.19.0.dev0@abc"));
-    let hand_written = json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]});
+    let hand_written =
+        json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]});
     assert_eq!(upgrade(&hand_written, true).unwrap().written_by, None);
     // Every release since 0.18 writes peft_version, so the current layout without it is no release's.
     let upgraded = upgrade(&written_by_0_10_0(), true).unwrap().config;
@@ -76,7 +93,10 @@ fn fields_missing_from_a_stated_release_are_filled_with_one_note() {
     config["peft_version"] = json!("0.21.2");
     let up = upgrade(&config, true).unwrap();
     assert_eq!(up.notes.len(), 1, "{:?}", up.notes);
-    assert!(up.notes[0].contains("PEFT 0.21.2 writes these fields") && up.notes[0].contains("lora_bias=false"));
+    assert!(
+        up.notes[0].contains("PEFT 0.21.2 writes these fields")
+            && up.notes[0].contains("lora_bias=false")
+    );
     assert_eq!(up.config["lora_bias"], json!(false));
 }
 
@@ -91,15 +111,22 @@ fn upgrade_is_idempotent() {
 #[test]
 fn neutral_unknown_fields_are_dropped_with_a_note() {
     let mut config = current(json!({}));
-    for (key, value) in
-        [("future_a", json!(null)), ("future_b", json!(false)), ("future_c", json!({})), ("future_d", json!([]))]
-    {
+    for (key, value) in [
+        ("future_a", json!(null)),
+        ("future_b", json!(false)),
+        ("future_c", json!({})),
+        ("future_d", json!([])),
+    ] {
         config[key] = value;
     }
     let up = upgrade(&config, true).unwrap();
     assert!(up.config.get("future_a").is_none());
     assert_eq!(up.notes.len(), 4);
-    assert!(up.notes.iter().all(|n| n.contains("neutral")), "{:?}", up.notes);
+    assert!(
+        up.notes.iter().all(|n| n.contains("neutral")),
+        "{:?}",
+        up.notes
+    );
 }
 
 #[test]
@@ -108,12 +135,21 @@ fn non_neutral_unknown_field_is_refused_unless_not_strict() {
     let message = config_error(upgrade(&config, true));
     assert!(message.contains("'use_hyper_lora' = true"), "{message}");
     assert!(message.contains("PEFT 0.23.0"), "{message}");
-    assert!(message.contains("newer than the newest oxpeft knows (0.21.2)"), "{message}");
+    assert!(
+        message.contains("newer than the newest oxpeft knows (0.21.2)"),
+        "{message}"
+    );
     assert!(message.contains("strict=False"), "{message}");
 
     let up = upgrade(&config, false).unwrap();
     assert!(up.config.get("use_hyper_lora").is_none());
-    assert!(up.notes.iter().any(|n| n.starts_with("WARNING") && n.contains("use_hyper_lora")), "{:?}", up.notes);
+    assert!(
+        up.notes
+            .iter()
+            .any(|n| n.starts_with("WARNING") && n.contains("use_hyper_lora")),
+        "{:?}",
+        up.notes
+    );
 }
 
 #[test]
@@ -122,26 +158,38 @@ fn legacy_layout_is_explained() {
     config["merge_weights"] = json!(false);
     config["enable_lora"] = json!([true, false, true]);
     let message = config_error(upgrade(&config, true));
-    assert!(message.contains("PEFT 0.1/0.2") && message.contains("enable_lora"), "{message}");
+    assert!(
+        message.contains("PEFT 0.1/0.2") && message.contains("enable_lora"),
+        "{message}"
+    );
 
     config["enable_lora"] = Value::Null;
     let up = upgrade(&config, true).unwrap();
     assert!(up.config.get("merge_weights").is_none() && up.config.get("enable_lora").is_none());
-    assert!(up.notes.iter().any(|n| n.contains("merge_and_unload")), "{:?}", up.notes);
+    assert!(
+        up.notes.iter().any(|n| n.contains("merge_and_unload")),
+        "{:?}",
+        up.notes
+    );
     assert!(up.written_by.unwrap().contains("0.1/0.2"));
 }
 
 #[test]
 fn bad_configs_give_clear_errors() {
     assert!(config_error(parse("{\"r\": 8,")).contains("not valid JSON"));
-    assert!(config_error(upgrade(&json!([1, 2]), true)).contains("expected a JSON object, got a list"));
+    assert!(
+        config_error(upgrade(&json!([1, 2]), true)).contains("expected a JSON object, got a list")
+    );
 
     let mut config = written_by_0_6_2();
     config.as_object_mut().unwrap().remove("peft_type");
     assert!(config_error(upgrade(&config, true)).contains("missing required key 'peft_type'"));
     config["peft_type"] = json!("LORAX");
     let message = config_error(upgrade(&config, true));
-    assert!(message.contains("'LORAX'") && message.contains("LORA, ADALORA"), "{message}");
+    assert!(
+        message.contains("'LORAX'") && message.contains("LORA, ADALORA"),
+        "{message}"
+    );
     config["peft_type"] = json!(3);
     assert!(config_error(upgrade(&config, true)).contains("'peft_type' must be a string"));
 
@@ -150,7 +198,10 @@ fn bad_configs_give_clear_errors() {
     assert!(config_error(upgrade(&config, true)).contains("missing required key 'r'"));
     config["r"] = json!("eight");
     let message = config_error(upgrade(&config, true));
-    assert!(message.contains("field 'r'") && message.contains("non-negative integer"), "{message}");
+    assert!(
+        message.contains("field 'r'") && message.contains("non-negative integer"),
+        "{message}"
+    );
     config["r"] = json!(8);
     config["lora_alpha"] = Value::Null;
     assert!(config_error(upgrade(&config, true)).contains("'lora_alpha' is null"));
@@ -159,7 +210,9 @@ fn bad_configs_give_clear_errors() {
     assert!(config_error(upgrade(&config, true)).contains("one of none, all, lora_only"));
 
     let prompt = json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM"});
-    assert!(config_error(upgrade(&prompt, true)).contains("missing required key 'num_virtual_tokens'"));
+    assert!(
+        config_error(upgrade(&prompt, true)).contains("missing required key 'num_virtual_tokens'")
+    );
 }
 
 #[test]
@@ -179,16 +232,37 @@ fn downgrade_keeps_exactly_the_fields_the_target_knows() {
 fn downgrade_refuses_features_the_target_lacks() {
     let dora = current(json!({"use_dora": true}));
     let message = config_error(downgrade(&dora, "0.8.2"));
-    assert!(message.contains("'use_dora' = true needs PEFT >= 0.9.0"), "{message}");
+    assert!(
+        message.contains("'use_dora' = true needs PEFT >= 0.9.0"),
+        "{message}"
+    );
     assert_eq!(downgrade(&dora, "0.9.0").unwrap()["use_dora"], json!(true));
 
     let message = config_error(downgrade(&current(json!({"use_rslora": true})), "0.7.1"));
-    assert!(message.contains("use_rslora") && message.contains("0.8.0"), "{message}");
-    let message = config_error(downgrade(&current(json!({"lora_bias": true, "use_dora": true})), "0.8.0"));
-    assert!(message.contains("lora_bias") && message.contains("use_dora"), "every problem is listed: {message}");
-    let message = config_error(downgrade(&current(json!({"init_lora_weights": "pissa_niter_4"})), "0.10.0"));
-    assert!(message.contains("init_lora_weights") && message.contains("0.11.0"), "{message}");
-    let message = config_error(downgrade(&current(json!({"layers_pattern": ["layers", "h"]})), "0.5.0"));
+    assert!(
+        message.contains("use_rslora") && message.contains("0.8.0"),
+        "{message}"
+    );
+    let message = config_error(downgrade(
+        &current(json!({"lora_bias": true, "use_dora": true})),
+        "0.8.0",
+    ));
+    assert!(
+        message.contains("lora_bias") && message.contains("use_dora"),
+        "every problem is listed: {message}"
+    );
+    let message = config_error(downgrade(
+        &current(json!({"init_lora_weights": "pissa_niter_4"})),
+        "0.10.0",
+    ));
+    assert!(
+        message.contains("init_lora_weights") && message.contains("0.11.0"),
+        "{message}"
+    );
+    let message = config_error(downgrade(
+        &current(json!({"layers_pattern": ["layers", "h"]})),
+        "0.5.0",
+    ));
     assert!(message.contains("layers_pattern"), "{message}");
 
     // Settings that only matter together with a feature that is off are not features.
@@ -258,11 +332,21 @@ fn inspect_reports_writer_features_and_loading_releases() {
     assert!(report.written_by_inferred);
     assert_eq!(report.min_peft_version, Some(Version(0, 3, 0)));
     let json = report.to_json();
-    assert_eq!(json["loads_as_is_ranges"], json!([["0.3.0", "0.5.0"], ["0.10.0", "0.21.2"]]));
+    assert_eq!(
+        json["loads_as_is_ranges"],
+        json!([["0.3.0", "0.5.0"], ["0.10.0", "0.21.2"]])
+    );
 
     let unknown = current(json!({"future": 3}));
     let report = inspect(&unknown).unwrap();
     assert_eq!(report.min_peft_version, None);
     assert!(report.loads_as_is.is_empty());
-    assert_eq!(report.unknown_fields, vec![Unknown { field: "future".into(), value: json!(3), neutral: false }]);
+    assert_eq!(
+        report.unknown_fields,
+        vec![Unknown {
+            field: "future".into(),
+            value: json!(3),
+            neutral: false
+        }]
+    );
 }

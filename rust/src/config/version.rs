@@ -12,7 +12,11 @@ impl Version {
     /// Reads the leading `major.minor[.patch]` of a version string; any suffix (`.dev0`, `rc1`,
     /// `@commit`, `+local`) is ignored because configs only differ between releases.
     pub fn parse(text: &str) -> Result<Version> {
-        let bad = || Error::Config(format!("'{text}' is not a PEFT version (expected e.g. 0.10.0)"));
+        let bad = || {
+            Error::Config(format!(
+                "'{text}' is not a PEFT version (expected e.g. 0.10.0)"
+            ))
+        };
         let mut parts = [0u16; 3];
         let mut count = 0;
         for piece in text.trim().split('.') {
@@ -47,7 +51,10 @@ mod tests {
     fn parses_releases_and_dev_builds() {
         assert_eq!(Version::parse("0.10.0").unwrap(), Version(0, 10, 0));
         assert_eq!(Version::parse("0.10").unwrap(), Version(0, 10, 0));
-        assert_eq!(Version::parse("0.19.0.dev0@1a2b3c").unwrap(), Version(0, 19, 0));
+        assert_eq!(
+            Version::parse("0.19.0.dev0@1a2b3c").unwrap(),
+            Version(0, 19, 0)
+        );
         assert_eq!(Version::parse("0.18.1rc1").unwrap(), Version(0, 18, 1));
         assert_eq!(Version::parse(" 0.21.2 ").unwrap(), Version(0, 21, 2));
         assert!(Version(0, 9, 0) < Version(0, 10, 0));

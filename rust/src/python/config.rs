@@ -23,7 +23,9 @@ fn config_downgrade(config_json: &str, target_version: &str) -> PyResult<String>
 /// Who wrote a config, which PEFT releases load it, what it uses: a JSON object.
 #[pyfunction]
 fn config_inspect(config_json: &str) -> PyResult<String> {
-    Ok(config::inspect(&config::parse(config_json)?)?.to_json().to_string())
+    Ok(config::inspect(&config::parse(config_json)?)?
+        .to_json()
+        .to_string())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -30,8 +30,13 @@ fn loftq_init<'py>(
     let (rows, cols) = (weight.shape()[0], weight.shape()[1]);
     let w = super::c_contiguous(&weight, "LoftQ: weight")?;
     let quant = LoftqQuant::from_bits(bits, quant_type, blocksize)?;
-    let svd = if exact_svd { SvdMode::Exact } else { SvdMode::fast() };
-    let result = py.detach(|| loftq::loftq_init_quantized(w, rows, cols, rank, iters, scaling, svd, quant))?;
+    let svd = if exact_svd {
+        SvdMode::Exact
+    } else {
+        SvdMode::fast()
+    };
+    let result =
+        py.detach(|| loftq::loftq_init_quantized(w, rows, cols, rank, iters, scaling, svd, quant))?;
     Ok((
         result.dequantized.into_pyarray(py).reshape([rows, cols])?,
         result.lora_a.into_pyarray(py).reshape([rank, cols])?,
@@ -62,8 +67,15 @@ fn loftq_fit_fixed_base<'py>(
             weight.shape()
         )));
     }
-    let (w, d) = (super::c_contiguous(&weight, "LoftQ: weight")?, super::c_contiguous(&base, "LoftQ: dequantized")?);
-    let svd = if exact_svd { SvdMode::Exact } else { SvdMode::fast() };
+    let (w, d) = (
+        super::c_contiguous(&weight, "LoftQ: weight")?,
+        super::c_contiguous(&base, "LoftQ: dequantized")?,
+    );
+    let svd = if exact_svd {
+        SvdMode::Exact
+    } else {
+        SvdMode::fast()
+    };
     let result = py.detach(|| loftq::loftq_fit_fixed_base(w, d, rows, cols, rank, scaling, svd))?;
     Ok((
         result.lora_a.into_pyarray(py).reshape([rank, cols])?,
@@ -73,7 +85,9 @@ fn loftq_fit_fixed_base<'py>(
 }
 
 fn matrix<'py>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
-    array.extract().map_err(|_| PyValueError::new_err(format!("LoftQ: {name} must be a 2-D float32 array")))
+    array
+        .extract()
+        .map_err(|_| PyValueError::new_err(format!("LoftQ: {name} must be a 2-D float32 array")))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -6,10 +6,10 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod checkpoint;
 mod config;
 mod loftq;
 mod quant;
-mod checkpoint;
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {

@@ -1,7 +1,10 @@
 //! Bindings for `crate::quant`: numpy arrays in and out without copies, the GIL released while
 //! the kernels run. bfloat16 / float16 travel as uint16 bit patterns, named by a dtype string.
 
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -33,13 +36,18 @@ impl Dtype {
     }
 }
 
-fn slice_of<'a, T: numpy::Element>(array: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
+fn slice_of<'a, T: numpy::Element>(
+    array: &'a PyReadonlyArray1<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
     super::c_contiguous(array, name)
 }
 
 fn u16_input<'py>(input: &Bound<'py, PyAny>, dtype: &str) -> PyResult<PyReadonlyArray1<'py, u16>> {
     input.extract::<PyReadonlyArray1<u16>>().map_err(|_| {
-        PyValueError::new_err(format!("{dtype} input must be a 1-D uint16 array of bit patterns"))
+        PyValueError::new_err(format!(
+            "{dtype} input must be a 1-D uint16 array of bit patterns"
+        ))
     })
 }
 
@@ -116,8 +124,10 @@ fn dequantize_4bit<'py>(
     let packed = slice_of(&packed, "packed")?;
     let absmax = slice_of(&absmax, "absmax")?;
     Ok(match Dtype::parse(dtype)? {
-        Dtype::F32 => output_array::<f32, _>(py, n, out, |o| quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, o))?
-            .into_any(),
+        Dtype::F32 => output_array::<f32, _>(py, n, out, |o| {
+            quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, o)
+        })?
+        .into_any(),
         Dtype::Bf16 => output_array::<u16, _>(py, n, out, |o| {
             quant::dequantize_4bit_into(packed, absmax, n, blocksize, kind, bits_as::<Bf16>(o))
         })?
@@ -130,7 +140,12 @@ fn dequantize_4bit<'py>(
 }
 
 /// `fill` into the caller's `out` array (checked: element type, contiguity, length) or into a new one.
-fn output_array<'py, T, F>(py: Python<'py>, n: usize, out: Option<Bound<'py, PyAny>>, fill: F) -> PyResult<Bound<'py, PyArray1<T>>>
+fn output_array<'py, T, F>(
+    py: Python<'py>,
+    n: usize,
+    out: Option<Bound<'py, PyAny>>,
+    fill: F,
+) -> PyResult<Bound<'py, PyArray1<T>>>
 where
     T: numpy::Element + Send,
     F: FnOnce(&mut [T]) -> crate::Result<()> + Send,
@@ -139,15 +154,23 @@ where
         return fresh_array(py, n, fill);
     };
     let array = out.cast_into::<PyArray1<T>>().map_err(|_| {
-        PyValueError::new_err(format!("out must be a 1-D {} array", std::any::type_name::<T>()))
+        PyValueError::new_err(format!(
+            "out must be a 1-D {} array",
+            std::any::type_name::<T>()
+        ))
     })?;
     {
-        let mut guard = array
-            .try_readwrite()
-            .map_err(|_| PyValueError::new_err("out must be a writeable array not borrowed elsewhere"))?;
-        let slice = guard.as_slice_mut().map_err(|_| PyValueError::new_err("out must be contiguous"))?;
+        let mut guard = array.try_readwrite().map_err(|_| {
+            PyValueError::new_err("out must be a writeable array not borrowed elsewhere")
+        })?;
+        let slice = guard
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
         if slice.len() != n {
-            return Err(PyValueError::new_err(format!("out has {} elements, expected {n}", slice.len())));
+            return Err(PyValueError::new_err(format!(
+                "out has {} elements, expected {n}",
+                slice.len()
+            )));
         }
         py.detach(|| fill(slice))?;
     }
@@ -164,7 +187,13 @@ fn double_quantize_absmax<'py>(
 ) -> PyResult<(BytesAndScales<'py>, f32)> {
     let data = slice_of(&absmax, "absmax")?;
     let nested = py.detach(|| quant::double_quantize_absmax(data, offset))?;
-    Ok(((nested.codes.into_pyarray(py), nested.absmax.into_pyarray(py)), nested.offset))
+    Ok((
+        (
+            nested.codes.into_pyarray(py),
+            nested.absmax.into_pyarray(py),
+        ),
+        nested.offset,
+    ))
 }
 
 /// Recovers fp32 block scales from `(codes, absmax2, offset)`.
@@ -177,7 +206,9 @@ fn dequantize_nested_absmax<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let codes = slice_of(&codes, "codes")?;
     let absmax2 = slice_of(&absmax2, "nested absmax")?;
-    fresh_array::<f32, _>(py, codes.len(), |o| quant::dequantize_nested_absmax(codes, absmax2, offset, o))
+    fresh_array::<f32, _>(py, codes.len(), |o| {
+        quant::dequantize_nested_absmax(codes, absmax2, offset, o)
+    })
 }
 
 /// Row-wise int8 quantisation of a 2-D array; returns `(CB int8 (rows, cols), SCB float32 (rows,))`.
@@ -223,20 +254,28 @@ fn dequantize_int8_rows<'py>(
     let scb = slice_of(&scb, "SCB")?;
     let n = rows * cols;
     Ok(match Dtype::parse(dtype)? {
-        Dtype::F32 => fresh_array::<f32, _>(py, n, |o| quant::dequantize_rows(cb, scb, rows, cols, o))?.into_any(),
-        Dtype::Bf16 => {
-            fresh_array::<u16, _>(py, n, |o| quant::dequantize_rows(cb, scb, rows, cols, bits_as::<Bf16>(o)))?.into_any()
+        Dtype::F32 => {
+            fresh_array::<f32, _>(py, n, |o| quant::dequantize_rows(cb, scb, rows, cols, o))?
+                .into_any()
         }
-        Dtype::F16 => {
-            fresh_array::<u16, _>(py, n, |o| quant::dequantize_rows(cb, scb, rows, cols, bits_as::<F16>(o)))?.into_any()
-        }
+        Dtype::Bf16 => fresh_array::<u16, _>(py, n, |o| {
+            quant::dequantize_rows(cb, scb, rows, cols, bits_as::<Bf16>(o))
+        })?
+        .into_any(),
+        Dtype::F16 => fresh_array::<u16, _>(py, n, |o| {
+            quant::dequantize_rows(cb, scb, rows, cols, bits_as::<F16>(o))
+        })?
+        .into_any(),
     })
 }
 
 /// The 16 values of a 4-bit type indexed by code (bitsandbytes' `quant_map`).
 #[pyfunction]
 fn four_bit_code<'py>(py: Python<'py>, quant_type: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    Ok(FourBitType::from_name(quant_type)?.code().to_vec().into_pyarray(py))
+    Ok(FourBitType::from_name(quant_type)?
+        .code()
+        .to_vec()
+        .into_pyarray(py))
 }
 
 /// bitsandbytes' signed 8-bit dynamic map (`nested_quant_map`).

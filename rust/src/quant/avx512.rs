@@ -7,7 +7,8 @@ use std::arch::x86_64::*;
 
 /// Whether this CPU runs the kernels below (checked once; the std macro caches the answer).
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// 16 consecutive input elements widened to fp32.
@@ -62,7 +63,8 @@ pub(super) unsafe fn quantize_full_block<T: Load16>(
 ) {
     debug_assert!(packed.len() >= block.len() / 2);
     let mids = _mm512_loadu_ps(midpoints.as_ptr());
-    let remap = code_at_rank.map(|t| _mm512_cvtepu8_epi32(_mm_loadu_si128(t.as_ptr() as *const __m128i)));
+    let remap =
+        code_at_rank.map(|t| _mm512_cvtepu8_epi32(_mm_loadu_si128(t.as_ptr() as *const __m128i)));
     let vscale = _mm512_set1_ps(scale);
     let lo = _mm512_set1_ps(-1.0);
     let hi = _mm512_set1_ps(1.0);
@@ -107,7 +109,10 @@ impl Store16 for super::Bf16 {
         let bits = _mm512_castps_si512(values);
         let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
         let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        _mm256_storeu_si256(ptr as *mut __m256i, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+        _mm256_storeu_si256(
+            ptr as *mut __m256i,
+            _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)),
+        );
     }
 }
 
@@ -116,7 +121,12 @@ impl Store16 for super::Bf16 {
 /// # Safety
 /// AVX-512F/BW must be available; `packed` must hold `out.len() / 2` bytes.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn dequantize_full_block<T: Store16>(packed: &[u8], scale: f32, values: &[f32; 16], out: &mut [T]) {
+pub(super) unsafe fn dequantize_full_block<T: Store16>(
+    packed: &[u8],
+    scale: f32,
+    values: &[f32; 16],
+    out: &mut [T],
+) {
     debug_assert!(packed.len() >= out.len() / 2);
     let table = _mm512_loadu_ps(values.as_ptr());
     let vscale = _mm512_set1_ps(scale);
@@ -126,6 +136,9 @@ pub(super) unsafe fn dequantize_full_block<T: Store16>(packed: &[u8], scale: f32
         let high = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibble);
         let low = _mm_and_si128(raw, low_nibble);
         let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low));
-        T::store16(chunk.as_mut_ptr(), _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), vscale));
+        T::store16(
+            chunk.as_mut_ptr(),
+            _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), vscale),
+        );
     }
 }

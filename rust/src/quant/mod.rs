@@ -9,18 +9,18 @@ mod avx512;
 pub mod int8;
 pub mod nf4;
 
-pub use int8::{
-    dequantize_int8_rows_bf16, dequantize_int8_rows_f16, dequantize_int8_rows_f32, quantize_int8_rows_bf16,
-    quantize_int8_rows_f16, quantize_int8_rows_f32,
-};
 #[cfg(feature = "python")]
 pub(crate) use int8::dequantize_rows;
+pub use int8::{
+    dequantize_int8_rows_bf16, dequantize_int8_rows_f16, dequantize_int8_rows_f32,
+    quantize_int8_rows_bf16, quantize_int8_rows_f16, quantize_int8_rows_f32,
+};
 #[cfg(feature = "python")]
 pub(crate) use nf4::dequantize_4bit_into;
 pub use nf4::{
-    dequantize_4bit_bf16, dequantize_4bit_f16, dequantize_4bit_f32, dequantize_nested_absmax, double_quantize_absmax,
-    quantize_4bit_bf16, quantize_4bit_f16, quantize_4bit_f32, FourBitType, NestedAbsmax, DYNAMIC_MAP_SIGNED,
-    NESTED_BLOCKSIZE,
+    dequantize_4bit_bf16, dequantize_4bit_f16, dequantize_4bit_f32, dequantize_nested_absmax,
+    double_quantize_absmax, quantize_4bit_bf16, quantize_4bit_f16, quantize_4bit_f32, FourBitType,
+    NestedAbsmax, DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE,
 };
 
 /// A floating-point element the kernels read and write. Reading widens exactly to `f32`;

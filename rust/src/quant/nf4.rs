@@ -8,9 +8,9 @@
 
 use rayon::prelude::*;
 
+use super::{as_elements, as_elements_mut, Bf16, Element, F16};
 #[cfg(target_arch = "x86_64")]
 use super::{avx512, same_kind, same_kind_mut, Kind};
-use super::{as_elements, as_elements_mut, Bf16, Element, F16};
 use crate::{Error, Result};
 
 /// bitsandbytes' NF4 table: quantiles of N(0, 1) scaled to [-1, 1], index = code. The decimals are
@@ -37,7 +37,9 @@ const NF4_CODE: [f32; 16] = [
 
 /// FP4 (1 sign, 2 exponent, 1 mantissa bit) values by bit pattern, before division by 12. Code 8
 /// (sign bit, zero magnitude) is +0.0 as in bitsandbytes, whose table spells it as the integer `-0`.
-const FP4_UNSCALED: [f32; 16] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
+const FP4_UNSCALED: [f32; 16] = [
+    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+];
 
 /// FP4 codes in ascending value order. +0 (code 0) and -0 (code 8) tie; bitsandbytes sorts code 0
 /// first, so `x / absmax` in (-1/384, 0] gets code 0 and (0, 1/384] gets code 8.
@@ -74,7 +76,9 @@ impl FourBitType {
         match name {
             "nf4" => Ok(FourBitType::Nf4),
             "fp4" => Ok(FourBitType::Fp4),
-            other => Err(Error::invalid_argument(format!("quant_type must be 'nf4' or 'fp4', got '{other}'"))),
+            other => Err(Error::invalid_argument(format!(
+                "quant_type must be 'nf4' or 'fp4', got '{other}'"
+            ))),
         }
     }
 
@@ -103,7 +107,10 @@ impl Codebook {
         let midpoints = std::array::from_fn(|i| {
             (values[code_at_rank[i] as usize] + values[code_at_rank[i + 1] as usize]) / 2.0
         });
-        Codebook { midpoints, code_at_rank }
+        Codebook {
+            midpoints,
+            code_at_rank,
+        }
     }
 
     #[inline(always)]
@@ -130,7 +137,9 @@ fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
     if got == expected {
         Ok(())
     } else {
-        Err(Error::invalid_argument(format!("{what} has {got} elements, expected {expected}")))
+        Err(Error::invalid_argument(format!(
+            "{what} has {got} elements, expected {expected}"
+        )))
     }
 }
 
@@ -258,12 +267,21 @@ fn quantize_blocks_avx512<T: Element + avx512::Load16>(
     for (b, block) in input.chunks_exact(blocksize).enumerate() {
         let scale = 1.0 / absmax[b].max(MIN_SCALE);
         // SAFETY: as above; `packed` holds blocksize / 2 bytes per full block.
-        unsafe { avx512::quantize_full_block(block, scale, &midpoints, code_at_rank, &mut packed[b * blocksize / 2..]) };
+        unsafe {
+            avx512::quantize_full_block(
+                block,
+                scale,
+                &midpoints,
+                code_at_rank,
+                &mut packed[b * blocksize / 2..],
+            )
+        };
     }
     let tail = &input[full * blocksize..];
     if !tail.is_empty() {
         let bytes = &mut packed[full * blocksize / 2..];
-        return quantize_blocks(tail, bytes, &mut absmax[full..], blocksize, book, remap).map(|_| full);
+        return quantize_blocks(tail, bytes, &mut absmax[full..], blocksize, book, remap)
+            .map(|_| full);
     }
     None
 }
@@ -279,8 +297,26 @@ fn quantize_blocks_dispatch<T: Element>(
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
         match T::KIND {
-            Kind::F32 => return quantize_blocks_avx512::<f32>(same_kind(input), packed, absmax, blocksize, book, remap),
-            Kind::Bf16 => return quantize_blocks_avx512::<Bf16>(same_kind(input), packed, absmax, blocksize, book, remap),
+            Kind::F32 => {
+                return quantize_blocks_avx512::<f32>(
+                    same_kind(input),
+                    packed,
+                    absmax,
+                    blocksize,
+                    book,
+                    remap,
+                )
+            }
+            Kind::Bf16 => {
+                return quantize_blocks_avx512::<Bf16>(
+                    same_kind(input),
+                    packed,
+                    absmax,
+                    blocksize,
+                    book,
+                    remap,
+                )
+            }
             Kind::F16 => {}
         }
     }
@@ -308,7 +344,8 @@ fn quantize_4bit_into<T: Element>(
         .zip(absmax.par_chunks_mut(task_blocks))
         .enumerate()
         .filter_map(|(t, ((inp, pk), am))| {
-            quantize_blocks_dispatch(inp, pk, am, blocksize, &book, remap).map(|b| t * task_blocks + b)
+            quantize_blocks_dispatch(inp, pk, am, blocksize, &book, remap)
+                .map(|b| t * task_blocks + b)
         })
         .min();
     match bad {
@@ -321,7 +358,11 @@ fn quantize_4bit_into<T: Element>(
     }
 }
 
-fn quantize_4bit<T: Element>(input: &[T], blocksize: usize, kind: FourBitType) -> Result<(Vec<u8>, Vec<f32>)> {
+fn quantize_4bit<T: Element>(
+    input: &[T],
+    blocksize: usize,
+    kind: FourBitType,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     check_blocksize(blocksize)?;
     let mut packed = vec![0u8; input.len().div_ceil(2)];
     let mut absmax = vec![0f32; input.len().div_ceil(blocksize)];
@@ -330,7 +371,13 @@ fn quantize_4bit<T: Element>(input: &[T], blocksize: usize, kind: FourBitType) -
 }
 
 #[inline(always)]
-fn dequantize_blocks<T: Element>(packed: &[u8], absmax: &[f32], out: &mut [T], blocksize: usize, values: &[f32; 16]) {
+fn dequantize_blocks<T: Element>(
+    packed: &[u8],
+    absmax: &[f32],
+    out: &mut [T],
+    blocksize: usize,
+    values: &[f32; 16],
+) {
     for (b, (block, &scale)) in out.chunks_mut(blocksize).zip(absmax).enumerate() {
         let bytes = &packed[b * blocksize / 2..];
         let full_pairs = block.len() / 2;
@@ -371,12 +418,34 @@ fn dequantize_blocks_avx512<T: Element + avx512::Store16>(
     }
 }
 
-fn dequantize_blocks_dispatch<T: Element>(packed: &[u8], absmax: &[f32], out: &mut [T], blocksize: usize, values: &[f32; 16]) {
+fn dequantize_blocks_dispatch<T: Element>(
+    packed: &[u8],
+    absmax: &[f32],
+    out: &mut [T],
+    blocksize: usize,
+    values: &[f32; 16],
+) {
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
         match T::KIND {
-            Kind::F32 => return dequantize_blocks_avx512::<f32>(packed, absmax, same_kind_mut(out), blocksize, values),
-            Kind::Bf16 => return dequantize_blocks_avx512::<Bf16>(packed, absmax, same_kind_mut(out), blocksize, values),
+            Kind::F32 => {
+                return dequantize_blocks_avx512::<f32>(
+                    packed,
+                    absmax,
+                    same_kind_mut(out),
+                    blocksize,
+                    values,
+                )
+            }
+            Kind::Bf16 => {
+                return dequantize_blocks_avx512::<Bf16>(
+                    packed,
+                    absmax,
+                    same_kind_mut(out),
+                    blocksize,
+                    values,
+                )
+            }
             Kind::F16 => {}
         }
     }
@@ -396,7 +465,10 @@ pub(crate) fn dequantize_4bit_into<T: Element>(
     check_len("absmax", absmax.len(), n.div_ceil(blocksize))?;
     check_len("output", out.len(), n)?;
     if let Some(i) = absmax.iter().position(|a| !a.is_finite()) {
-        return Err(Error::invalid_argument(format!("absmax[{i}] is {}, expected a finite block scale", absmax[i])));
+        return Err(Error::invalid_argument(format!(
+            "absmax[{i}] is {}, expected a finite block scale",
+            absmax[i]
+        )));
     }
     let values = kind.code();
     let task_blocks = blocks_per_task(blocksize);
@@ -410,17 +482,29 @@ pub(crate) fn dequantize_4bit_into<T: Element>(
 
 /// Quantises fp32 values: returns the packed codes (`ceil(n / 2)` bytes) and one absmax per block.
 /// Errors on a blocksize bitsandbytes does not allow and on NaN / Inf input.
-pub fn quantize_4bit_f32(input: &[f32], blocksize: usize, kind: FourBitType) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn quantize_4bit_f32(
+    input: &[f32],
+    blocksize: usize,
+    kind: FourBitType,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     quantize_4bit(input, blocksize, kind)
 }
 
 /// `quantize_4bit_f32` for bfloat16 input given as bit patterns.
-pub fn quantize_4bit_bf16(input: &[u16], blocksize: usize, kind: FourBitType) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn quantize_4bit_bf16(
+    input: &[u16],
+    blocksize: usize,
+    kind: FourBitType,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     quantize_4bit(as_elements::<Bf16>(input), blocksize, kind)
 }
 
 /// `quantize_4bit_f32` for float16 input given as bit patterns.
-pub fn quantize_4bit_f16(input: &[u16], blocksize: usize, kind: FourBitType) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn quantize_4bit_f16(
+    input: &[u16],
+    blocksize: usize,
+    kind: FourBitType,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     quantize_4bit(as_elements::<F16>(input), blocksize, kind)
 }
 
@@ -445,7 +529,14 @@ pub fn dequantize_4bit_bf16(
     kind: FourBitType,
     out: &mut [u16],
 ) -> Result<()> {
-    dequantize_4bit_into(packed, absmax, n, blocksize, kind, as_elements_mut::<Bf16>(out))
+    dequantize_4bit_into(
+        packed,
+        absmax,
+        n,
+        blocksize,
+        kind,
+        as_elements_mut::<Bf16>(out),
+    )
 }
 
 /// `dequantize_4bit_f32` rounded to float16 (nearest, ties to even), written as bit patterns.
@@ -457,7 +548,14 @@ pub fn dequantize_4bit_f16(
     kind: FourBitType,
     out: &mut [u16],
 ) -> Result<()> {
-    dequantize_4bit_into(packed, absmax, n, blocksize, kind, as_elements_mut::<F16>(out))
+    dequantize_4bit_into(
+        packed,
+        absmax,
+        n,
+        blocksize,
+        kind,
+        as_elements_mut::<F16>(out),
+    )
 }
 
 /// bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`), as fp32 bits,
@@ -536,7 +634,8 @@ impl DynamicSearch {
     }
 }
 
-static DYNAMIC_SEARCH: std::sync::LazyLock<DynamicSearch> = std::sync::LazyLock::new(DynamicSearch::new);
+static DYNAMIC_SEARCH: std::sync::LazyLock<DynamicSearch> =
+    std::sync::LazyLock::new(DynamicSearch::new);
 
 /// Double-quantised block scales: `absmax[i] = map[codes[i]] * absmax2[i / 256] + offset`.
 #[derive(Clone, Debug, PartialEq)]
@@ -559,12 +658,19 @@ pub struct NestedAbsmax {
 /// values are all zero gets code 0 (it dequantises to `offset` whatever the code).
 pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<NestedAbsmax> {
     if absmax.is_empty() {
-        return Err(Error::invalid_argument("double quantisation needs at least one absmax value"));
+        return Err(Error::invalid_argument(
+            "double quantisation needs at least one absmax value",
+        ));
     }
     if let Some(i) = absmax.iter().position(|a| !a.is_finite()) {
-        return Err(Error::invalid_argument(format!("absmax[{i}] is {}, expected a finite value", absmax[i])));
+        return Err(Error::invalid_argument(format!(
+            "absmax[{i}] is {}, expected a finite value",
+            absmax[i]
+        )));
     }
-    let offset = offset.unwrap_or_else(|| (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32);
+    let offset = offset.unwrap_or_else(|| {
+        (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32
+    });
     let search = &*DYNAMIC_SEARCH;
     let mut codes = vec![0u8; absmax.len()];
     let mut scales = vec![0f32; absmax.len().div_ceil(NESTED_BLOCKSIZE)];
@@ -586,12 +692,25 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<Nes
                 *c = search.code(normalised);
             }
         });
-    Ok(NestedAbsmax { codes, absmax: scales, offset })
+    Ok(NestedAbsmax {
+        codes,
+        absmax: scales,
+        offset,
+    })
 }
 
 /// Recovers the fp32 block scales from their double-quantised form into `out`.
-pub fn dequantize_nested_absmax(codes: &[u8], absmax2: &[f32], offset: f32, out: &mut [f32]) -> Result<()> {
-    check_len("nested absmax", absmax2.len(), codes.len().div_ceil(NESTED_BLOCKSIZE))?;
+pub fn dequantize_nested_absmax(
+    codes: &[u8],
+    absmax2: &[f32],
+    offset: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len(
+        "nested absmax",
+        absmax2.len(),
+        codes.len().div_ceil(NESTED_BLOCKSIZE),
+    )?;
     check_len("output", out.len(), codes.len())?;
     let map = &*DYNAMIC_MAP_SIGNED;
     out.par_chunks_mut(NESTED_BLOCKSIZE)
@@ -625,7 +744,15 @@ mod tests {
     }
 
     fn codes_of(packed: &[u8], n: usize) -> Vec<u8> {
-        (0..n).map(|i| if i % 2 == 0 { packed[i / 2] >> 4 } else { packed[i / 2] & 0x0f }).collect()
+        (0..n)
+            .map(|i| {
+                if i % 2 == 0 {
+                    packed[i / 2] >> 4
+                } else {
+                    packed[i / 2] & 0x0f
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -674,7 +801,11 @@ mod tests {
                 let (packed, _) = quantize_4bit_f32(&x, 32, kind).unwrap();
                 let codes = codes_of(&packed, 3);
                 assert_eq!(codes[1], book.code_at_rank[k], "{kind:?} midpoint {k}");
-                assert_eq!(codes[2], book.code_at_rank[k + 1], "{kind:?} just above midpoint {k}");
+                assert_eq!(
+                    codes[2],
+                    book.code_at_rank[k + 1],
+                    "{kind:?} just above midpoint {k}"
+                );
             }
         }
     }
@@ -688,8 +819,15 @@ mod tests {
         assert_eq!(packed.len(), n.div_ceil(2));
         assert_eq!(absmax.len(), 4);
         assert_eq!(absmax[1], 0.0);
-        assert!(packed[32..64].iter().all(|&b| b == 0x77), "an all-zero block is all code 7");
-        assert_eq!(packed[n / 2] & 0x0f, 7, "the pad nibble after an odd count is the code of 0.0");
+        assert!(
+            packed[32..64].iter().all(|&b| b == 0x77),
+            "an all-zero block is all code 7"
+        );
+        assert_eq!(
+            packed[n / 2] & 0x0f,
+            7,
+            "the pad nibble after an odd count is the code of 0.0"
+        );
         let mut out = vec![f32::NAN; n];
         dequantize_4bit_f32(&packed, &absmax, n, 64, FourBitType::Nf4, &mut out).unwrap();
         assert!(out[64..128].iter().all(|&v| v == 0.0));
@@ -711,7 +849,10 @@ mod tests {
                 dequantize_4bit_f32(&packed, &absmax, x.len(), blocksize, kind, &mut out).unwrap();
                 for (i, (a, b)) in x.iter().zip(&out).enumerate() {
                     let bound = absmax[i / blocksize] * widest / 2.0 * 1.0001;
-                    assert!((a - b).abs() <= bound, "{kind:?} bs {blocksize} elem {i}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= bound,
+                        "{kind:?} bs {blocksize} elem {i}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -732,12 +873,18 @@ mod tests {
                 let blocks = n.div_ceil(blocksize);
                 let (mut p1, mut a1) = (vec![0u8; n.div_ceil(2)], vec![0f32; blocks]);
                 let (mut p2, mut a2) = (p1.clone(), a1.clone());
-                assert!(quantize_blocks_dispatch(&x, &mut p1, &mut a1, blocksize, &book, remap).is_none());
+                assert!(
+                    quantize_blocks_dispatch(&x, &mut p1, &mut a1, blocksize, &book, remap)
+                        .is_none()
+                );
                 assert!(quantize_blocks(&x, &mut p2, &mut a2, blocksize, &book, remap).is_none());
                 assert_eq!((&p1, &a1), (&p2, &a2), "f32 {kind:?} bs {blocksize}");
                 let (mut p3, mut a3) = (vec![0u8; n.div_ceil(2)], vec![0f32; blocks]);
                 let (mut p4, mut a4) = (p3.clone(), a3.clone());
-                assert!(quantize_blocks_dispatch(&xb, &mut p3, &mut a3, blocksize, &book, remap).is_none());
+                assert!(
+                    quantize_blocks_dispatch(&xb, &mut p3, &mut a3, blocksize, &book, remap)
+                        .is_none()
+                );
                 assert!(quantize_blocks(&xb, &mut p4, &mut a4, blocksize, &book, remap).is_none());
                 assert_eq!((&p3, &a3), (&p4, &a4), "bf16 {kind:?} bs {blocksize}");
 
@@ -745,7 +892,10 @@ mod tests {
                 let mut o2 = vec![1f32; n];
                 dequantize_blocks_dispatch(&p1, &a1, &mut o1, blocksize, &values);
                 dequantize_blocks(&p1, &a1, &mut o2, blocksize, &values);
-                assert_eq!(o1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert_eq!(
+                    o1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    o2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
                 let mut b1 = vec![Bf16(0); n];
                 let mut b2 = vec![Bf16(1); n];
                 dequantize_blocks_dispatch(&p1, &a1, &mut b1, blocksize, &values);
@@ -760,10 +910,16 @@ mod tests {
         let x = sample(1000);
         let bf: Vec<u16> = x.iter().map(|&v| Bf16::from_f32(v).0).collect();
         let widened: Vec<f32> = bf.iter().map(|&b| Bf16(b).to_f32()).collect();
-        assert_eq!(quantize_4bit_bf16(&bf, 64, FourBitType::Nf4).unwrap(), quantize_4bit_f32(&widened, 64, FourBitType::Nf4).unwrap());
+        assert_eq!(
+            quantize_4bit_bf16(&bf, 64, FourBitType::Nf4).unwrap(),
+            quantize_4bit_f32(&widened, 64, FourBitType::Nf4).unwrap()
+        );
         let h: Vec<u16> = x.iter().map(|&v| F16::from_f32(v).0).collect();
         let widened: Vec<f32> = h.iter().map(|&b| F16(b).to_f32()).collect();
-        assert_eq!(quantize_4bit_f16(&h, 128, FourBitType::Fp4).unwrap(), quantize_4bit_f32(&widened, 128, FourBitType::Fp4).unwrap());
+        assert_eq!(
+            quantize_4bit_f16(&h, 128, FourBitType::Fp4).unwrap(),
+            quantize_4bit_f32(&widened, 128, FourBitType::Fp4).unwrap()
+        );
         let (packed, absmax) = quantize_4bit_f32(&x, 64, FourBitType::Nf4).unwrap();
         let mut f = vec![0f32; 1000];
         let mut b = vec![0u16; 1000];
@@ -779,9 +935,20 @@ mod tests {
 
     #[test]
     fn bf16_rounds_to_nearest_even() {
-        assert_eq!(Bf16::from_f32(1.0 + 2f32.powi(-8)).0, 0x3f80, "tie to even (down)");
-        assert_eq!(Bf16::from_f32(1.0 + 3.0 * 2f32.powi(-8)).0, 0x3f82, "tie to even (up)");
-        assert_eq!(Bf16::from_f32(1.0 + 2f32.powi(-8) + 2f32.powi(-20)).0, 0x3f81);
+        assert_eq!(
+            Bf16::from_f32(1.0 + 2f32.powi(-8)).0,
+            0x3f80,
+            "tie to even (down)"
+        );
+        assert_eq!(
+            Bf16::from_f32(1.0 + 3.0 * 2f32.powi(-8)).0,
+            0x3f82,
+            "tie to even (up)"
+        );
+        assert_eq!(
+            Bf16::from_f32(1.0 + 2f32.powi(-8) + 2f32.powi(-20)).0,
+            0x3f81
+        );
         assert_eq!(Bf16::from_f32(-0.0).0, 0x8000);
     }
 
@@ -789,19 +956,39 @@ mod tests {
     fn bad_input_gets_a_clear_error() {
         let mut x = sample(256);
         x[130] = f32::NAN;
-        let err = quantize_4bit_f32(&x, 64, FourBitType::Nf4).unwrap_err().to_string();
+        let err = quantize_4bit_f32(&x, 64, FourBitType::Nf4)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("NaN or Inf in block 2"), "{err}");
         x[130] = f32::INFINITY;
         assert!(quantize_4bit_f32(&x, 64, FourBitType::Nf4).is_err());
-        let err = quantize_4bit_f32(&sample(64), 48, FourBitType::Nf4).unwrap_err().to_string();
+        let err = quantize_4bit_f32(&sample(64), 48, FourBitType::Nf4)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("blocksize must be one of"), "{err}");
         assert!(FourBitType::from_name("int4").is_err());
         let (packed, absmax) = quantize_4bit_f32(&sample(128), 64, FourBitType::Nf4).unwrap();
         let mut out = vec![0f32; 128];
-        let err = dequantize_4bit_f32(&packed[..63], &absmax, 128, 64, FourBitType::Nf4, &mut out).unwrap_err().to_string();
-        assert!(err.contains("packed weight has 63 elements, expected 64"), "{err}");
-        assert!(dequantize_4bit_f32(&packed, &absmax[..1], 128, 64, FourBitType::Nf4, &mut out).is_err());
-        assert!(dequantize_4bit_f32(&packed, &[1.0, f32::NAN], 128, 64, FourBitType::Nf4, &mut out).is_err());
+        let err = dequantize_4bit_f32(&packed[..63], &absmax, 128, 64, FourBitType::Nf4, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("packed weight has 63 elements, expected 64"),
+            "{err}"
+        );
+        assert!(
+            dequantize_4bit_f32(&packed, &absmax[..1], 128, 64, FourBitType::Nf4, &mut out)
+                .is_err()
+        );
+        assert!(dequantize_4bit_f32(
+            &packed,
+            &[1.0, f32::NAN],
+            128,
+            64,
+            FourBitType::Nf4,
+            &mut out
+        )
+        .is_err());
     }
 
     #[test]
@@ -813,14 +1000,23 @@ mod tests {
             assert_eq!(search.code(x), full, "{x}");
             for m in [x.next_up(), x.next_down()] {
                 if (-1.0..=1.0).contains(&m) {
-                    assert_eq!(search.code(m), search.midpoints.partition_point(|&p| p < m) as u8);
+                    assert_eq!(
+                        search.code(m),
+                        search.midpoints.partition_point(|&p| p < m) as u8
+                    );
                 }
             }
             x += 1.0 / 8192.0 + x.abs() * 1e-3;
         }
         for &m in &search.midpoints {
-            assert_eq!(search.code(m), search.midpoints.partition_point(|&p| p < m) as u8);
-            assert_eq!(search.code(m.next_up()), search.midpoints.partition_point(|&p| p < m.next_up()) as u8);
+            assert_eq!(
+                search.code(m),
+                search.midpoints.partition_point(|&p| p < m) as u8
+            );
+            assert_eq!(
+                search.code(m.next_up()),
+                search.midpoints.partition_point(|&p| p < m.next_up()) as u8
+            );
         }
     }
 
@@ -837,7 +1033,10 @@ mod tests {
         for (i, (a, b)) in absmax.iter().zip(&back).enumerate() {
             let scale = nested.absmax[i / NESTED_BLOCKSIZE];
             assert!((a - b).abs() <= scale * 0.02, "{i}: {a} vs {b}");
-            assert_eq!(*b, DYNAMIC_MAP_SIGNED[nested.codes[i] as usize] * scale + nested.offset);
+            assert_eq!(
+                *b,
+                DYNAMIC_MAP_SIGNED[nested.codes[i] as usize] * scale + nested.offset
+            );
         }
         let given = double_quantize_absmax(&absmax, Some(0.25)).unwrap();
         assert_eq!(given.offset, 0.25);

@@ -1,0 +1,581 @@
+//! The fused kernels. `dots` is the hot loop: a register-blocked `left @ right` for a block of
+//! rows, accumulated with fused multiply-adds in k order (as BLAS sgemm does, so fp32 merges
+//! match torch bit for bit), compiled for AVX-512 / AVX2 when the CPU has them. The scaling
+//! is applied afterwards, as PEFT's `(B @ A) * scaling` does.
+//!
+//! [`prepare`] loads an adapter term's matrices as fp32 in the layout of the base tensor.
+
+use super::plan::{MergePlan, Term, TermKind};
+use super::{MAX_DORA_TERMS, ROW_BLOCK};
+use crate::checkpoint::{FloatType, TensorInfo};
+use crate::{Error, Result};
+
+/// A base tensor's change, with the adapter matrices loaded as fp32 in the layout of W.
+pub(super) struct Prepared {
+    pub(super) ft: FloatType,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) terms: Vec<ReadyTerm>,
+}
+
+pub(super) struct ReadyTerm {
+    /// (rows, r): the left factor for W's rows.
+    pub(super) left: Vec<f32>,
+    /// (r, cols): the right factor for W's columns.
+    pub(super) right: Vec<f32>,
+    pub(super) r: usize,
+    pub(super) scaling: f32,
+    pub(super) magnitude: Option<Vec<f32>>,
+}
+
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = m[i * cols + j];
+        }
+    }
+    t
+}
+
+pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Result<Prepared> {
+    let ft = FloatType::of(w.dtype).expect("checked by the plan");
+    let (rows, cols) = if w.shape.len() == 2 {
+        (w.shape[0], w.shape[1])
+    } else {
+        (1, w.numel())
+    };
+    let ready = terms
+        .iter()
+        .map(|t| {
+            let f = &plan.adapters[t.adapter].file;
+            Ok(match &t.kind {
+                TermKind::LowRank {
+                    a,
+                    b,
+                    transposed,
+                    magnitude,
+                } => {
+                    let (ta, tb) = (f.require(a)?, f.require(b)?);
+                    let (r, fan_in, fan_out) = (ta.shape[0], ta.shape[1], tb.shape[0]);
+                    let (av, bv) = (f.read_f32(ta)?, f.read_f32(tb)?);
+                    // delta^T[i][j] = sum_k A[k][i] B[j][k]: left = A^T, right = B^T, same k order.
+                    let (left, right) = if *transposed {
+                        (transpose(&av, r, fan_in), transpose(&bv, fan_out, r))
+                    } else {
+                        (bv, av)
+                    };
+                    let magnitude = magnitude
+                        .as_ref()
+                        .map(|m| f.read_f32(f.require(m)?))
+                        .transpose()?;
+                    ReadyTerm {
+                        left,
+                        right,
+                        r,
+                        scaling: t.scaling,
+                        magnitude,
+                    }
+                }
+                TermKind::Bias { bias } => ReadyTerm {
+                    left: vec![1.0],
+                    right: f.read_f32(f.require(bias)?)?,
+                    r: 1,
+                    scaling: t.scaling,
+                    magnitude: None,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ready.iter().filter(|t| t.magnitude.is_some()).count() > MAX_DORA_TERMS {
+        return Err(Error::tensor(
+            &w.name,
+            format!("more than {MAX_DORA_TERMS} DoRA adapters merged into one tensor"),
+        ));
+    }
+    Ok(Prepared {
+        ft,
+        rows,
+        cols,
+        terms: ready,
+    })
+}
+
+/// Fix-ups recorded for one chunk: flat element indices and original bit patterns.
+#[derive(Default)]
+pub(super) struct Fixups {
+    pub(super) index: Vec<u64>,
+    pub(super) bits: Vec<u32>,
+    pub(super) dora: Vec<f32>,
+}
+
+/// Per-thread buffers of the kernel: the fp32 accumulator rows and each term's delta rows.
+pub(super) struct Scratch {
+    pub(super) acc: Vec<f32>,
+    pub(super) deltas: Vec<f32>,
+}
+
+impl Scratch {
+    pub(super) fn new(p: &Prepared) -> Self {
+        Scratch {
+            acc: vec![0f32; p.cols],
+            deltas: vec![0f32; p.terms.len() * ROW_BLOCK * p.cols],
+        }
+    }
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dots_generic<const NR: usize>(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let full = cols / LANES * LANES;
+    let mut j = 0;
+    while j < full {
+        let mut acc = [[0f32; LANES]; NR];
+        for k in 0..r {
+            let a: &[f32; LANES] = right[k * cols + j..k * cols + j + LANES]
+                .try_into()
+                .unwrap();
+            for (rr, acc_row) in acc.iter_mut().enumerate() {
+                let b = left[rr * r + k];
+                for l in 0..LANES {
+                    acc_row[l] = b.mul_add(a[l], acc_row[l]);
+                }
+            }
+        }
+        for (rr, acc_row) in acc.iter().enumerate() {
+            out[rr * cols + j..rr * cols + j + LANES].copy_from_slice(acc_row);
+        }
+        j += LANES;
+    }
+    for j in full..cols {
+        for rr in 0..NR {
+            let mut s = 0f32;
+            for k in 0..r {
+                s = left[rr * r + k].mul_add(right[k * cols + j], s);
+            }
+            out[rr * cols + j] = s;
+        }
+    }
+}
+
+#[inline(always)]
+fn dots_any(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+    match nrows {
+        4 => dots_generic::<4>(left, right, r, cols, out),
+        3 => dots_generic::<3>(left, right, r, cols, out),
+        2 => dots_generic::<2>(left, right, r, cols, out),
+        _ => dots_generic::<1>(left, right, r, cols, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dots_avx512(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    nrows: usize,
+    out: &mut [f32],
+) {
+    dots_any(left, right, r, cols, nrows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    nrows: usize,
+    out: &mut [f32],
+) {
+    dots_any(left, right, r, cols, nrows, out)
+}
+
+/// `out[rr][j] = sum_k left[rr][k] * right[k][j]` for `nrows` rows; every path computes the
+/// same correctly rounded FMA chain, so results never depend on the CPU.
+pub fn dots(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { dots_avx512(left, right, r, cols, nrows, out) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { dots_avx2(left, right, r, cols, nrows, out) };
+        }
+    }
+    dots_any(left, right, r, cols, nrows, out)
+}
+
+/// Fills `scratch.deltas` with each term's scaled delta for the rows of this block.
+fn deltas(p: &Prepared, first_row: usize, nrows: usize, scratch: &mut Scratch) {
+    let cols = p.cols;
+    for (ti, t) in p.terms.iter().enumerate() {
+        let d = &mut scratch.deltas[ti * ROW_BLOCK * cols..(ti * ROW_BLOCK + nrows) * cols];
+        let left = &t.left[first_row * t.r..(first_row + nrows) * t.r];
+        dots(left, &t.right, t.r, cols, nrows, d);
+        let s = t.scaling;
+        d.iter_mut().for_each(|x| *x *= s);
+    }
+}
+
+/// Where term `ti`'s delta for row `rr` of the block lies in `Scratch::deltas`.
+fn delta_row(cols: usize, ti: usize, rr: usize) -> std::ops::Range<usize> {
+    let start = (ti * ROW_BLOCK + rr) * cols;
+    start..start + cols
+}
+
+/// float(src) into `acc`, element by element (written so that it vectorises).
+#[inline(always)]
+fn decode(ft: FloatType, src: &[u8], acc: &mut [f32]) {
+    match ft {
+        FloatType::BF16 => {
+            for (a, c) in acc.iter_mut().zip(src.chunks_exact(2)) {
+                *a = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        FloatType::F16 => {
+            for (a, c) in acc.iter_mut().zip(src.chunks_exact(2)) {
+                *a = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        FloatType::F32 => {
+            for (a, c) in acc.iter_mut().zip(src.chunks_exact(4)) {
+                *a = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+}
+
+/// `acc` rounded to `ft` into `dst`.
+#[inline(always)]
+fn encode(ft: FloatType, acc: &[f32], dst: &mut [u8]) {
+    let n = ft.size();
+    for (a, c) in acc.iter().zip(dst.chunks_exact_mut(n)) {
+        let bits = ft.round_bits(*a).to_le_bytes();
+        c.copy_from_slice(&bits[..n]);
+    }
+}
+
+/// Applies the terms in order to `acc` (a row of float(W)); `w` is the base row, needed for
+/// DoRA's norm, whose factors go to `factors[di]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn apply_terms(
+    ft: FloatType,
+    p: &Prepared,
+    deltas: &[f32],
+    rr: usize,
+    row: usize,
+    w: &[u8],
+    acc: &mut [f32],
+    factors: &mut [[f32; ROW_BLOCK]; MAX_DORA_TERMS],
+) {
+    let mut di = 0;
+    for (ti, t) in p.terms.iter().enumerate() {
+        let d = &deltas[delta_row(p.cols, ti, rr)];
+        if let Some(m) = &t.magnitude {
+            // PEFT: the norm is that of the unmerged base row plus this adapter's delta.
+            let mut sq = 0f64;
+            for (j, dj) in d.iter().enumerate() {
+                let v = (ft.load(w, j) + dj) as f64;
+                sq += v * v;
+            }
+            let f = m[row] / (sq.sqrt() as f32);
+            factors[di][rr] = f;
+            di += 1;
+            for (a, dj) in acc.iter_mut().zip(d) {
+                *a = f * (*a + dj);
+            }
+        } else {
+            for (a, dj) in acc.iter_mut().zip(d) {
+                *a += dj;
+            }
+        }
+    }
+}
+
+/// Undoes the terms in reverse order on `acc` (a row of float(W')), as PEFT's unmerge does.
+#[inline(always)]
+fn undo_terms(
+    p: &Prepared,
+    deltas: &[f32],
+    rr: usize,
+    acc: &mut [f32],
+    factor: impl Fn(usize) -> f32,
+) {
+    let mut di = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
+    for (ti, t) in p.terms.iter().enumerate().rev() {
+        let d = &deltas[delta_row(p.cols, ti, rr)];
+        if t.magnitude.is_some() {
+            di -= 1;
+            let f = factor(di);
+            for (a, dj) in acc.iter_mut().zip(d) {
+                *a = *a / f - dj;
+            }
+        } else {
+            for (a, dj) in acc.iter_mut().zip(d) {
+                *a -= dj;
+            }
+        }
+    }
+}
+
+/// Records the elements where round(`back`) is not the original `w`.
+#[inline(always)]
+fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix: &mut Fixups) {
+    for (j, x) in back.iter().enumerate() {
+        let orig = ft.load_bits(w, j);
+        if ft.round_bits(*x) != orig {
+            fix.index.push(base_index + j as u64);
+            fix.bits.push(orig);
+        }
+    }
+}
+
+/// The common case, one plain LoRA term, fused into a single pass per row: W' = round(W + d),
+/// and with `record` the check that round(W' - d) gives W back, per span of 64 elements
+/// (branch-free, so it vectorises; only spans with a miss are scanned for their indices).
+#[inline(always)]
+fn merge_row_single(
+    ft: FloatType,
+    w: &[u8],
+    d: &[f32],
+    o: &mut [u8],
+    record: bool,
+    base_index: u64,
+    fix: &mut Fixups,
+) {
+    const SPAN: usize = 64;
+    let size = ft.size();
+    let mut miss = [0u32; SPAN];
+    for (c, ((ws, ds), os)) in w
+        .chunks(SPAN * size)
+        .zip(d.chunks(SPAN))
+        .zip(o.chunks_mut(SPAN * size))
+        .enumerate()
+    {
+        let n = ds.len();
+        for j in 0..n {
+            let orig = ft.load_bits(ws, j);
+            let bits = ft.round_bits(ft.bits_to_f32(orig) + ds[j]);
+            ft.store_bits(os, j, bits);
+            miss[j] = ft.round_bits(ft.bits_to_f32(bits) - ds[j]) ^ orig;
+        }
+        if record && miss[..n].iter().fold(0, |a, m| a | m) != 0 {
+            for (j, m) in miss[..n].iter().enumerate() {
+                if *m != 0 {
+                    fix.index.push(base_index + (c * SPAN + j) as u64);
+                    fix.bits.push(ft.load_bits(ws, j));
+                }
+            }
+        }
+    }
+}
+
+/// Merges one block of rows: W' = round(adapter steps in order on float(W)); with `record`,
+/// replays the unmerge and notes the elements that would not come back.
+pub fn merge_block(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    record: bool,
+    scratch: &mut Scratch,
+    fix: &mut Fixups,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { merge_block_avx512(p, first_row, inp, out, record, scratch, fix) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { merge_block_avx2(p, first_row, inp, out, record, scratch, fix) };
+        }
+    }
+    merge_block_any(p, first_row, inp, out, record, scratch, fix)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn merge_block_avx512(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    record: bool,
+    scratch: &mut Scratch,
+    fix: &mut Fixups,
+) {
+    merge_block_any(p, first_row, inp, out, record, scratch, fix)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn merge_block_avx2(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    record: bool,
+    scratch: &mut Scratch,
+    fix: &mut Fixups,
+) {
+    merge_block_any(p, first_row, inp, out, record, scratch, fix)
+}
+
+#[inline(always)]
+fn merge_block_any(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    record: bool,
+    scratch: &mut Scratch,
+    fix: &mut Fixups,
+) {
+    match p.ft {
+        FloatType::BF16 => merge_block_t(
+            FloatType::BF16,
+            p,
+            first_row,
+            inp,
+            out,
+            record,
+            scratch,
+            fix,
+        ),
+        FloatType::F16 => {
+            merge_block_t(FloatType::F16, p, first_row, inp, out, record, scratch, fix)
+        }
+        FloatType::F32 => {
+            merge_block_t(FloatType::F32, p, first_row, inp, out, record, scratch, fix)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn merge_block_t(
+    ft: FloatType,
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    record: bool,
+    scratch: &mut Scratch,
+    fix: &mut Fixups,
+) {
+    let cols = p.cols;
+    let row_bytes = cols * ft.size();
+    let nrows = inp.len() / row_bytes;
+    deltas(p, first_row, nrows, scratch);
+    let Scratch { acc, deltas } = scratch;
+    let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
+    let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
+    let single = p.terms.len() == 1 && n_dora == 0;
+    for rr in 0..nrows {
+        let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
+        let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
+        if single {
+            merge_row_single(
+                ft,
+                w,
+                &deltas[delta_row(cols, 0, rr)],
+                o,
+                record,
+                ((first_row + rr) * cols) as u64,
+                fix,
+            );
+            continue;
+        }
+        decode(ft, w, acc);
+        apply_terms(ft, p, deltas, rr, first_row + rr, w, acc, &mut factors);
+        encode(ft, acc, o);
+        if record {
+            decode(ft, o, acc);
+            undo_terms(p, deltas, rr, acc, |di| factors[di][rr]);
+            record_mismatches(ft, acc, w, ((first_row + rr) * cols) as u64, fix);
+        }
+    }
+    for f in &factors[..n_dora] {
+        fix.dora.extend_from_slice(&f[..nrows]);
+    }
+}
+
+/// Unmerges one block of rows: W = round(adapter steps undone in reverse on float(W')).
+/// `dora` holds the sidecar's factors as (n_dora, rows).
+pub fn unmerge_block(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    dora: &[f32],
+    scratch: &mut Scratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { unmerge_block_avx2(p, first_row, inp, out, dora, scratch) };
+        }
+    }
+    unmerge_block_any(p, first_row, inp, out, dora, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unmerge_block_avx2(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    dora: &[f32],
+    scratch: &mut Scratch,
+) {
+    unmerge_block_any(p, first_row, inp, out, dora, scratch)
+}
+
+#[inline(always)]
+fn unmerge_block_any(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    dora: &[f32],
+    scratch: &mut Scratch,
+) {
+    let ft = p.ft;
+    let row_bytes = p.cols * ft.size();
+    let nrows = inp.len() / row_bytes;
+    deltas(p, first_row, nrows, scratch);
+    let Scratch { acc, deltas } = scratch;
+    for rr in 0..nrows {
+        let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
+        let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
+        match ft {
+            FloatType::BF16 => decode(FloatType::BF16, w, acc),
+            FloatType::F16 => decode(FloatType::F16, w, acc),
+            FloatType::F32 => decode(FloatType::F32, w, acc),
+        }
+        undo_terms(p, deltas, rr, acc, |di| dora[di * p.rows + first_row + rr]);
+        match ft {
+            FloatType::BF16 => encode(FloatType::BF16, acc, o),
+            FloatType::F16 => encode(FloatType::F16, acc, o),
+            FloatType::F32 => encode(FloatType::F32, acc, o),
+        }
+    }
+}

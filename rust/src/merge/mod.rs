@@ -1,0 +1,187 @@
+//! Offline merge and unmerge of LoRA adapters into safetensors checkpoints.
+//!
+//! [`MergePlan::build`] maps every adapter tensor to a base tensor and checks all shapes before
+//! anything is written. [`run`] then streams each shard: untouched tensors are copied, changed
+//! ones go through a fused kernel that computes `round(float(W) + scaling * B @ A)` in fp32 for a
+//! few rows at a time, so no full-size fp32 delta ever exists and the resident memory does not
+//! grow with the model. Rows are processed in parallel (rayon), and so are shards.
+//!
+//! Exact unmerge: while merging, the kernel also replays the unmerge of each element and records
+//! the elements whose original bits would not come back (plus DoRA's per-row factors and the
+//! originals of replaced tensors) in a sidecar; unmerging with it restores the base bit for bit.
+
+mod kernel;
+mod plan;
+mod shard;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+pub use plan::{LoraSettings, MergePlan};
+use plan::{Op, TermKind};
+use shard::ShardJob;
+
+use crate::checkpoint::{Checkpoint, SafeTensorsFile};
+use crate::{Error, Result};
+
+/// Folder of the exact-unmerge sidecar inside a merged checkpoint. Serving tools that load every
+/// `*.safetensors` of a checkpoint folder do not look into sub-folders.
+pub const SIDECAR_DIR: &str = "oxpeft-unmerge";
+const ADAPTER_PREFIX: &str = "base_model.model.";
+const SUFFIX_INDEX: &str = ".oxpeft_unmerge_index";
+const SUFFIX_VALUE: &str = ".oxpeft_unmerge_value";
+const SUFFIX_DORA: &str = ".oxpeft_dora_factor";
+const SUFFIX_ORIGINAL: &str = ".oxpeft_original";
+/// Output bytes produced per parallel step; bounds the working memory per shard.
+const CHUNK_BYTES: usize = 8 << 20;
+/// Rows computed together by the dot-product micro-kernel (they share each load of A).
+const ROW_BLOCK: usize = 4;
+/// DoRA adapters merged into one tensor at once (their row factors live on the kernel's stack).
+const MAX_DORA_TERMS: usize = 8;
+
+/// One adapter to merge: its folder (with `adapter_config.json`), its weights file (normally
+/// `adapter_model.safetensors` in that folder) and its weight in the sum.
+
+#[derive(Clone, Debug)]
+pub struct AdapterInput {
+    pub dir: PathBuf,
+    pub weights_file: PathBuf,
+    pub weight: f64,
+}
+
+/// What [`run`] does.
+pub enum Mode {
+    /// Merge, optionally recording the exact-unmerge sidecar.
+    Merge { exact_unmerge: bool },
+    /// Unmerge; with the sidecar folder of the merged checkpoint the result is bit-exact.
+    Unmerge { sidecar: Option<PathBuf> },
+}
+
+/// Totals of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub tensors: usize,
+    pub tensors_changed: usize,
+    pub bytes: u64,
+    /// Elements of the changed tensors.
+    pub elements_changed: u64,
+    /// Merge: elements recorded in the sidecar. Unmerge: elements restored from it.
+    pub sidecar_elements: u64,
+    pub sidecar_bytes: u64,
+}
+
+impl Report {
+    fn add(&mut self, o: &Report) {
+        self.tensors += o.tensors;
+        self.tensors_changed += o.tensors_changed;
+        self.bytes += o.bytes;
+        self.elements_changed += o.elements_changed;
+        self.sidecar_elements += o.sidecar_elements;
+        self.sidecar_bytes += o.sidecar_bytes;
+    }
+}
+
+/// Called after each tensor with its name and byte size; returning `false` cancels the run.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64) -> bool + Sync);
+
+/// Writes every shard of `base`, with the plan applied, into the existing folder `out`, under the
+/// base's shard names, tensor order, dtypes and metadata. Other files are the caller's business.
+pub fn run(
+    base: &Checkpoint,
+    plan: &MergePlan,
+    out: &Path,
+    mode: &Mode,
+    progress: Progress,
+) -> Result<Report> {
+    let sidecars: HashMap<String, SafeTensorsFile> = match mode {
+        Mode::Unmerge { sidecar: Some(dir) } => base
+            .shards()
+            .iter()
+            .map(shard_name)
+            .filter(|n| dir.join(n).is_file())
+            .map(|n| {
+                let f = SafeTensorsFile::open(dir.join(&n))?;
+                Ok((n, f))
+            })
+            .collect::<Result<_>>()?,
+        _ => HashMap::new(),
+    };
+    // Refuse before writing anything when an unmerge cannot be done.
+    if let Mode::Unmerge { sidecar } = mode {
+        for (key, op) in &plan.ops {
+            let (shard, _) = base.get(key).expect("planned against base");
+            let sc = sidecars.get(&shard_name(shard));
+            let needs = match op {
+                Op::Replace { .. } => Some(format!("{key}{SUFFIX_ORIGINAL}")),
+                Op::Add(terms)
+                    if terms.iter().any(|t| {
+                        matches!(
+                            &t.kind,
+                            TermKind::LowRank {
+                                magnitude: Some(_),
+                                ..
+                            }
+                        )
+                    }) =>
+                {
+                    Some(format!("{key}{SUFFIX_DORA}"))
+                }
+                Op::Add(_) => None,
+            };
+            if let Some(needed) = needs {
+                if sc.and_then(|f| f.get(&needed)).is_none() {
+                    let why = if matches!(op, Op::Replace { .. }) {
+                        "was replaced by modules_to_save"
+                    } else {
+                        "was merged with DoRA, whose row norms"
+                    };
+                    return Err(Error::tensor(key, format!(
+                        "{why} cannot be undone without the exact-unmerge sidecar ({}: missing '{needed}')",
+                        sidecar.as_ref().map_or("no sidecar given".to_string(), |d| d.display().to_string())
+                    )));
+                }
+            }
+        }
+    }
+    if matches!(
+        mode,
+        Mode::Merge {
+            exact_unmerge: true
+        }
+    ) && !plan.ops.is_empty()
+    {
+        let dir = out.join(SIDECAR_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let reports = base
+        .shards()
+        .par_iter()
+        .map(|shard| {
+            let name = shard_name(shard);
+            ShardJob {
+                shard,
+                plan,
+                mode,
+                sidecar: sidecars.get(&name),
+                out: out.join(&name),
+                progress,
+            }
+            .run()
+        })
+        .collect::<Result<Vec<Report>>>()?;
+    let mut total = Report::default();
+    reports.iter().for_each(|r| total.add(r));
+    Ok(total)
+}
+
+fn shard_name(s: &SafeTensorsFile) -> String {
+    s.path()
+        .file_name()
+        .expect("opened by name")
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,292 @@
+use super::kernel;
+use super::*;
+use crate::checkpoint::{f32_to_bf16_bits, Dtype, FloatType, StreamingWriter, TensorSpec};
+
+fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
+    let specs: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, _)| TensorSpec {
+            name: n.to_string(),
+            dtype: *d,
+            shape: s.clone(),
+        })
+        .collect();
+    let mut w = StreamingWriter::create(path, None, &specs).unwrap();
+    for (_, d, _, v) in tensors {
+        let ft = FloatType::of(*d).unwrap();
+        let mut b = vec![0u8; v.len() * ft.size()];
+        v.iter()
+            .enumerate()
+            .for_each(|(i, x)| ft.store_bits(&mut b, i, ft.round_bits(*x)));
+        w.write(&b).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+#[test]
+fn dots_match_sequential_fma_on_every_path() {
+    let (r, cols) = (5, 37);
+    let left = rand(4 * r, 1, 2.0);
+    let right = rand(r * cols, 2, 2.0);
+    for nrows in 1..=4 {
+        let mut out = vec![0f32; nrows * cols];
+        kernel::dots(&left, &right, r, cols, nrows, &mut out);
+        for i in 0..nrows {
+            for j in 0..cols {
+                let want =
+                    (0..r).fold(0f32, |s, k| left[i * r + k].mul_add(right[k * cols + j], s));
+                assert_eq!(out[i * cols + j].to_bits(), want.to_bits());
+            }
+        }
+    }
+}
+
+struct Case {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    adapter: PathBuf,
+}
+
+/// A bf16 base with `m.proj` (out 9, in 21) and its bias, and an r=3 adapter with lora_bias.
+fn case(config: &str, a_shape: [usize; 2], dora: bool) -> Case {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let adapter = dir.path().join("ad");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&adapter).unwrap();
+    write_st(
+        &base.join("model.safetensors"),
+        &[
+            ("m.proj.weight", Dtype::BF16, vec![9, 21], rand(189, 3, 0.2)),
+            ("m.proj.bias", Dtype::BF16, vec![9], rand(9, 4, 0.2)),
+            ("norm.weight", Dtype::F32, vec![21], rand(21, 5, 1.0)),
+        ],
+    );
+    let mut t = vec![
+        (
+            "base_model.model.m.proj.lora_A.weight",
+            Dtype::F32,
+            a_shape.to_vec(),
+            rand(a_shape[0] * a_shape[1], 6, 1.0),
+        ),
+        (
+            "base_model.model.m.proj.lora_B.weight",
+            Dtype::F32,
+            vec![9, 3],
+            rand(27, 7, 1.0),
+        ),
+        (
+            "base_model.model.m.proj.lora_B.bias",
+            Dtype::F32,
+            vec![9],
+            rand(9, 8, 1.0),
+        ),
+    ];
+    if dora {
+        t.push((
+            "base_model.model.m.proj.lora_magnitude_vector",
+            Dtype::F32,
+            vec![9],
+            rand(9, 9, 1.0).iter().map(|x| x + 2.0).collect(),
+        ));
+    }
+    write_st(&adapter.join("adapter_model.safetensors"), &t);
+    std::fs::write(adapter.join("adapter_config.json"), config).unwrap();
+    Case {
+        _dir: dir,
+        base,
+        adapter,
+    }
+}
+
+const CFG: &str = r#"{"peft_type":"LORA","r":3,"lora_alpha":6,"lora_bias":true}"#;
+
+fn inputs(c: &Case, weight: f64) -> Vec<AdapterInput> {
+    vec![AdapterInput {
+        dir: c.adapter.clone(),
+        weights_file: c.adapter.join("adapter_model.safetensors"),
+        weight,
+    }]
+}
+
+fn run_to(c: &Case, from: &Path, name: &str, mode: Mode) -> (PathBuf, Report) {
+    let out = from.parent().unwrap().join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let ck = Checkpoint::open(from).unwrap();
+    let plan =
+        MergePlan::build(&ck, &inputs(c, 0.5), matches!(mode, Mode::Unmerge { .. })).unwrap();
+    let rep = run(&ck, &plan, &out, &mode, &|_, _| true).unwrap();
+    (out, rep)
+}
+
+#[test]
+fn merge_is_single_rounding_and_unmerge_with_sidecar_is_exact() {
+    let c = case(CFG, [3, 21], false);
+    let (out, rep) = run_to(
+        &c,
+        &c.base,
+        "merged",
+        Mode::Merge {
+            exact_unmerge: true,
+        },
+    );
+    assert_eq!((rep.tensors, rep.tensors_changed), (3, 2));
+    let base = SafeTensorsFile::open(c.base.join("model.safetensors")).unwrap();
+    let ad = SafeTensorsFile::open(c.adapter.join("adapter_model.safetensors")).unwrap();
+    let merged = SafeTensorsFile::open(out.join("model.safetensors")).unwrap();
+    let w = base
+        .read_f32(base.require("m.proj.weight").unwrap())
+        .unwrap();
+    let a = ad
+        .read_f32(ad.require("base_model.model.m.proj.lora_A.weight").unwrap())
+        .unwrap();
+    let b = ad
+        .read_f32(ad.require("base_model.model.m.proj.lora_B.weight").unwrap())
+        .unwrap();
+    let got = merged.data(merged.require("m.proj.weight").unwrap());
+    let s = (6.0f64 / 3.0 * 0.5) as f32;
+    for i in 0..9 {
+        for j in 0..21 {
+            let dot = (0..3).fold(0f32, |acc, k| b[i * 3 + k].mul_add(a[k * 21 + j], acc));
+            let want = f32_to_bf16_bits(w[i * 21 + j] + dot * s);
+            assert_eq!(FloatType::BF16.load_bits(got, i * 21 + j), want as u32);
+        }
+    }
+    assert_eq!(
+        merged.data(merged.require("norm.weight").unwrap()),
+        base.data(base.require("norm.weight").unwrap())
+    );
+    assert!(
+        rep.sidecar_elements > 0,
+        "a large delta must lose some bf16 bits"
+    );
+
+    let (restored, rep2) = run_to(
+        &c,
+        &out,
+        "restored",
+        Mode::Unmerge {
+            sidecar: Some(out.join(SIDECAR_DIR)),
+        },
+    );
+    assert_eq!(rep2.sidecar_elements, rep.sidecar_elements);
+    let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(&c.base), bytes(&restored));
+    let (approx, _) = run_to(&c, &out, "approx", Mode::Unmerge { sidecar: None });
+    let ap = SafeTensorsFile::open(approx.join("model.safetensors")).unwrap();
+    let differing = (0..189)
+        .filter(|&i| {
+            FloatType::BF16.load_bits(ap.data(ap.require("m.proj.weight").unwrap()), i)
+                != FloatType::BF16.load_bits(base.data(base.require("m.proj.weight").unwrap()), i)
+        })
+        .count();
+    assert!(differing > 0);
+}
+
+#[test]
+fn dora_unmerge_needs_and_uses_the_sidecar() {
+    let cfg = r#"{"peft_type":"LORA","r":3,"lora_alpha":6,"use_dora":true,"lora_bias":true}"#;
+    let c = case(cfg, [3, 21], true);
+    let (out, _) = run_to(
+        &c,
+        &c.base,
+        "merged",
+        Mode::Merge {
+            exact_unmerge: true,
+        },
+    );
+    let merged = Checkpoint::open(&out).unwrap();
+    let plan = MergePlan::build(&merged, &inputs(&c, 0.5), true).unwrap();
+    let e = run(
+        &merged,
+        &plan,
+        &out,
+        &Mode::Unmerge { sidecar: None },
+        &|_, _| true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("DoRA") && e.contains("m.proj.weight"), "{e}");
+    let (restored, _) = run_to(
+        &c,
+        &out,
+        "restored",
+        Mode::Unmerge {
+            sidecar: Some(out.join(SIDECAR_DIR)),
+        },
+    );
+    let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert_eq!(read(&c.base), read(&restored));
+}
+
+#[test]
+fn plan_errors_name_both_tensors() {
+    let c = case(CFG, [3, 20], false);
+    let ck = Checkpoint::open(&c.base).unwrap();
+    let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight") && e.contains("'m.proj.weight'") && e.contains("[9, 21]"),
+        "{e}"
+    );
+    let c = case(r#"{"peft_type":"IA3"}"#, [3, 21], false);
+    let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("IA3") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+    let c = case(
+        r#"{"peft_type":"LORA","r":4,"lora_alpha":8}"#,
+        [3, 21],
+        false,
+    );
+    let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("r=4"), "{e}");
+}
+
+#[test]
+fn patterns_match_the_end_of_module_names() {
+    let cfg: serde_json::Value = serde_json::from_str(
+        r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_rslora":true,"rank_pattern":{"q_proj":4,"layers\\.1\\..*v_proj":2},"alpha_pattern":{"v_proj":3}}"#,
+    )
+    .unwrap();
+    let s = LoraSettings::from_json(&cfg).unwrap();
+    assert_eq!(
+        s.rank_and_scaling("model.layers.0.self_attn.q_proj"),
+        (4, 16.0 / 2.0)
+    );
+    assert_eq!(
+        s.rank_and_scaling("model.layers.1.self_attn.v_proj"),
+        (2, 3.0 / 2f64.sqrt())
+    );
+    assert_eq!(
+        s.rank_and_scaling("model.layers.0.self_attn.v_proj"),
+        (8, 3.0 / 8f64.sqrt())
+    );
+    assert_eq!(
+        s.rank_and_scaling("model.layers.0.self_attn.xq_proj"),
+        (8, 16.0 / 8f64.sqrt())
+    );
+}
