@@ -1,4 +1,4 @@
-//! Offline merge and unmerge of LoRA adapters into safetensors checkpoints.
+//! Offline merge and unmerge of LoRA, IA3, LoHa and LoKr adapters into safetensors checkpoints.
 //!
 //! [`MergePlan::build`] maps every adapter tensor to a base tensor and checks all shapes before
 //! anything is written. [`run`] then streams each shard: untouched tensors are copied, changed
@@ -15,13 +15,15 @@ mod plan;
 mod shard;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_methods;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-pub use plan::{LoraSettings, MergePlan};
+pub use plan::{AdapterSettings, MergePlan, Method};
 use plan::{Op, TermKind};
 use shard::ShardJob;
 
@@ -115,6 +117,19 @@ pub fn run(
         for (key, op) in &plan.ops {
             let (shard, _) = base.get(key).expect("planned against base");
             let sc = sidecars.get(&shard_name(shard));
+            if let (None, Op::Add(terms)) = (sc, op) {
+                if let Some(vector) = terms.iter().find_map(|t| match &t.kind {
+                    TermKind::Scale {
+                        vector, zero: true, ..
+                    } => Some(vector),
+                    _ => None,
+                }) {
+                    return Err(Error::tensor(key, format!(
+                        "was multiplied by IA3 vector '{vector}', which has zero entries: that cannot be \
+                         undone without the exact-unmerge sidecar"
+                    )));
+                }
+            }
             let needs = match op {
                 Op::Replace { .. } => Some(format!("{key}{SUFFIX_ORIGINAL}")),
                 Op::Add(terms)
