@@ -659,8 +659,8 @@ impl Planner<'_> {
     /// feedforward layer, its input (the columns); a Conv1D weight is stored transposed.
     fn ia3(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
         let key = self.field(module, keys, Field::Ia3Vector)?;
-        let tv = self.matrix(key, 2)?;
         let (weight_key, w) = self.base_weight(module, key)?;
+        let tv = self.matrix(key, 2)?;
         let (in_features, out_features) = if self.settings.fan_in_fan_out {
             (w.shape[0], w.shape[1])
         } else {
@@ -786,6 +786,8 @@ impl Planner<'_> {
     }
 
     fn lokr(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
+        let any_key = keys.values().next().expect("a module has a tensor");
+        let (weight_key, w) = self.base_weight(module, any_key)?;
         let (w1, s1, k1) = self.kron_factor(
             module,
             keys,
@@ -796,7 +798,6 @@ impl Planner<'_> {
             keys,
             [Field::LokrW2, Field::LokrW2A, Field::LokrW2B],
         )?;
-        let (weight_key, w) = self.base_weight(module, &k1)?;
         let expect = [s1[0] * s2[0], s1[1] * s2[1]];
         if w.shape != expect {
             return Err(self.err(
