@@ -2,9 +2,12 @@
 //!
 //! [`MergePlan::build`] maps every adapter tensor to a base tensor and checks all shapes before
 //! anything is written. [`run`] then streams each shard: untouched tensors are copied, changed
-//! ones go through a fused kernel that computes `round(float(W) + scaling * B @ A)` in fp32 for a
-//! few rows at a time, so no full-size fp32 delta ever exists and the resident memory does not
-//! grow with the model. Rows are processed in parallel (rayon), and so are shards.
+//! ones go through a fused kernel that applies the adapters in order to float(W) in fp32 (LoRA
+//! adds `scaling * B @ A`, LoHa a Hadamard product of two low-rank products, LoKr a Kronecker
+//! product, IA3 multiplies rows or columns) and rounds once, a few rows at a time, so no
+//! full-size fp32 delta ever exists and the resident memory does not grow with the model. Rows
+//! are processed in parallel (rayon), and so are shards. Only 2-D weights (Linear, Conv1D,
+//! embeddings) are merged.
 //!
 //! Exact unmerge: while merging, the kernel also replays the unmerge of each element and records
 //! the elements whose original bits would not come back (plus DoRA's per-row factors and the
