@@ -444,8 +444,8 @@ impl Planner<'_> {
         Error::invalid_file(self.file.path(), format!("tensor '{key}': {reason}"))
     }
 
-    /// The adapter tensor `key`, which must be a float matrix (`dims` dimensions).
-    fn matrix(&self, key: &str, dims: usize) -> Result<&TensorInfo> {
+    /// The adapter tensor `key`, which must be a float matrix.
+    fn matrix(&self, key: &str) -> Result<&TensorInfo> {
         let t = self.file.require(key)?;
         if FloatType::of(t.dtype).is_none() {
             return Err(self.err(
@@ -453,11 +453,11 @@ impl Planner<'_> {
                 format!("dtype {} is not a float type", t.dtype.as_str()),
             ));
         }
-        if t.shape.len() != dims {
+        if t.shape.len() != 2 {
             return Err(self.err(
                 key,
                 format!(
-                    "has shape {:?}; only {dims}-D tensors of Linear / Conv1D layers can be merged",
+                    "has shape {:?}; only the 2-D tensors of Linear / Conv1D layers can be merged",
                     t.shape
                 ),
             ));
@@ -557,7 +557,7 @@ impl Planner<'_> {
         let (Some(a), Some(b)) = (keys.get(&fa), keys.get(&fb)) else {
             return Err(self.err(module, "module has only one of lora_A / lora_B".into()));
         };
-        let (ta, tb) = (self.matrix(a, 2)?, self.matrix(b, 2)?);
+        let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
         let (_, scaling) = self.settings.rank_and_scaling(module);
         if ta.shape[0] != tb.shape[1] {
             return Err(self.err(
@@ -660,7 +660,7 @@ impl Planner<'_> {
     fn ia3(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
         let key = self.field(module, keys, Field::Ia3Vector)?;
         let (weight_key, w) = self.base_weight(module, key)?;
-        let tv = self.matrix(key, 2)?;
+        let tv = self.matrix(key)?;
         let (in_features, out_features) = if self.settings.fan_in_fan_out {
             (w.shape[0], w.shape[1])
         } else {
@@ -725,7 +725,7 @@ impl Planner<'_> {
         let (w1a, w1b, w2a, w2b) = (w1a?, w1b?, w2a?, w2b?);
         let (weight_key, w) = self.base_weight(module, w1a)?;
         for (a, b) in [(w1a, w1b), (w2a, w2b)] {
-            let (ta, tb) = (self.matrix(a, 2)?, self.matrix(b, 2)?);
+            let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
             if ta.shape[1] != tb.shape[0] || [ta.shape[0], tb.shape[1]] != w.shape[..] {
                 return Err(self.err(
                     a,
@@ -759,7 +759,7 @@ impl Planner<'_> {
             if keys.contains_key(&fa) || keys.contains_key(&fb) {
                 return Err(self.err(k, "is stored both whole and as a low-rank pair".into()));
             }
-            let t = self.matrix(k, 2)?;
+            let t = self.matrix(k)?;
             return Ok((
                 KronFactor::Full(k.clone()),
                 [t.shape[0], t.shape[1]],
@@ -767,7 +767,7 @@ impl Planner<'_> {
             ));
         }
         let (a, b) = (self.field(module, keys, fa)?, self.field(module, keys, fb)?);
-        let (ta, tb) = (self.matrix(a, 2)?, self.matrix(b, 2)?);
+        let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
         if ta.shape[1] != tb.shape[0] {
             return Err(self.err(
                 a,
