@@ -103,8 +103,9 @@ def main() -> None:
         if "peft" in row:
             print(f"oxpeft vs PEFT: {row['peft']['seconds'] / ox['seconds']:.1f}x faster (wall), "
                   f"peak RSS {ox['peak_rss'] / row['peft']['peak_rss']:.3f} of PEFT's")
-        print(f"sidecar: {ox['sidecar_bytes'] / 2**20:.2f} MiB = {100 * ox['sidecar_bytes'] / (gib * 2**30):.2f} % of the "
-              f"model ({ox['sidecar_elements']} elements); unmerge byte-identical: {row['unmerge']['byte_identical']}")
+        sidecar = ox["sidecar_bytes"]
+        print(f"sidecar: {sidecar / 2**20:.2f} MiB = {100 * sidecar / (gib * 2**30):.2f} % of the model "
+              f"({ox['sidecar_elements']} elements); unmerge byte-identical: {row['unmerge']['byte_identical']}")
     if "lora" in results:
         ref = results["lora"]["oxpeft"]["seconds"]
         for method, row in results.items():

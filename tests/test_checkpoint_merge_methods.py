@@ -93,7 +93,8 @@ def lokr_rounding_bound(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     FMA and oxpeft with, so each factor entry may differ by twice the dot-product error bound
     r * u * (|a| @ |b|); through the Kronecker product that is at most
     4 * r * u * |scaling| * kron(|w1_a| @ |w1_b|, |w2_a| @ |w2_b|) (u = 2^-24)."""
-    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter, adapter_name="a")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(model, adapter, adapter_name="a")
     bound = {}
     for name, m in pm.named_modules():
         if isinstance(m, LoKrLayer) and "a" in m.r:
@@ -190,7 +191,8 @@ def test_ia3_gpt2_conv1d_weighted_and_zero_factor(models, tmp_path):
     save_file(state, zeroed / "adapter_model.safetensors")
     plain = tmp_path / "plain"
     oxpeft.merge_checkpoint(base, zeroed, plain, exact_unmerge=False, progress=False)
-    with pytest.warns(UserWarning, match="approximate"), pytest.raises(ValueError, match=r"c_attn\.(weight|bias).*zero"):
+    refused = pytest.raises(ValueError, match=r"c_attn\.(weight|bias).*zero")
+    with pytest.warns(UserWarning, match="approximate"), refused:
         oxpeft.unmerge_checkpoint(plain, zeroed, tmp_path / "nothing", progress=False)
     assert not (tmp_path / "nothing").exists()
     exact = tmp_path / "exact"
@@ -222,7 +224,8 @@ def lokr_adapters(base: Path, tmp: Path) -> tuple[Path, Path]:
     keys = read_checkpoint(both)
     assert any(k.endswith("q_proj.lokr_w1_a") for k in keys) and any(k.endswith("up_proj.lokr_w1") for k in keys)
     factor = make_adapter(
-        base, tmp / "lokr-f4", LoKrConfig(r=2, alpha=2, target_modules=["q_proj", "down_proj"], decompose_factor=4), seed=2
+        base, tmp / "lokr-f4", LoKrConfig(r=2, alpha=2, target_modules=["q_proj", "down_proj"], decompose_factor=4),
+        seed=2,
     )
     assert any(k.endswith("lokr_w2_a") for k in read_checkpoint(factor))
     return both, factor
@@ -241,7 +244,8 @@ def test_mixed_methods_merge_in_order_with_weights(models, tmp_path):
     base = models["llama32"]
     _, factor = lokr_adapters(base, tmp_path)
     ia3 = make_adapter(
-        base, tmp_path / "ia3", IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]), seed=3
+        base, tmp_path / "ia3", IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        seed=3,
     )
     loha = make_adapter(base, tmp_path / "loha", LoHaConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"]), seed=4)
     merge_and_check(base, [factor, ia3, loha], tmp_path / "mixed", torch.float32, weights=[0.5, 1.0, -2.0])
@@ -262,7 +266,11 @@ def test_convolutions_and_other_methods_are_refused_before_writing(tmp_path):
     work.mkdir()
     for name, config, match in [
         ("loha", LoHaConfig(r=2, alpha=2, target_modules=["conv", "lin"]), r"'conv\.weight'.*\[8, 4, 3, 3\].*2-D"),
-        ("loha-cp", LoHaConfig(r=2, alpha=2, target_modules=["conv"], use_effective_conv2d=True), r"hada_t1.*use_effective_conv2d"),
+        (
+            "loha-cp",
+            LoHaConfig(r=2, alpha=2, target_modules=["conv"], use_effective_conv2d=True),
+            r"hada_t1.*use_effective_conv2d",
+        ),
         ("lokr", LoKrConfig(r=2, alpha=2, target_modules=["conv"]), r"'conv\.weight'.*2-D"),
         ("ia3", IA3Config(target_modules=["conv"], feedforward_modules=[]), r"conv\.ia3_l.*'conv\.weight'.*2-D"),
         ("adalora", AdaLoraConfig(target_modules=["lin"], total_step=10), "peft_type 'ADALORA'"),

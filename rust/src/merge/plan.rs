@@ -462,6 +462,9 @@ impl Planner<'_> {
                 ),
             ));
         }
+        if t.numel() == 0 {
+            return Err(self.err(key, format!("is empty (shape {:?})", t.shape)));
+        }
         Ok(t)
     }
 
