@@ -124,54 +124,75 @@ impl Scratch {
     }
 }
 
-const LANES: usize = 16;
-
+/// Rows per register block of `dots`: `ROW_BLOCK`. Columns per register block: `L`, chosen per
+/// instruction set so that the `ROW_BLOCK * L / width` accumulators (8 with AVX-512 and AVX2)
+/// keep both FMA units busy without spilling registers.
 #[inline(always)]
-fn dots_generic<const NR: usize>(
+fn dots_generic<const NR: usize, const L: usize>(
     left: &[f32],
     right: &[f32],
     r: usize,
     cols: usize,
     out: &mut [f32],
 ) {
-    let full = cols / LANES * LANES;
-    let mut j = 0;
-    while j < full {
-        let mut acc = [[0f32; LANES]; NR];
-        for k in 0..r {
-            let a: &[f32; LANES] = right[k * cols + j..k * cols + j + LANES]
-                .try_into()
-                .unwrap();
-            for (rr, acc_row) in acc.iter_mut().enumerate() {
-                let b = left[rr * r + k];
-                for l in 0..LANES {
-                    acc_row[l] = b.mul_add(a[l], acc_row[l]);
+    // left's rows transposed to k-major, so the k loop walks both operands without index checks.
+    let mut lt = [[0f32; NR]; 64];
+    let full = cols / L * L;
+    for k0 in (0..r).step_by(64) {
+        let kn = 64.min(r - k0);
+        for (k, row) in lt[..kn].iter_mut().enumerate() {
+            for (rr, v) in row.iter_mut().enumerate() {
+                *v = left[rr * r + k0 + k];
+            }
+        }
+        let rights = right[k0 * cols..(k0 + kn) * cols].chunks_exact(cols);
+        let mut j = 0;
+        while j < full {
+            let mut acc = [[0f32; L]; NR];
+            if k0 > 0 {
+                for (rr, acc_row) in acc.iter_mut().enumerate() {
+                    acc_row.copy_from_slice(&out[rr * cols + j..rr * cols + j + L]);
                 }
             }
-        }
-        for (rr, acc_row) in acc.iter().enumerate() {
-            out[rr * cols + j..rr * cols + j + LANES].copy_from_slice(acc_row);
-        }
-        j += LANES;
-    }
-    for j in full..cols {
-        for rr in 0..NR {
-            let mut s = 0f32;
-            for k in 0..r {
-                s = left[rr * r + k].mul_add(right[k * cols + j], s);
+            for (lk, rk) in lt[..kn].iter().zip(rights.clone()) {
+                let a: &[f32; L] = rk[j..j + L].try_into().unwrap();
+                for (acc_row, &b) in acc.iter_mut().zip(lk) {
+                    for l in 0..L {
+                        acc_row[l] = b.mul_add(a[l], acc_row[l]);
+                    }
+                }
             }
-            out[rr * cols + j] = s;
+            for (rr, acc_row) in acc.iter().enumerate() {
+                out[rr * cols + j..rr * cols + j + L].copy_from_slice(acc_row);
+            }
+            j += L;
+        }
+        for j in full..cols {
+            for rr in 0..NR {
+                let mut s = if k0 > 0 { out[rr * cols + j] } else { 0f32 };
+                for (lk, rk) in lt[..kn].iter().zip(rights.clone()) {
+                    s = lk[rr].mul_add(rk[j], s);
+                }
+                out[rr * cols + j] = s;
+            }
         }
     }
 }
 
 #[inline(always)]
-fn dots_any(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+fn dots_any<const L: usize>(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    nrows: usize,
+    out: &mut [f32],
+) {
     match nrows {
-        4 => dots_generic::<4>(left, right, r, cols, out),
-        3 => dots_generic::<3>(left, right, r, cols, out),
-        2 => dots_generic::<2>(left, right, r, cols, out),
-        _ => dots_generic::<1>(left, right, r, cols, out),
+        4 => dots_generic::<4, L>(left, right, r, cols, out),
+        3 => dots_generic::<3, L>(left, right, r, cols, out),
+        2 => dots_generic::<2, L>(left, right, r, cols, out),
+        _ => dots_generic::<1, L>(left, right, r, cols, out),
     }
 }
 
@@ -185,7 +206,7 @@ unsafe fn dots_avx512(
     nrows: usize,
     out: &mut [f32],
 ) {
-    dots_any(left, right, r, cols, nrows, out)
+    dots_any::<32>(left, right, r, cols, nrows, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -198,7 +219,7 @@ unsafe fn dots_avx2(
     nrows: usize,
     out: &mut [f32],
 ) {
-    dots_any(left, right, r, cols, nrows, out)
+    dots_any::<16>(left, right, r, cols, nrows, out)
 }
 
 /// `out[rr][j] = sum_k left[rr][k] * right[k][j]` for `nrows` rows; every path computes the
@@ -215,7 +236,7 @@ pub fn dots(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, ou
             return unsafe { dots_avx2(left, right, r, cols, nrows, out) };
         }
     }
-    dots_any(left, right, r, cols, nrows, out)
+    dots_any::<16>(left, right, r, cols, nrows, out)
 }
 
 /// Fills `scratch.deltas` with each term's scaled delta for the rows of this block.
@@ -345,8 +366,9 @@ fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix
 }
 
 /// The common case, one plain LoRA term, fused into a single pass per row: W' = round(W + d),
-/// and with `record` the check that round(W' - d) gives W back, per span of 64 elements
-/// (branch-free, so it vectorises; only spans with a miss are scanned for their indices).
+/// and with `record` the check that round(W' - d) gives W back. Spans of 64 elements are
+/// computed branch-free (so they vectorise) into a bit mask of the misses, whose set bits are
+/// then visited directly.
 #[inline(always)]
 fn merge_row_single(
     ft: FloatType,
@@ -359,27 +381,36 @@ fn merge_row_single(
 ) {
     const SPAN: usize = 64;
     let size = ft.size();
-    let mut miss = [0u32; SPAN];
-    for (c, ((ws, ds), os)) in w
-        .chunks(SPAN * size)
-        .zip(d.chunks(SPAN))
-        .zip(o.chunks_mut(SPAN * size))
-        .enumerate()
-    {
-        let n = ds.len();
-        for j in 0..n {
+    let full = d.len() / SPAN * SPAN;
+    let spans = w[..full * size]
+        .chunks_exact(SPAN * size)
+        .zip(d[..full].chunks_exact(SPAN))
+        .zip(o[..full * size].chunks_exact_mut(SPAN * size));
+    for (c, ((ws, ds), os)) in spans.enumerate() {
+        let mut misses = 0u64;
+        for (j, &dj) in ds.iter().enumerate() {
             let orig = ft.load_bits(ws, j);
-            let bits = ft.round_bits(ft.bits_to_f32(orig) + ds[j]);
+            let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
             ft.store_bits(os, j, bits);
-            miss[j] = ft.round_bits(ft.bits_to_f32(bits) - ds[j]) ^ orig;
-        }
-        if record && miss[..n].iter().fold(0, |a, m| a | m) != 0 {
-            for (j, m) in miss[..n].iter().enumerate() {
-                if *m != 0 {
-                    fix.index.push(base_index + (c * SPAN + j) as u64);
-                    fix.bits.push(ft.load_bits(ws, j));
-                }
+            if record {
+                let back = ft.round_bits(ft.bits_to_f32(bits) - dj);
+                misses |= ((back != orig) as u64) << j;
             }
+        }
+        while misses != 0 {
+            let j = misses.trailing_zeros() as usize;
+            fix.index.push(base_index + (c * SPAN + j) as u64);
+            fix.bits.push(ft.load_bits(ws, j));
+            misses &= misses - 1;
+        }
+    }
+    for (j, &dj) in d.iter().enumerate().skip(full) {
+        let orig = ft.load_bits(w, j);
+        let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
+        ft.store_bits(o, j, bits);
+        if record && ft.round_bits(ft.bits_to_f32(bits) - dj) != orig {
+            fix.index.push(base_index + j as u64);
+            fix.bits.push(orig);
         }
     }
 }
