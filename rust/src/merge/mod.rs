@@ -37,8 +37,13 @@ const SUFFIX_INDEX: &str = ".oxpeft_unmerge_index";
 const SUFFIX_VALUE: &str = ".oxpeft_unmerge_value";
 const SUFFIX_DORA: &str = ".oxpeft_dora_factor";
 const SUFFIX_ORIGINAL: &str = ".oxpeft_original";
-/// Output bytes produced per parallel step; bounds the working memory per shard.
-const CHUNK_BYTES: usize = 8 << 20;
+/// Output bytes per parallel task (a run of rows of one tensor): small enough to stay in cache
+/// until written, large enough to keep the per-task overhead negligible.
+#[cfg(not(test))]
+const CHUNK_BYTES: usize = 1 << 20;
+/// The unit tests use tiny tensors; a tiny chunk gives each of them several chunks.
+#[cfg(test)]
+const CHUNK_BYTES: usize = 256;
 /// Rows computed together by the dot-product micro-kernel (they share each load of A).
 const ROW_BLOCK: usize = 4;
 /// DoRA adapters merged into one tensor at once (their row factors live on the kernel's stack).
