@@ -18,6 +18,13 @@ pub(super) struct Prepared {
     pub(super) terms: Vec<ReadyTerm>,
 }
 
+impl Prepared {
+    /// One term that is only added (plain LoRA): the kernels' fused single-pass case.
+    fn single_additive(&self) -> bool {
+        self.terms.len() == 1 && self.terms[0].magnitude.is_none()
+    }
+}
+
 pub(super) struct ReadyTerm {
     /// (rows, r): the left factor for W's rows.
     pub(super) left: Vec<f32>,
@@ -517,7 +524,7 @@ fn merge_block_t(
     let Scratch { acc, deltas } = scratch;
     let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
-    let single = p.terms.len() == 1 && n_dora == 0;
+    let single = p.single_additive();
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
@@ -559,11 +566,28 @@ pub fn unmerge_block(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
+            return unsafe { unmerge_block_avx512(p, first_row, inp, out, dora, scratch) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
             return unsafe { unmerge_block_avx2(p, first_row, inp, out, dora, scratch) };
         }
     }
+    unmerge_block_any(p, first_row, inp, out, dora, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn unmerge_block_avx512(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    dora: &[f32],
+    scratch: &mut Scratch,
+) {
     unmerge_block_any(p, first_row, inp, out, dora, scratch)
 }
 
@@ -594,6 +618,15 @@ fn unmerge_block_any(
     let nrows = inp.len() / row_bytes;
     deltas(p, first_row, nrows, scratch);
     let Scratch { acc, deltas } = scratch;
+    if p.single_additive() {
+        let d = &deltas[..nrows * p.cols];
+        match ft {
+            FloatType::BF16 => subtract(FloatType::BF16, inp, d, out),
+            FloatType::F16 => subtract(FloatType::F16, inp, d, out),
+            FloatType::F32 => subtract(FloatType::F32, inp, d, out),
+        }
+        return;
+    }
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
@@ -608,5 +641,15 @@ fn unmerge_block_any(
             FloatType::F16 => encode(FloatType::F16, acc, o),
             FloatType::F32 => encode(FloatType::F32, acc, o),
         }
+    }
+}
+
+/// `out = round(float(w) - d)` element by element, in one pass.
+#[inline(always)]
+fn subtract(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
+    let size = ft.size();
+    for ((ws, os), &dj) in w.chunks_exact(size).zip(out.chunks_exact_mut(size)).zip(d) {
+        let bits = ft.round_bits(ft.bits_to_f32(ft.load_bits(ws, 0)) - dj);
+        ft.store_bits(os, 0, bits);
     }
 }
