@@ -4,15 +4,16 @@ Generates (once, into the git-ignored bench-data/) Llama-shaped bf16 sharded che
 1 GB and 4 GB and an all-linear r=16 adapter for each, then runs every contender in its own
 subprocess (so that its peak RSS is its own) on a warm page cache:
 
-- oxpeft:  oxpeft.merge_checkpoint (streams mmapped shards, writes the exact-unmerge sidecar)
+- oxpeft:  oxpeft.merge_checkpoint (streams mmapped shards, writes the exact-unmerge sidecar);
+           also without the sidecar (exact_unmerge=False) and the Rust core alone
 - peft:    AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload
-           + save_pretrained (1 GB only: the point of the 4 GB model is oxpeft's flat RSS)
+           + save_pretrained (at the sizes given by --peft-sizes, 1 GB by default)
 - copy:    shutil.copyfile of every file of the checkpoint (and the same followed by fsync, since
            oxpeft fsyncs each shard before renaming it into place)
 
 and oxpeft's unmerge with the sidecar (checked byte-identical to the base) and its sidecar size.
 
-    PYTHONPATH=python python benches/bench_merge.py [--sizes 1 4] [--repeat 2]
+    PYTHONPATH=python python benches/bench_merge.py [--sizes 1 4] [--repeat 2] [--peft-sizes 1 4]
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def contender(kind: str, base: str, adapter: str, out: str) -> None:
     if kind == "oxpeft":
         r = oxpeft.merge_checkpoint(base, adapter, out, progress=False)
         extra = {"sidecar_bytes": r.sidecar_bytes, "sidecar_elements": r.sidecar_elements}
+    elif kind == "oxpeft-nosidecar":
+        oxpeft.merge_checkpoint(base, adapter, out, progress=False, exact_unmerge=False)
     elif kind == "oxpeft-core":
         os.makedirs(out)
         native.merge_checkpoint(base, [(adapter, adapter + "/adapter_model.safetensors", 1.0)], out, True, None)
@@ -185,6 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4], choices=sorted(LAYERS))
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the best time is kept")
+    ap.add_argument("--peft-sizes", type=int, nargs="*", default=[1], help="sizes at which HF PEFT also runs")
     ap.add_argument("--contender", nargs=4, metavar=("KIND", "BASE", "ADAPTER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.contender:
@@ -196,7 +200,8 @@ def main() -> None:
         base, adapter = generate(size)
         gib = dir_bytes(base) / 2**30
         out, back = DATA / "out", DATA / "back"
-        kinds = ["copy", "copy+fsync", "oxpeft-core", "oxpeft"] + (["peft"] if size == 1 else [])
+        kinds = ["copy", "copy+fsync", "oxpeft-core", "oxpeft", "oxpeft-nosidecar"]
+        kinds += ["peft"] if size in args.peft_sizes else []
         row = {}
         for kind in kinds:
             best = None
@@ -218,7 +223,8 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         results[size] = {"gib": gib, **row}
         ox = row["oxpeft"]
-        print(f"\n== {gib:.2f} GiB bf16 checkpoint, all-linear r=16 adapter ==")
+        print(f"\n== {gib:.2f} GiB bf16 checkpoint, all-linear r=16 adapter (load average now "
+              f"{os.getloadavg()[0]:.2f}) ==")
         for kind in [*kinds, "unmerge"]:
             r = row[kind]
             print(f"{kind:>12}: wall {r['seconds']:7.2f} s ({gib / r['seconds']:5.2f} GiB/s)  CPU {r['cpu']:7.2f} s  "

@@ -34,14 +34,23 @@ def resolve_file(
         raise FileNotFoundError(f"{local_dir} is not a directory")
 
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    where = f"hub repo {model_id}" + (f" (revision {revision})" if revision else "")
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, token=token)
+    except LocalEntryNotFoundError:
+        # Offline (HF_HUB_OFFLINE or no network): only the local hub cache was searched.
+        if not required:
+            return None
+        raise FileNotFoundError(
+            f"{filename} of {where} is not in the local hub cache and the hub cannot be reached "
+            "(offline mode or no network); pass a local directory instead"
+        ) from None
     except EntryNotFoundError:
         if not required:
             return None
-        raise FileNotFoundError(f"{filename} not found in hub repo {model_id}") from None
+        raise FileNotFoundError(f"{filename} not found in {where}") from None
     except Exception as exc:  # network errors, unknown repos, offline mode
         if not required:
             return None

@@ -275,30 +275,48 @@ class PeftModel(PromptLearningMixin, nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | Literal["auto"] = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write PEFT's files: the `default` adapter in `save_directory`, any other NAME in `save_directory/NAME`."""
+        """Write PEFT's files: the `default` adapter in `save_directory`, any other NAME in `save_directory/NAME`.
+
+        With `path_initial_model_for_weight_conversion` (a PiSSA / OLoRA adapter saved right after
+        `get_peft_model`, before training), the adapter is saved as a plain LoRA of twice the rank for the
+        original, unmodified base model (see `oxpeft.tuners.lora.convert`), as PEFT does; that directory's config
+        is rewritten with `init_lora_weights=True` so that loading it never re-runs the initialisation.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            from oxpeft.tuners.lora import convert
+
+            for name in names:
+                convert.check_convertible(self.peft_config[name])
+            initial = load_peft_weights(path_initial_model_for_weight_conversion)
         if not is_main_process:
             return
         for name in names:
             directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
             tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
-            save_peft_weights(tensors, directory, safe_serialization=safe_serialization)
             config = self.peft_config[name]
+            overrides = dict(kwargs)
+            if initial is not None:
+                tensors = convert.converted_tensors(tensors, initial, path_initial_model_for_weight_conversion)
+                config.save_pretrained(path_initial_model_for_weight_conversion, init_lora_weights=True)
+                overrides.update(convert.converted_config_fields(config))
+            save_peft_weights(tensors, directory, safe_serialization=safe_serialization)
             if config.task_type is None and config.auto_mapping is None:
                 # Without a task type, PEFT records the base class so AutoPeftModel can rebuild it.
                 base = self.get_base_model()
-                kwargs.setdefault(
+                overrides.setdefault(
                     "auto_mapping", {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
                 )
-            overrides = dict(kwargs)
             if getattr(config, "init_lora_weights", None) == "loftq":
                 # The saved factors are already fitted: loading must not run LoftQ again (PEFT's own practice).
                 overrides.setdefault("init_lora_weights", True)

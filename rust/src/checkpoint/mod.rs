@@ -7,7 +7,7 @@ pub mod writer;
 
 pub use index::Checkpoint;
 pub use reader::{Dtype, SafeTensorsFile, TensorInfo};
-pub use writer::{StreamingWriter, TensorSpec};
+pub use writer::{PositionalWriter, StreamingWriter, TensorSpec};
 
 /// The float storage types the merge kernels read and write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

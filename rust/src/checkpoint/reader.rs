@@ -351,6 +351,12 @@ impl SafeTensorsFile {
         &self.mmap[start..start + t.nbytes()]
     }
 
+    /// The open file and the absolute position of tensor `t`'s bytes in it, for copies the
+    /// kernel does without passing the data through this process (copy_file_range).
+    pub fn file_range(&self, t: &TensorInfo) -> (&File, u64) {
+        (&self.file, (self.header.data_start + t.begin) as u64)
+    }
+
     /// A reader positioned at the first byte of tensor `t` and limited to its bytes, for copies
     /// that the kernel can do without passing the data through this process (copy_file_range).
     pub fn tensor_reader(&self, t: &TensorInfo) -> Result<std::io::Take<File>> {

@@ -2,10 +2,13 @@
 //! then each tensor's bytes as they are produced, in any number of pieces. The file is built under
 //! a temporary name in the same folder and renamed into place only after an fsync, so a reader
 //! never sees a partial file; dropping an unfinished writer removes the temporary file.
+//! [`PositionalWriter`] instead takes the data in any order, from several threads at once.
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value};
 
@@ -53,10 +56,64 @@ pub fn header_bytes(
     Ok((out, offset as u64))
 }
 
-pub struct StreamingWriter {
+/// A file being built under a temporary name in the folder of its final path; [`finish`] fsyncs
+/// it and renames it into place. Dropped unfinished, it removes the temporary file.
+///
+/// [`finish`]: PartialFile::finish
+struct PartialFile {
     path: PathBuf,
     tmp: PathBuf,
     file: Option<File>,
+}
+
+impl PartialFile {
+    fn create(path: &Path) -> Result<Self> {
+        let file_name = path.file_name().ok_or_else(|| {
+            Error::invalid_argument(format!("{}: not a file path", path.display()))
+        })?;
+        let tmp = path.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(PartialFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("open until finish")
+    }
+
+    fn io(&self, e: std::io::Error) -> Error {
+        Error::io(&self.tmp, e)
+    }
+
+    /// Errors unless `written == expected`; then fsyncs and renames into place.
+    fn finish(mut self, written: u64, expected: u64) -> Result<()> {
+        if written != expected {
+            return Err(Error::invalid_file(
+                &self.path,
+                format!("only {written} of {expected} data bytes were written"),
+            ));
+        }
+        let file = self.file.take().expect("open until finish");
+        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes a safetensors file front to back: the header, then each tensor's bytes in order.
+pub struct StreamingWriter {
+    out: PartialFile,
     expected: u64,
     written: u64,
 }
@@ -81,40 +138,34 @@ impl StreamingWriter {
         header: &[u8],
         expected: u64,
     ) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let file_name = path.file_name().ok_or_else(|| {
-            Error::invalid_argument(format!("{}: not a file path", path.display()))
-        })?;
-        let tmp = path.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = StreamingWriter {
-            path,
-            tmp,
-            file: Some(file),
+        let out = PartialFile::create(path.as_ref())?;
+        out.file().write_all(header).map_err(|e| out.io(e))?;
+        Ok(StreamingWriter {
+            out,
             expected,
             written: 0,
-        };
-        let file = w.file.as_mut().expect("just opened");
-        file.write_all(header).map_err(|e| Error::io(&w.tmp, e))?;
-        Ok(w)
+        })
     }
 
-    /// Appends tensor bytes (any split of the data stream).
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let after = self.written + bytes.len() as u64;
+    fn account(&mut self, n: u64) -> Result<()> {
+        let after = self.written + n;
         if after > self.expected {
             return Err(Error::invalid_file(
-                &self.path,
+                &self.out.path,
                 format!(
                     "{after} data bytes written, header declares {}",
                     self.expected
                 ),
             ));
         }
-        let file = self.file.as_mut().expect("open until finish");
-        file.write_all(bytes).map_err(|e| Error::io(&self.tmp, e))?;
         self.written = after;
         Ok(())
+    }
+
+    /// Appends tensor bytes (any split of the data stream).
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.account(bytes.len() as u64)?;
+        self.out.file().write_all(bytes).map_err(|e| self.out.io(e))
     }
 
     /// Data bytes written so far.
@@ -124,46 +175,190 @@ impl StreamingWriter {
 
     /// Appends everything `reader` yields (File to File copies stay inside the kernel on Linux).
     pub fn copy_from<R: std::io::Read>(&mut self, reader: &mut R) -> Result<()> {
-        let file = self.file.as_mut().expect("open until finish");
-        let n = std::io::copy(reader, file).map_err(|e| Error::io(&self.tmp, e))?;
-        self.written += n;
-        if self.written > self.expected {
+        let n = std::io::copy(reader, &mut self.out.file()).map_err(|e| self.out.io(e))?;
+        self.account(n)
+    }
+
+    /// Checks that every declared byte was written, fsyncs and renames into place.
+    pub fn finish(self) -> Result<()> {
+        self.out.finish(self.written, self.expected)
+    }
+}
+
+/// Writes a safetensors file whose header is known, with the data in any order and from any
+/// number of threads at once: each piece goes to its offset (`pwrite` / `copy_file_range`), and
+/// the kernel is asked to start writing it back to disk right away, so the final fsync finds
+/// little left to do. The caller must write every data byte exactly once; [`finish`] checks the
+/// byte count.
+///
+/// [`finish`]: PositionalWriter::finish
+pub struct PositionalWriter {
+    out: PartialFile,
+    data_start: u64,
+    expected: u64,
+    written: AtomicU64,
+}
+
+impl PositionalWriter {
+    pub fn create_with_header(
+        path: impl AsRef<Path>,
+        header: &[u8],
+        expected: u64,
+    ) -> Result<Self> {
+        let out = PartialFile::create(path.as_ref())?;
+        let data_start = header.len() as u64;
+        out.file().write_all_at(header, 0).map_err(|e| out.io(e))?;
+        out.file()
+            .set_len(data_start + expected)
+            .map_err(|e| out.io(e))?;
+        Ok(PositionalWriter {
+            out,
+            data_start,
+            expected,
+            written: AtomicU64::new(0),
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.expected)
+        {
             return Err(Error::invalid_file(
-                &self.path,
+                &self.out.path,
                 format!(
-                    "{} data bytes written, header declares {}",
-                    self.written, self.expected
+                    "write of {len} bytes at data offset {offset} passes the {} declared",
+                    self.expected
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Writes `bytes` at data offset `offset`.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.check_range(offset, bytes.len() as u64)?;
+        let at = self.data_start + offset;
+        self.out
+            .file()
+            .write_all_at(bytes, at)
+            .map_err(|e| self.out.io(e))?;
+        self.written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        start_writeback(self.out.file(), at, bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Copies `len` bytes of `src` from `src_offset` to data offset `offset`, inside the kernel
+    /// where it can (copy_file_range), else through a buffer.
+    pub fn copy_at(&self, offset: u64, src: &File, src_offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let at = self.data_start + offset;
+        let copied =
+            copy_range(src, src_offset, self.out.file(), at, len).map_err(|e| self.out.io(e))?;
+        if copied != len {
+            return Err(Error::invalid_file(
+                &self.out.path,
+                format!(
+                    "source ended after {copied} of {len} bytes (file shrank while being read)"
+                ),
+            ));
+        }
+        self.written.fetch_add(len, Ordering::Relaxed);
+        start_writeback(self.out.file(), at, len);
         Ok(())
     }
 
     /// Checks that every declared byte was written, fsyncs and renames into place.
-    pub fn finish(mut self) -> Result<()> {
-        if self.written != self.expected {
-            return Err(Error::invalid_file(
-                &self.path,
-                format!(
-                    "only {} of {} data bytes were written",
-                    self.written, self.expected
-                ),
-            ));
-        }
-        let file = self.file.take().expect("open until finish");
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(())
+    pub fn finish(self) -> Result<()> {
+        let written = self.written.load(Ordering::Relaxed);
+        self.out.finish(written, self.expected)
     }
 }
 
-impl Drop for StreamingWriter {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+/// Asks the kernel to start writing a just-written range to disk without waiting for it, so
+/// that disk and CPU work overlap instead of everything waiting on the final fsync.
+#[cfg(target_os = "linux")]
+fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor; a failure only loses the hint.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File, _: u64, _: u64) {}
+
+/// Copies `len` bytes between positions of two files; returns the bytes copied (fewer only when
+/// the source ends early).
+fn copy_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> std::io::Result<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (mut off_in, mut off_out) = (src_offset as libc::loff_t, dst_offset as libc::loff_t);
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(1 << 30) as usize;
+            // SAFETY: both descriptors are open; the offsets are ours and advanced by the kernel.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    want,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                // Not supported between these files (other file system, old kernel): fall back.
+                if done == 0
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                    )
+                {
+                    break;
+                }
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Ok(done);
+            }
+            done += n as u64;
+        }
+        if done == len {
+            return Ok(done);
         }
     }
+    let mut buf = vec![0u8; (len as usize).min(8 << 20)];
+    let mut done = 0u64;
+    while done < len {
+        let want = ((len - done) as usize).min(buf.len());
+        let n = src.read_at(&mut buf[..want], src_offset + done)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -225,6 +420,65 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let w = StreamingWriter::create(&p, None, &specs).unwrap();
         assert!(w.finish().unwrap_err().to_string().contains("only 0 of 4"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn positional_writes_from_threads_in_any_order() {
+        use rayon::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src.bin");
+        let src_bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&src_path, &src_bytes).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let specs: Vec<TensorSpec> = (0..64)
+            .map(|i| TensorSpec {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![64],
+            })
+            .collect();
+        let (header, expected) = header_bytes(None, &specs).unwrap();
+        let p = dir.path().join("o.safetensors");
+        let w = PositionalWriter::create_with_header(&p, &header, expected).unwrap();
+        // A short source is an error (the bytes it did copy are rewritten below).
+        assert!(w.copy_at(0, &src, 4090, 64).is_err(), "source too short");
+        // Odd tensors written from memory, even ones copied from the source file, in reverse.
+        (0..64u64).into_par_iter().map(|i| 63 - i).for_each(|i| {
+            if i % 2 == 1 {
+                w.write_at(i * 64, &[i as u8; 64]).unwrap();
+            } else {
+                w.copy_at(i * 64, &src, i * 64, 64).unwrap();
+            }
+        });
+        assert!(w.write_at(expected - 1, &[0, 0]).is_err());
+        w.finish().unwrap();
+        let f = SafeTensorsFile::open(&p).unwrap();
+        for i in 0..64usize {
+            let want = if i % 2 == 1 {
+                vec![i as u8; 64]
+            } else {
+                src_bytes[i * 64..i * 64 + 64].to_vec()
+            };
+            assert_eq!(f.data(f.require(&format!("t{i}")).unwrap()), &want[..]);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn positional_writer_missing_bytes_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = vec![TensorSpec {
+            name: "a".into(),
+            dtype: Dtype::U8,
+            shape: vec![8],
+        }];
+        let (header, expected) = header_bytes(None, &specs).unwrap();
+        let p = dir.path().join("o.safetensors");
+        let w = PositionalWriter::create_with_header(&p, &header, expected).unwrap();
+        w.write_at(4, &[1, 2, 3, 4]).unwrap();
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains("only 4 of 8"), "{e}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

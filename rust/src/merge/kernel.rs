@@ -21,6 +21,16 @@ pub(super) struct Prepared {
     pub(super) terms: Vec<ReadyTerm>,
 }
 
+impl Prepared {
+    /// One term that is only added (LoRA without DoRA, LoHa, LoKr): the kernels' fused
+    /// single-pass case.
+    fn single_additive(&self) -> bool {
+        self.terms.len() == 1
+            && self.terms[0].magnitude.is_none()
+            && !self.terms[0].delta.is_scale()
+    }
+}
+
 pub(super) struct ReadyTerm {
     pub(super) delta: Delta,
     /// DoRA's magnitude vector (LoRA terms only).
@@ -230,54 +240,75 @@ impl Scratch {
     }
 }
 
-const LANES: usize = 16;
-
+/// Rows per register block of `dots`: `ROW_BLOCK`. Columns per register block: `L`, chosen per
+/// instruction set so that the `ROW_BLOCK * L / width` accumulators (8 with AVX-512 and AVX2)
+/// keep both FMA units busy without spilling registers.
 #[inline(always)]
-fn dots_generic<const NR: usize>(
+fn dots_generic<const NR: usize, const L: usize>(
     left: &[f32],
     right: &[f32],
     r: usize,
     cols: usize,
     out: &mut [f32],
 ) {
-    let full = cols / LANES * LANES;
-    let mut j = 0;
-    while j < full {
-        let mut acc = [[0f32; LANES]; NR];
-        for k in 0..r {
-            let a: &[f32; LANES] = right[k * cols + j..k * cols + j + LANES]
-                .try_into()
-                .unwrap();
-            for (rr, acc_row) in acc.iter_mut().enumerate() {
-                let b = left[rr * r + k];
-                for l in 0..LANES {
-                    acc_row[l] = b.mul_add(a[l], acc_row[l]);
+    // left's rows transposed to k-major, so the k loop walks both operands without index checks.
+    let mut lt = [[0f32; NR]; 64];
+    let full = cols / L * L;
+    for k0 in (0..r).step_by(64) {
+        let kn = 64.min(r - k0);
+        for (k, row) in lt[..kn].iter_mut().enumerate() {
+            for (rr, v) in row.iter_mut().enumerate() {
+                *v = left[rr * r + k0 + k];
+            }
+        }
+        let rights = right[k0 * cols..(k0 + kn) * cols].chunks_exact(cols);
+        let mut j = 0;
+        while j < full {
+            let mut acc = [[0f32; L]; NR];
+            if k0 > 0 {
+                for (rr, acc_row) in acc.iter_mut().enumerate() {
+                    acc_row.copy_from_slice(&out[rr * cols + j..rr * cols + j + L]);
                 }
             }
-        }
-        for (rr, acc_row) in acc.iter().enumerate() {
-            out[rr * cols + j..rr * cols + j + LANES].copy_from_slice(acc_row);
-        }
-        j += LANES;
-    }
-    for j in full..cols {
-        for rr in 0..NR {
-            let mut s = 0f32;
-            for k in 0..r {
-                s = left[rr * r + k].mul_add(right[k * cols + j], s);
+            for (lk, rk) in lt[..kn].iter().zip(rights.clone()) {
+                let a: &[f32; L] = rk[j..j + L].try_into().unwrap();
+                for (acc_row, &b) in acc.iter_mut().zip(lk) {
+                    for l in 0..L {
+                        acc_row[l] = b.mul_add(a[l], acc_row[l]);
+                    }
+                }
             }
-            out[rr * cols + j] = s;
+            for (rr, acc_row) in acc.iter().enumerate() {
+                out[rr * cols + j..rr * cols + j + L].copy_from_slice(acc_row);
+            }
+            j += L;
+        }
+        for j in full..cols {
+            for rr in 0..NR {
+                let mut s = if k0 > 0 { out[rr * cols + j] } else { 0f32 };
+                for (lk, rk) in lt[..kn].iter().zip(rights.clone()) {
+                    s = lk[rr].mul_add(rk[j], s);
+                }
+                out[rr * cols + j] = s;
+            }
         }
     }
 }
 
 #[inline(always)]
-fn dots_any(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+fn dots_any<const L: usize>(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    nrows: usize,
+    out: &mut [f32],
+) {
     match nrows {
-        4 => dots_generic::<4>(left, right, r, cols, out),
-        3 => dots_generic::<3>(left, right, r, cols, out),
-        2 => dots_generic::<2>(left, right, r, cols, out),
-        _ => dots_generic::<1>(left, right, r, cols, out),
+        4 => dots_generic::<4, L>(left, right, r, cols, out),
+        3 => dots_generic::<3, L>(left, right, r, cols, out),
+        2 => dots_generic::<2, L>(left, right, r, cols, out),
+        _ => dots_generic::<1, L>(left, right, r, cols, out),
     }
 }
 
@@ -291,7 +322,7 @@ unsafe fn dots_avx512(
     nrows: usize,
     out: &mut [f32],
 ) {
-    dots_any(left, right, r, cols, nrows, out)
+    dots_any::<32>(left, right, r, cols, nrows, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,7 +335,7 @@ unsafe fn dots_avx2(
     nrows: usize,
     out: &mut [f32],
 ) {
-    dots_any(left, right, r, cols, nrows, out)
+    dots_any::<16>(left, right, r, cols, nrows, out)
 }
 
 /// `out[rr][j] = sum_k left[rr][k] * right[k][j]` for `nrows` rows; every path computes the
@@ -321,7 +352,7 @@ pub fn dots(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, ou
             return unsafe { dots_avx2(left, right, r, cols, nrows, out) };
         }
     }
-    dots_any(left, right, r, cols, nrows, out)
+    dots_any::<16>(left, right, r, cols, nrows, out)
 }
 
 /// Fills `scratch.deltas` with each term's scaled delta (IA3: its factors) for the rows of
@@ -496,8 +527,8 @@ fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix
 
 /// The common case, one additive term without DoRA (LoRA, LoHa or LoKr), fused into a single
 /// pass per row: W' = round(W + d), and with `record` the check that round(W' - d) gives W
-/// back, per span of 64 elements (branch-free, so it vectorises; only spans with a miss are
-/// scanned for their indices).
+/// back. Spans of 64 elements are computed branch-free (so they vectorise) into a bit mask of
+/// the misses, whose set bits are then visited directly.
 #[inline(always)]
 fn merge_row_single(
     ft: FloatType,
@@ -510,27 +541,36 @@ fn merge_row_single(
 ) {
     const SPAN: usize = 64;
     let size = ft.size();
-    let mut miss = [0u32; SPAN];
-    for (c, ((ws, ds), os)) in w
-        .chunks(SPAN * size)
-        .zip(d.chunks(SPAN))
-        .zip(o.chunks_mut(SPAN * size))
-        .enumerate()
-    {
-        let n = ds.len();
-        for j in 0..n {
+    let full = d.len() / SPAN * SPAN;
+    let spans = w[..full * size]
+        .chunks_exact(SPAN * size)
+        .zip(d[..full].chunks_exact(SPAN))
+        .zip(o[..full * size].chunks_exact_mut(SPAN * size));
+    for (c, ((ws, ds), os)) in spans.enumerate() {
+        let mut misses = 0u64;
+        for (j, &dj) in ds.iter().enumerate() {
             let orig = ft.load_bits(ws, j);
-            let bits = ft.round_bits(ft.bits_to_f32(orig) + ds[j]);
+            let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
             ft.store_bits(os, j, bits);
-            miss[j] = ft.round_bits(ft.bits_to_f32(bits) - ds[j]) ^ orig;
-        }
-        if record && miss[..n].iter().fold(0, |a, m| a | m) != 0 {
-            for (j, m) in miss[..n].iter().enumerate() {
-                if *m != 0 {
-                    fix.index.push(base_index + (c * SPAN + j) as u64);
-                    fix.bits.push(ft.load_bits(ws, j));
-                }
+            if record {
+                let back = ft.round_bits(ft.bits_to_f32(bits) - dj);
+                misses |= ((back != orig) as u64) << j;
             }
+        }
+        while misses != 0 {
+            let j = misses.trailing_zeros() as usize;
+            fix.index.push(base_index + (c * SPAN + j) as u64);
+            fix.bits.push(ft.load_bits(ws, j));
+            misses &= misses - 1;
+        }
+    }
+    for (j, &dj) in d.iter().enumerate().skip(full) {
+        let orig = ft.load_bits(w, j);
+        let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
+        ft.store_bits(o, j, bits);
+        if record && ft.round_bits(ft.bits_to_f32(bits) - dj) != orig {
+            fix.index.push(base_index + j as u64);
+            fix.bits.push(orig);
         }
     }
 }
@@ -637,7 +677,7 @@ fn merge_block_t(
     let Scratch { acc, deltas, .. } = scratch;
     let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
-    let single = p.terms.len() == 1 && n_dora == 0 && !p.terms[0].delta.is_scale();
+    let single = p.single_additive();
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
@@ -679,11 +719,28 @@ pub fn unmerge_block(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
+            return unsafe { unmerge_block_avx512(p, first_row, inp, out, dora, scratch) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
             return unsafe { unmerge_block_avx2(p, first_row, inp, out, dora, scratch) };
         }
     }
+    unmerge_block_any(p, first_row, inp, out, dora, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn unmerge_block_avx512(
+    p: &Prepared,
+    first_row: usize,
+    inp: &[u8],
+    out: &mut [u8],
+    dora: &[f32],
+    scratch: &mut Scratch,
+) {
     unmerge_block_any(p, first_row, inp, out, dora, scratch)
 }
 
@@ -714,6 +771,15 @@ fn unmerge_block_any(
     let nrows = inp.len() / row_bytes;
     deltas(p, first_row, nrows, scratch);
     let Scratch { acc, deltas, .. } = scratch;
+    if p.single_additive() {
+        let d = &deltas[..nrows * p.cols];
+        match ft {
+            FloatType::BF16 => subtract(FloatType::BF16, inp, d, out),
+            FloatType::F16 => subtract(FloatType::F16, inp, d, out),
+            FloatType::F32 => subtract(FloatType::F32, inp, d, out),
+        }
+        return;
+    }
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
@@ -728,5 +794,15 @@ fn unmerge_block_any(
             FloatType::F16 => encode(FloatType::F16, acc, o),
             FloatType::F32 => encode(FloatType::F32, acc, o),
         }
+    }
+}
+
+/// `out = round(float(w) - d)` element by element, in one pass.
+#[inline(always)]
+fn subtract(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
+    let size = ft.size();
+    for ((ws, os), &dj) in w.chunks_exact(size).zip(out.chunks_exact_mut(size)).zip(d) {
+        let bits = ft.round_bits(ft.bits_to_f32(ft.load_bits(ws, 0)) - dj);
+        ft.store_bits(os, 0, bits);
     }
 }

@@ -16,6 +16,7 @@
 mod kernel;
 mod plan;
 mod shard;
+mod sidecar;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -28,7 +29,7 @@ use rayon::prelude::*;
 
 pub use plan::{AdapterSettings, MergePlan, Method};
 use plan::{Op, TermKind};
-use shard::ShardJob;
+use shard::{Context, ShardOut};
 
 use crate::checkpoint::{Checkpoint, SafeTensorsFile};
 use crate::{Error, Result};
@@ -41,8 +42,13 @@ const SUFFIX_INDEX: &str = ".oxpeft_unmerge_index";
 const SUFFIX_VALUE: &str = ".oxpeft_unmerge_value";
 const SUFFIX_DORA: &str = ".oxpeft_dora_factor";
 const SUFFIX_ORIGINAL: &str = ".oxpeft_original";
-/// Output bytes produced per parallel step; bounds the working memory per shard.
-const CHUNK_BYTES: usize = 8 << 20;
+/// Output bytes per parallel task (a run of rows of one tensor): small enough to stay in cache
+/// until written, large enough to keep the per-task overhead negligible.
+#[cfg(not(test))]
+const CHUNK_BYTES: usize = 1 << 20;
+/// The unit tests use tiny tensors; a tiny chunk gives each of them several chunks.
+#[cfg(test)]
+const CHUNK_BYTES: usize = 256;
 /// Rows computed together by the dot-product micro-kernel (they share each load of A).
 const ROW_BLOCK: usize = 4;
 /// DoRA adapters merged into one tensor at once (their row factors live on the kernel's stack).
@@ -175,24 +181,37 @@ pub fn run(
         let dir = out.join(SIDECAR_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    let reports = base
+    let cx = Context { plan, mode };
+    let shards = base
         .shards()
+        .iter()
+        .map(|shard| ShardOut::create(&cx, shard, sidecars.get(&shard_name(shard)), out))
+        .collect::<Result<Vec<_>>>()?;
+    // Every tensor of every shard is one task, biggest first so that the last ones are short.
+    let mut tasks: Vec<(usize, usize)> = base
+        .shards()
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| (0..s.tensors().len()).map(move |ti| (si, ti)))
+        .collect();
+    let size = |&(si, ti): &(usize, usize)| base.shards()[si].tensors()[ti].nbytes();
+    tasks.sort_by_key(|task| std::cmp::Reverse(size(task)));
+    let reports = tasks
         .par_iter()
-        .map(|shard| {
-            let name = shard_name(shard);
-            ShardJob {
-                shard,
-                plan,
-                mode,
-                sidecar: sidecars.get(&name),
-                out: out.join(&name),
-                progress,
+        .map(|&(si, ti)| {
+            let report = shards[si].tensor(&cx, ti)?;
+            let t = &base.shards()[si].tensors()[ti];
+            if !progress(&t.name, t.nbytes() as u64) {
+                return Err(Error::invalid_argument("cancelled"));
             }
-            .run()
+            Ok(report)
         })
         .collect::<Result<Vec<Report>>>()?;
     let mut total = Report::default();
     reports.iter().for_each(|r| total.add(r));
+    for shard in shards {
+        total.sidecar_bytes += shard.finish()?;
+    }
     Ok(total)
 }
 

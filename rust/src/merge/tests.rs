@@ -39,17 +39,23 @@ pub(super) fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 #[test]
 fn dots_match_sequential_fma_on_every_path() {
-    let (r, cols) = (5, 37);
-    let left = rand(4 * r, 1, 2.0);
-    let right = rand(r * cols, 2, 2.0);
-    for nrows in 1..=4 {
-        let mut out = vec![0f32; nrows * cols];
-        kernel::dots(&left, &right, r, cols, nrows, &mut out);
-        for i in 0..nrows {
-            for j in 0..cols {
-                let want =
-                    (0..r).fold(0f32, |s, k| left[i * r + k].mul_add(right[k * cols + j], s));
-                assert_eq!(out[i * cols + j].to_bits(), want.to_bits());
+    // Column tails, more than one k block (64) and the register-block widths 16 and 32.
+    for (r, cols) in [(5, 37), (16, 96), (70, 41), (130, 64)] {
+        let left = rand(4 * r, 1, 2.0);
+        let right = rand(r * cols, 2, 2.0);
+        for nrows in 1..=4 {
+            let mut out = vec![0f32; nrows * cols];
+            kernel::dots(&left, &right, r, cols, nrows, &mut out);
+            for i in 0..nrows {
+                for j in 0..cols {
+                    let want =
+                        (0..r).fold(0f32, |s, k| left[i * r + k].mul_add(right[k * cols + j], s));
+                    assert_eq!(
+                        out[i * cols + j].to_bits(),
+                        want.to_bits(),
+                        "r={r} cols={cols}"
+                    );
+                }
             }
         }
     }
