@@ -22,12 +22,11 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// One term that is only added (LoRA without DoRA, LoHa, LoKr): the kernels' fused
-    /// single-pass case.
-    fn single_additive(&self) -> bool {
-        self.terms.len() == 1
-            && self.terms[0].magnitude.is_none()
-            && !self.terms[0].delta.is_scale()
+    /// One term without DoRA, the kernels' fused single-pass case: `Some(false)` when it is
+    /// added (LoRA, LoHa, LoKr), `Some(true)` when it multiplies (IA3).
+    fn single(&self) -> Option<bool> {
+        (self.terms.len() == 1 && self.terms[0].magnitude.is_none())
+            .then(|| self.terms[0].delta.is_scale())
     }
 }
 
@@ -525,12 +524,32 @@ fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix
     }
 }
 
-/// The common case, one additive term without DoRA (LoRA, LoHa or LoKr), fused into a single
-/// pass per row: W' = round(W + d), and with `record` the check that round(W' - d) gives W
-/// back. Spans of 64 elements are computed branch-free (so they vectorise) into a bit mask of
-/// the misses, whose set bits are then visited directly.
+/// A single term's step on one element: add its delta, or (IA3, `SCALE`) multiply by its factor.
 #[inline(always)]
-fn merge_row_single(
+fn step<const SCALE: bool>(x: f32, d: f32) -> f32 {
+    if SCALE {
+        x * d
+    } else {
+        x + d
+    }
+}
+
+/// The inverse of [`step`].
+#[inline(always)]
+fn unstep<const SCALE: bool>(x: f32, d: f32) -> f32 {
+    if SCALE {
+        x / d
+    } else {
+        x - d
+    }
+}
+
+/// The common case, one term without DoRA, fused into a single pass per row:
+/// W' = round(step(W, d)), and with `record` the check that round(unstep(W', d)) gives W back.
+/// Spans of 64 elements are computed branch-free (so they vectorise) into a bit mask of the
+/// misses, whose set bits are then visited directly.
+#[inline(always)]
+fn merge_row_single<const SCALE: bool>(
     ft: FloatType,
     w: &[u8],
     d: &[f32],
@@ -550,10 +569,10 @@ fn merge_row_single(
         let mut misses = 0u64;
         for (j, &dj) in ds.iter().enumerate() {
             let orig = ft.load_bits(ws, j);
-            let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
+            let bits = ft.round_bits(step::<SCALE>(ft.bits_to_f32(orig), dj));
             ft.store_bits(os, j, bits);
             if record {
-                let back = ft.round_bits(ft.bits_to_f32(bits) - dj);
+                let back = ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(bits), dj));
                 misses |= ((back != orig) as u64) << j;
             }
         }
@@ -566,9 +585,9 @@ fn merge_row_single(
     }
     for (j, &dj) in d.iter().enumerate().skip(full) {
         let orig = ft.load_bits(w, j);
-        let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
+        let bits = ft.round_bits(step::<SCALE>(ft.bits_to_f32(orig), dj));
         ft.store_bits(o, j, bits);
-        if record && ft.round_bits(ft.bits_to_f32(bits) - dj) != orig {
+        if record && ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(bits), dj)) != orig {
             fix.index.push(base_index + j as u64);
             fix.bits.push(orig);
         }
@@ -677,20 +696,20 @@ fn merge_block_t(
     let Scratch { acc, deltas, .. } = scratch;
     let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
-    let single = p.single_additive();
+    let single = p.single();
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
-        if single {
-            merge_row_single(
-                ft,
-                w,
+        if let Some(scale) = single {
+            let (d, at) = (
                 &deltas[delta_row(cols, 0, rr)],
-                o,
-                record,
                 ((first_row + rr) * cols) as u64,
-                fix,
             );
+            if scale {
+                merge_row_single::<true>(ft, w, d, o, record, at, fix);
+            } else {
+                merge_row_single::<false>(ft, w, d, o, record, at, fix);
+            }
             continue;
         }
         decode(ft, w, acc);
@@ -771,12 +790,15 @@ fn unmerge_block_any(
     let nrows = inp.len() / row_bytes;
     deltas(p, first_row, nrows, scratch);
     let Scratch { acc, deltas, .. } = scratch;
-    if p.single_additive() {
+    if let Some(scale) = p.single() {
         let d = &deltas[..nrows * p.cols];
-        match ft {
-            FloatType::BF16 => subtract(FloatType::BF16, inp, d, out),
-            FloatType::F16 => subtract(FloatType::F16, inp, d, out),
-            FloatType::F32 => subtract(FloatType::F32, inp, d, out),
+        match (ft, scale) {
+            (FloatType::BF16, false) => undo_single::<false>(FloatType::BF16, inp, d, out),
+            (FloatType::F16, false) => undo_single::<false>(FloatType::F16, inp, d, out),
+            (FloatType::F32, false) => undo_single::<false>(FloatType::F32, inp, d, out),
+            (FloatType::BF16, true) => undo_single::<true>(FloatType::BF16, inp, d, out),
+            (FloatType::F16, true) => undo_single::<true>(FloatType::F16, inp, d, out),
+            (FloatType::F32, true) => undo_single::<true>(FloatType::F32, inp, d, out),
         }
         return;
     }
@@ -797,12 +819,12 @@ fn unmerge_block_any(
     }
 }
 
-/// `out = round(float(w) - d)` element by element, in one pass.
+/// `out = round(unstep(float(w), d))` element by element, in one pass.
 #[inline(always)]
-fn subtract(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
+fn undo_single<const SCALE: bool>(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
     let size = ft.size();
     for ((ws, os), &dj) in w.chunks_exact(size).zip(out.chunks_exact_mut(size)).zip(d) {
-        let bits = ft.round_bits(ft.bits_to_f32(ft.load_bits(ws, 0)) - dj);
+        let bits = ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(ft.load_bits(ws, 0)), dj));
         ft.store_bits(os, 0, bits);
     }
 }
