@@ -341,12 +341,12 @@ def test_failures_leave_nothing_behind(models, tmp_path):
     assert not (work / "out" / "keep.txt").exists() and sorted(p.name for p in work.iterdir()) == ["out"]
 
     # Refused peft type and an output inside the input.
-    ia3 = tmp_path / "ia3"
-    ia3.mkdir()
-    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    save_file({"x": torch.zeros(1)}, ia3 / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match="IA3"):
-        oxpeft.merge_checkpoint(base, ia3, work / "o2", progress=False)
+    boft = tmp_path / "boft"
+    boft.mkdir()
+    (boft / "adapter_config.json").write_text(json.dumps({"peft_type": "BOFT"}))
+    save_file({"x": torch.zeros(1)}, boft / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="BOFT"):
+        oxpeft.merge_checkpoint(base, boft, work / "o2", progress=False)
     with pytest.raises(ValueError, match="overlaps"):
         oxpeft.merge_checkpoint(base, adapter, base / "inside", progress=False)
     assert sorted(p.name for p in work.iterdir()) == ["out"]

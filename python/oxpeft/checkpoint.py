@@ -1,4 +1,4 @@
-"""Offline merge and unmerge of LoRA adapters into safetensors checkpoints of any size.
+"""Offline merge and unmerge of LoRA, IA3, LoHa and LoKr adapters into safetensors checkpoints of any size.
 
 The Rust core streams the base checkpoint from memory-mapped shards and writes each output tensor
 as it is produced, so memory use does not grow with the model. This module resolves the adapters,
@@ -7,7 +7,8 @@ folder into place only when everything succeeded: a failed run leaves nothing be
 
 Exact unmerge: by default a merge also writes ``out/oxpeft-unmerge/`` (safetensors files plus
 ``manifest.json``) holding the few elements whose original bits would not come back by subtracting
-the delta again, the per-row DoRA factors and the originals of ``modules_to_save`` tensors.
+the delta again (or dividing by IA3's vector), the per-row DoRA factors and the originals of
+``modules_to_save`` tensors.
 Serving tools that load every ``*.safetensors`` of a folder do not look into that sub-folder.
 :func:`unmerge_checkpoint` with it restores the base bit for bit.
 """
@@ -90,13 +91,18 @@ def merge_checkpoint(
     exact_unmerge: bool = True,
     progress: bool = True,
 ) -> MergeReport:
-    """Merge LoRA adapters into the safetensors checkpoint folder ``base``, writing folder ``out``.
+    """Merge LoRA, IA3, LoHa or LoKr adapters into the checkpoint folder ``base``, writing folder ``out``.
 
     Each adapter is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``
-    or ``.bin``). The merged weight is ``round(float(W) + sum_i weights[i] * scaling_i * B_i @ A_i)``
-    computed in fp32 and rounded once; DoRA, rsLoRA, rank/alpha patterns, fan_in_fan_out,
-    lora_bias, embedding LoRA and modules_to_save are handled. The output keeps the base's tensor
-    names, dtypes, shard layout and metadata, plus its config and tokenizer files.
+    or ``.bin``). The adapters are applied in order in fp32 and the result is rounded once: LoRA adds
+    ``weights[i] * scaling * B @ A`` (DoRA, rsLoRA, rank/alpha patterns, fan_in_fan_out, lora_bias,
+    embedding LoRA handled), LoHa ``weights[i] * alpha / r * (W1a @ W1b) * (W2a @ W2b)``, LoKr
+    ``weights[i] * alpha / r * kron(w1, w2)``, and IA3 multiplies the rows (and bias) or, for
+    feedforward modules, the columns of W by ``weights[i] * l`` (the vector PEFT's
+    ``add_weighted_adapter`` makes from one adapter; several IA3 adapters multiply in turn).
+    modules_to_save tensors replace the base's. Only 2-D (Linear / Conv1D) weights merge. The
+    output keeps the base's tensor names, dtypes, shard layout and metadata, plus its config and
+    tokenizer files.
 
     Args:
         base: folder with ``model.safetensors`` or ``model.safetensors.index.json`` and shards.
@@ -109,7 +115,8 @@ def merge_checkpoint(
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
-        ValueError: an adapter does not fit the base (the message names both tensors), or a file is corrupt.
+        ValueError: an adapter does not fit the base (the message names both tensors), targets a
+            convolution, is of another PEFT type, or a file is corrupt.
     """
     base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
@@ -137,12 +144,13 @@ def unmerge_checkpoint(
     force: bool = False,
     progress: bool = True,
 ) -> MergeReport:
-    """Remove merged LoRA adapters from the checkpoint folder ``merged``, writing folder ``out``.
+    """Remove merged LoRA / IA3 / LoHa / LoKr adapters from the checkpoint folder ``merged``, writing folder ``out``.
 
     When ``merged`` holds the exact-unmerge sidecar written for these adapters (same files, same
     order), the result equals the original base bit for bit, and the merge's weights are used.
-    Without it the delta is subtracted and the result is approximate (a warning says so); DoRA
-    and modules_to_save cannot be undone without it.
+    Without it the delta is subtracted (IA3: W divided by the vector) and the result is
+    approximate (a warning says so); DoRA, modules_to_save and an IA3 vector with a zero entry
+    cannot be undone without it.
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.

@@ -189,7 +189,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("merge", help="merge LoRA adapters into a safetensors checkpoint folder")
+    p = sub.add_parser("merge", help="merge LoRA / IA3 / LoHa / LoKr adapters into a safetensors checkpoint folder")
     p.add_argument("base", help="base checkpoint folder (model.safetensors or sharded with an index)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folders, merged in order")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
@@ -199,7 +199,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("unmerge", help="remove merged LoRA adapters from a checkpoint folder")
+    p = sub.add_parser("unmerge", help="remove merged LoRA / IA3 / LoHa / LoKr adapters from a checkpoint folder")
     p.add_argument("merged", help="merged checkpoint folder")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the adapter folders that were merged, in order")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")

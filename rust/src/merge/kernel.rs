@@ -3,9 +3,12 @@
 //! match torch bit for bit), compiled for AVX-512 / AVX2 when the CPU has them. The scaling
 //! is applied afterwards, as PEFT's `(B @ A) * scaling` does.
 //!
-//! [`prepare`] loads an adapter term's matrices as fp32 in the layout of the base tensor.
+//! [`prepare`] loads an adapter term's matrices as fp32 in the layout of the base tensor. Each
+//! term then fills its delta for a block of rows (LoRA: one product; LoHa: two, multiplied
+//! elementwise; LoKr: rows of the Kronecker product; IA3: the row or column factors), so no
+//! full-size delta ever exists. IA3 multiplies where the others add, and its unmerge divides.
 
-use super::plan::{MergePlan, Term, TermKind};
+use super::plan::{KronFactor, MergePlan, Term, TermKind};
 use super::{MAX_DORA_TERMS, ROW_BLOCK};
 use crate::checkpoint::{FloatType, TensorInfo};
 use crate::{Error, Result};
@@ -19,20 +22,63 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// One term that is only added (plain LoRA): the kernels' fused single-pass case.
-    fn single_additive(&self) -> bool {
-        self.terms.len() == 1 && self.terms[0].magnitude.is_none()
+    /// One term without DoRA, the kernels' fused single-pass case: `Some(false)` when it is
+    /// added (LoRA, LoHa, LoKr), `Some(true)` when it multiplies (IA3).
+    fn single(&self) -> Option<bool> {
+        (self.terms.len() == 1 && self.terms[0].magnitude.is_none())
+            .then(|| self.terms[0].delta.is_scale())
     }
 }
 
 pub(super) struct ReadyTerm {
-    /// (rows, r): the left factor for W's rows.
-    pub(super) left: Vec<f32>,
-    /// (r, cols): the right factor for W's columns.
-    pub(super) right: Vec<f32>,
-    pub(super) r: usize,
-    pub(super) scaling: f32,
+    pub(super) delta: Delta,
+    /// DoRA's magnitude vector (LoRA terms only).
     pub(super) magnitude: Option<Vec<f32>>,
+}
+
+/// `left @ right` with left (rows, r) for W's rows and right (r, cols) for its columns.
+pub(super) struct Product {
+    left: Vec<f32>,
+    right: Vec<f32>,
+    r: usize,
+}
+
+impl Product {
+    /// Rows `first_row..first_row + nrows` of the product into `out`.
+    #[inline(always)]
+    fn rows(&self, first_row: usize, nrows: usize, cols: usize, out: &mut [f32]) {
+        let left = &self.left[first_row * self.r..(first_row + nrows) * self.r];
+        dots(left, &self.right, self.r, cols, nrows, out);
+    }
+}
+
+/// What a term does to W, in the layout of W.
+pub(super) enum Delta {
+    /// Adds `scaling * left @ right` (LoRA; its bias as a 1-row product).
+    LowRank { p: Product, scaling: f32 },
+    /// Adds `scaling * (p1 ⊙ p2)` (LoHa), in PEFT's order: product, then scaling.
+    Hadamard {
+        p1: Product,
+        p2: Product,
+        scaling: f32,
+    },
+    /// Adds `scaling * kron(w1, w2)` (LoKr): element (i, j) is `w1[i / b][j / d] * w2[i % b][j % d]`
+    /// for w2 of shape (b, d).
+    Kron {
+        w1: Vec<f32>,
+        w2: Vec<f32>,
+        b: usize,
+        d: usize,
+        scaling: f32,
+    },
+    /// Multiplies W (IA3): row i by `v[i]` when `per_row`, else column j by `v[j]`.
+    Scale { v: Vec<f32>, per_row: bool },
+}
+
+impl Delta {
+    fn is_scale(&self) -> bool {
+        matches!(self, Delta::Scale { .. })
+    }
 }
 
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -43,6 +89,17 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// `left @ right` in full, with the same FMA chain as the kernel (and BLAS).
+fn matmul(left: &[f32], right: &[f32], rows: usize, r: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (bi, block) in out.chunks_mut(ROW_BLOCK * cols).enumerate() {
+        let first = bi * ROW_BLOCK;
+        let n = block.len() / cols.max(1);
+        dots(&left[first * r..(first + n) * r], right, r, cols, n, block);
+    }
+    out
 }
 
 pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Result<Prepared> {
@@ -56,42 +113,86 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
         .iter()
         .map(|t| {
             let f = &plan.adapters[t.adapter].file;
-            Ok(match &t.kind {
+            let read = |key: &str| -> Result<(Vec<f32>, Vec<usize>)> {
+                let ti = f.require(key)?;
+                Ok((f.read_f32(ti)?, ti.shape.clone()))
+            };
+            let product = |a: &str, b: &str| -> Result<Product> {
+                let ((left, ls), (right, _)) = (read(a)?, read(b)?);
+                Ok(Product {
+                    left,
+                    right,
+                    r: ls[1],
+                })
+            };
+            let kron_factor = |k: &KronFactor| -> Result<(Vec<f32>, usize)> {
+                Ok(match k {
+                    KronFactor::Full(key) => {
+                        let (m, s) = read(key)?;
+                        (m, s[1])
+                    }
+                    KronFactor::LowRank(a, b) => {
+                        let p = product(a, b)?;
+                        let (n, c) = (p.left.len() / p.r, p.right.len() / p.r);
+                        (matmul(&p.left, &p.right, n, p.r, c), c)
+                    }
+                })
+            };
+            let scaling = t.scaling;
+            let mut magnitude = None;
+            let delta = match &t.kind {
                 TermKind::LowRank {
                     a,
                     b,
                     transposed,
-                    magnitude,
+                    magnitude: m,
                 } => {
-                    let (ta, tb) = (f.require(a)?, f.require(b)?);
-                    let (r, fan_in, fan_out) = (ta.shape[0], ta.shape[1], tb.shape[0]);
-                    let (av, bv) = (f.read_f32(ta)?, f.read_f32(tb)?);
+                    let ((av, ash), (bv, bsh)) = (read(a)?, read(b)?);
+                    let (r, fan_in, fan_out) = (ash[0], ash[1], bsh[0]);
                     // delta^T[i][j] = sum_k A[k][i] B[j][k]: left = A^T, right = B^T, same k order.
                     let (left, right) = if *transposed {
                         (transpose(&av, r, fan_in), transpose(&bv, fan_out, r))
                     } else {
                         (bv, av)
                     };
-                    let magnitude = magnitude
-                        .as_ref()
-                        .map(|m| f.read_f32(f.require(m)?))
-                        .transpose()?;
-                    ReadyTerm {
-                        left,
-                        right,
-                        r,
-                        scaling: t.scaling,
-                        magnitude,
+                    magnitude = m.as_ref().map(|m| Ok::<_, Error>(read(m)?.0)).transpose()?;
+                    Delta::LowRank {
+                        p: Product { left, right, r },
+                        scaling,
                     }
                 }
-                TermKind::Bias { bias } => ReadyTerm {
-                    left: vec![1.0],
-                    right: f.read_f32(f.require(bias)?)?,
-                    r: 1,
-                    scaling: t.scaling,
-                    magnitude: None,
+                TermKind::Bias { bias } => Delta::LowRank {
+                    p: Product {
+                        left: vec![1.0],
+                        right: read(bias)?.0,
+                        r: 1,
+                    },
+                    scaling,
                 },
-            })
+                TermKind::Hadamard { w1a, w1b, w2a, w2b } => Delta::Hadamard {
+                    p1: product(w1a, w1b)?,
+                    p2: product(w2a, w2b)?,
+                    scaling,
+                },
+                TermKind::Kron { w1, w2 } => {
+                    let ((w1, _), (w2, d)) = (kron_factor(w1)?, kron_factor(w2)?);
+                    Delta::Kron {
+                        b: w2.len() / d,
+                        w1,
+                        w2,
+                        d,
+                        scaling,
+                    }
+                }
+                TermKind::Scale {
+                    vector, per_row, ..
+                } => Delta::Scale {
+                    // As the plan checked for zeros: the vector times the adapter's weight.
+                    v: read(vector)?.0.iter().map(|x| x * scaling).collect(),
+                    per_row: *per_row,
+                },
+            };
+            Ok(ReadyTerm { delta, magnitude })
         })
         .collect::<Result<Vec<_>>>()?;
     if ready.iter().filter(|t| t.magnitude.is_some()).count() > MAX_DORA_TERMS {
@@ -116,17 +217,24 @@ pub(super) struct Fixups {
     pub(super) dora: Vec<f32>,
 }
 
-/// Per-thread buffers of the kernel: the fp32 accumulator rows and each term's delta rows.
+/// Per-thread buffers of the kernel: the fp32 accumulator rows, each term's delta rows (for
+/// IA3 its factors) and LoHa's second product.
 pub(super) struct Scratch {
     pub(super) acc: Vec<f32>,
     pub(super) deltas: Vec<f32>,
+    pub(super) second: Vec<f32>,
 }
 
 impl Scratch {
     pub(super) fn new(p: &Prepared) -> Self {
+        let hadamard = p
+            .terms
+            .iter()
+            .any(|t| matches!(t.delta, Delta::Hadamard { .. }));
         Scratch {
             acc: vec![0f32; p.cols],
             deltas: vec![0f32; p.terms.len() * ROW_BLOCK * p.cols],
+            second: vec![0f32; if hadamard { ROW_BLOCK * p.cols } else { 0 }],
         }
     }
 }
@@ -246,15 +354,54 @@ pub fn dots(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, ou
     dots_any::<16>(left, right, r, cols, nrows, out)
 }
 
-/// Fills `scratch.deltas` with each term's scaled delta for the rows of this block.
+/// Fills `scratch.deltas` with each term's scaled delta (IA3: its factors) for the rows of
+/// this block.
 fn deltas(p: &Prepared, first_row: usize, nrows: usize, scratch: &mut Scratch) {
     let cols = p.cols;
     for (ti, t) in p.terms.iter().enumerate() {
         let d = &mut scratch.deltas[ti * ROW_BLOCK * cols..(ti * ROW_BLOCK + nrows) * cols];
-        let left = &t.left[first_row * t.r..(first_row + nrows) * t.r];
-        dots(left, &t.right, t.r, cols, nrows, d);
-        let s = t.scaling;
-        d.iter_mut().for_each(|x| *x *= s);
+        match &t.delta {
+            Delta::LowRank { p: prod, scaling } => {
+                prod.rows(first_row, nrows, cols, d);
+                d.iter_mut().for_each(|x| *x *= scaling);
+            }
+            Delta::Hadamard { p1, p2, scaling } => {
+                let second = &mut scratch.second[..nrows * cols];
+                p1.rows(first_row, nrows, cols, d);
+                p2.rows(first_row, nrows, cols, second);
+                for (x, y) in d.iter_mut().zip(second.iter()) {
+                    *x = *x * y * scaling;
+                }
+            }
+            Delta::Kron {
+                w1,
+                w2,
+                b,
+                d: w2_cols,
+                scaling,
+            } => {
+                let w1_cols = cols / w2_cols;
+                for (rr, row) in d.chunks_exact_mut(cols).enumerate() {
+                    let (i1, i2) = ((first_row + rr) / b, (first_row + rr) % b);
+                    let w2_row = &w2[i2 * w2_cols..(i2 + 1) * w2_cols];
+                    let w1_row = &w1[i1 * w1_cols..(i1 + 1) * w1_cols];
+                    for (part, f) in row.chunks_exact_mut(*w2_cols).zip(w1_row) {
+                        for (x, y) in part.iter_mut().zip(w2_row) {
+                            *x = f * y * scaling;
+                        }
+                    }
+                }
+            }
+            Delta::Scale { v, per_row: true } => {
+                for (rr, row) in d.chunks_exact_mut(cols).enumerate() {
+                    row.fill(v[first_row + rr]);
+                }
+            }
+            Delta::Scale { v, per_row: false } => {
+                d.chunks_exact_mut(cols)
+                    .for_each(|row| row.copy_from_slice(v));
+            }
+        }
     }
 }
 
@@ -296,17 +443,13 @@ fn encode(ft: FloatType, acc: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// Applies the terms in order to `acc` (a row of float(W)); `w` is the base row, needed for
-/// DoRA's norm, whose factors go to `factors[di]`.
-#[allow(clippy::too_many_arguments)]
+/// Applies the terms in order to `acc` (a row of float(W)); DoRA's factors go to `factors[di]`.
 #[inline(always)]
 fn apply_terms(
-    ft: FloatType,
     p: &Prepared,
     deltas: &[f32],
     rr: usize,
     row: usize,
-    w: &[u8],
     acc: &mut [f32],
     factors: &mut [[f32; ROW_BLOCK]; MAX_DORA_TERMS],
 ) {
@@ -314,10 +457,11 @@ fn apply_terms(
     for (ti, t) in p.terms.iter().enumerate() {
         let d = &deltas[delta_row(p.cols, ti, rr)];
         if let Some(m) = &t.magnitude {
-            // PEFT: the norm is that of the unmerged base row plus this adapter's delta.
+            // PEFT: the norm is that of the weight so far (the base row for the first adapter)
+            // plus this adapter's delta.
             let mut sq = 0f64;
-            for (j, dj) in d.iter().enumerate() {
-                let v = (ft.load(w, j) + dj) as f64;
+            for (a, dj) in acc.iter().zip(d) {
+                let v = (a + dj) as f64;
                 sq += v * v;
             }
             let f = m[row] / (sq.sqrt() as f32);
@@ -325,6 +469,10 @@ fn apply_terms(
             di += 1;
             for (a, dj) in acc.iter_mut().zip(d) {
                 *a = f * (*a + dj);
+            }
+        } else if t.delta.is_scale() {
+            for (a, dj) in acc.iter_mut().zip(d) {
+                *a *= dj;
             }
         } else {
             for (a, dj) in acc.iter_mut().zip(d) {
@@ -352,6 +500,10 @@ fn undo_terms(
             for (a, dj) in acc.iter_mut().zip(d) {
                 *a = *a / f - dj;
             }
+        } else if t.delta.is_scale() {
+            for (a, dj) in acc.iter_mut().zip(d) {
+                *a /= dj;
+            }
         } else {
             for (a, dj) in acc.iter_mut().zip(d) {
                 *a -= dj;
@@ -372,12 +524,32 @@ fn record_mismatches(ft: FloatType, back: &[f32], w: &[u8], base_index: u64, fix
     }
 }
 
-/// The common case, one plain LoRA term, fused into a single pass per row: W' = round(W + d),
-/// and with `record` the check that round(W' - d) gives W back. Spans of 64 elements are
-/// computed branch-free (so they vectorise) into a bit mask of the misses, whose set bits are
-/// then visited directly.
+/// A single term's step on one element: add its delta, or (IA3, `SCALE`) multiply by its factor.
 #[inline(always)]
-fn merge_row_single(
+fn step<const SCALE: bool>(x: f32, d: f32) -> f32 {
+    if SCALE {
+        x * d
+    } else {
+        x + d
+    }
+}
+
+/// The inverse of [`step`].
+#[inline(always)]
+fn unstep<const SCALE: bool>(x: f32, d: f32) -> f32 {
+    if SCALE {
+        x / d
+    } else {
+        x - d
+    }
+}
+
+/// The common case, one term without DoRA, fused into a single pass per row:
+/// W' = round(step(W, d)), and with `record` the check that round(unstep(W', d)) gives W back.
+/// Spans of 64 elements are computed branch-free (so they vectorise) into a bit mask of the
+/// misses, whose set bits are then visited directly.
+#[inline(always)]
+fn merge_row_single<const SCALE: bool>(
     ft: FloatType,
     w: &[u8],
     d: &[f32],
@@ -397,10 +569,10 @@ fn merge_row_single(
         let mut misses = 0u64;
         for (j, &dj) in ds.iter().enumerate() {
             let orig = ft.load_bits(ws, j);
-            let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
+            let bits = ft.round_bits(step::<SCALE>(ft.bits_to_f32(orig), dj));
             ft.store_bits(os, j, bits);
             if record {
-                let back = ft.round_bits(ft.bits_to_f32(bits) - dj);
+                let back = ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(bits), dj));
                 misses |= ((back != orig) as u64) << j;
             }
         }
@@ -413,9 +585,9 @@ fn merge_row_single(
     }
     for (j, &dj) in d.iter().enumerate().skip(full) {
         let orig = ft.load_bits(w, j);
-        let bits = ft.round_bits(ft.bits_to_f32(orig) + dj);
+        let bits = ft.round_bits(step::<SCALE>(ft.bits_to_f32(orig), dj));
         ft.store_bits(o, j, bits);
-        if record && ft.round_bits(ft.bits_to_f32(bits) - dj) != orig {
+        if record && ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(bits), dj)) != orig {
             fix.index.push(base_index + j as u64);
             fix.bits.push(orig);
         }
@@ -521,27 +693,27 @@ fn merge_block_t(
     let row_bytes = cols * ft.size();
     let nrows = inp.len() / row_bytes;
     deltas(p, first_row, nrows, scratch);
-    let Scratch { acc, deltas } = scratch;
+    let Scratch { acc, deltas, .. } = scratch;
     let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
-    let single = p.single_additive();
+    let single = p.single();
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
-        if single {
-            merge_row_single(
-                ft,
-                w,
+        if let Some(scale) = single {
+            let (d, at) = (
                 &deltas[delta_row(cols, 0, rr)],
-                o,
-                record,
                 ((first_row + rr) * cols) as u64,
-                fix,
             );
+            if scale {
+                merge_row_single::<true>(ft, w, d, o, record, at, fix);
+            } else {
+                merge_row_single::<false>(ft, w, d, o, record, at, fix);
+            }
             continue;
         }
         decode(ft, w, acc);
-        apply_terms(ft, p, deltas, rr, first_row + rr, w, acc, &mut factors);
+        apply_terms(p, deltas, rr, first_row + rr, acc, &mut factors);
         encode(ft, acc, o);
         if record {
             decode(ft, o, acc);
@@ -617,13 +789,16 @@ fn unmerge_block_any(
     let row_bytes = p.cols * ft.size();
     let nrows = inp.len() / row_bytes;
     deltas(p, first_row, nrows, scratch);
-    let Scratch { acc, deltas } = scratch;
-    if p.single_additive() {
+    let Scratch { acc, deltas, .. } = scratch;
+    if let Some(scale) = p.single() {
         let d = &deltas[..nrows * p.cols];
-        match ft {
-            FloatType::BF16 => subtract(FloatType::BF16, inp, d, out),
-            FloatType::F16 => subtract(FloatType::F16, inp, d, out),
-            FloatType::F32 => subtract(FloatType::F32, inp, d, out),
+        match (ft, scale) {
+            (FloatType::BF16, false) => undo_single::<false>(FloatType::BF16, inp, d, out),
+            (FloatType::F16, false) => undo_single::<false>(FloatType::F16, inp, d, out),
+            (FloatType::F32, false) => undo_single::<false>(FloatType::F32, inp, d, out),
+            (FloatType::BF16, true) => undo_single::<true>(FloatType::BF16, inp, d, out),
+            (FloatType::F16, true) => undo_single::<true>(FloatType::F16, inp, d, out),
+            (FloatType::F32, true) => undo_single::<true>(FloatType::F32, inp, d, out),
         }
         return;
     }
@@ -644,12 +819,12 @@ fn unmerge_block_any(
     }
 }
 
-/// `out = round(float(w) - d)` element by element, in one pass.
+/// `out = round(unstep(float(w), d))` element by element, in one pass.
 #[inline(always)]
-fn subtract(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
+fn undo_single<const SCALE: bool>(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
     let size = ft.size();
     for ((ws, os), &dj) in w.chunks_exact(size).zip(out.chunks_exact_mut(size)).zip(d) {
-        let bits = ft.round_bits(ft.bits_to_f32(ft.load_bits(ws, 0)) - dj);
+        let bits = ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(ft.load_bits(ws, 0)), dj));
         ft.store_bits(os, 0, bits);
     }
 }

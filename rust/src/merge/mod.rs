@@ -1,10 +1,13 @@
-//! Offline merge and unmerge of LoRA adapters into safetensors checkpoints.
+//! Offline merge and unmerge of LoRA, IA3, LoHa and LoKr adapters into safetensors checkpoints.
 //!
 //! [`MergePlan::build`] maps every adapter tensor to a base tensor and checks all shapes before
 //! anything is written. [`run`] then streams each shard: untouched tensors are copied, changed
-//! ones go through a fused kernel that computes `round(float(W) + scaling * B @ A)` in fp32 for a
-//! few rows at a time, so no full-size fp32 delta ever exists and the resident memory does not
-//! grow with the model. Rows are processed in parallel (rayon), and so are shards.
+//! ones go through a fused kernel that applies the adapters in order to float(W) in fp32 (LoRA
+//! adds `scaling * B @ A`, LoHa a Hadamard product of two low-rank products, LoKr a Kronecker
+//! product, IA3 multiplies rows or columns) and rounds once, a few rows at a time, so no
+//! full-size fp32 delta ever exists and the resident memory does not grow with the model. Rows
+//! are processed in parallel (rayon), and so are shards. Only 2-D weights (Linear, Conv1D,
+//! embeddings) are merged.
 //!
 //! Exact unmerge: while merging, the kernel also replays the unmerge of each element and records
 //! the elements whose original bits would not come back (plus DoRA's per-row factors and the
@@ -16,13 +19,15 @@ mod shard;
 mod sidecar;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_methods;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-pub use plan::{LoraSettings, MergePlan};
+pub use plan::{AdapterSettings, MergePlan, Method};
 use plan::{Op, TermKind};
 use shard::{Context, ShardOut};
 
@@ -121,6 +126,19 @@ pub fn run(
         for (key, op) in &plan.ops {
             let (shard, _) = base.get(key).expect("planned against base");
             let sc = sidecars.get(&shard_name(shard));
+            if let (None, Op::Add(terms)) = (sc, op) {
+                if let Some(vector) = terms.iter().find_map(|t| match &t.kind {
+                    TermKind::Scale {
+                        vector, zero: true, ..
+                    } => Some(vector),
+                    _ => None,
+                }) {
+                    return Err(Error::tensor(key, format!(
+                        "was multiplied by IA3 vector '{vector}', which has zero entries: that cannot be \
+                         undone without the exact-unmerge sidecar"
+                    )));
+                }
+            }
             let needs = match op {
                 Op::Replace { .. } => Some(format!("{key}{SUFFIX_ORIGINAL}")),
                 Op::Add(terms)

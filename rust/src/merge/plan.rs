@@ -11,19 +11,118 @@ use super::{AdapterInput, ADAPTER_PREFIX};
 use crate::checkpoint::{Checkpoint, FloatType, SafeTensorsFile, TensorInfo};
 use crate::{Error, Result};
 
-/// The LoRA settings the merge depends on, read from `adapter_config.json`.
+/// The PEFT methods whose adapters merge offline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Lora,
+    Ia3,
+    LoHa,
+    LoKr,
+}
+
+impl Method {
+    fn from_peft_type(peft_type: &str) -> Option<Self> {
+        Some(match peft_type {
+            "LORA" => Method::Lora,
+            "IA3" => Method::Ia3,
+            "LOHA" => Method::LoHa,
+            "LOKR" => Method::LoKr,
+            _ => return None,
+        })
+    }
+
+    pub fn peft_type(self) -> &'static str {
+        match self {
+            Method::Lora => "LORA",
+            Method::Ia3 => "IA3",
+            Method::LoHa => "LOHA",
+            Method::LoKr => "LOKR",
+        }
+    }
+
+    /// The saved tensor-name suffixes of this method's adapter tensors.
+    fn fields(self) -> &'static [(&'static str, Field)] {
+        use Field::*;
+        match self {
+            Method::Lora => &[
+                (".lora_A.weight", LoraA),
+                (".lora_B.weight", LoraB),
+                (".lora_B.bias", LoraBias),
+                (".lora_magnitude_vector", Magnitude),
+                (".lora_magnitude_vector.weight", Magnitude),
+                (".lora_embedding_A", EmbeddingA),
+                (".lora_embedding_B", EmbeddingB),
+            ],
+            Method::Ia3 => &[(".ia3_l", Ia3Vector)],
+            Method::LoHa => &[
+                (".hada_w1_a", HadaW1A),
+                (".hada_w1_b", HadaW1B),
+                (".hada_w2_a", HadaW2A),
+                (".hada_w2_b", HadaW2B),
+            ],
+            Method::LoKr => &[
+                (".lokr_w1", LokrW1),
+                (".lokr_w1_a", LokrW1A),
+                (".lokr_w1_b", LokrW1B),
+                (".lokr_w2", LokrW2),
+                (".lokr_w2_a", LokrW2A),
+                (".lokr_w2_b", LokrW2B),
+            ],
+        }
+    }
+}
+
+/// Name parts that mark a tensor as adapter weights of some method (anything else that is not
+/// a saved base layer is a modules_to_save copy).
+const ADAPTER_MARKERS: [&str; 4] = [".lora_", ".ia3_", ".hada_", ".lokr_"];
+/// Tensors of LoHa / LoKr's CP-decomposed convolutions (use_effective_conv2d).
+const CONV_CP_TENSORS: [&str; 3] = [".hada_t1", ".hada_t2", ".lokr_t2"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Field {
+    LoraA,
+    LoraB,
+    LoraBias,
+    Magnitude,
+    EmbeddingA,
+    EmbeddingB,
+    Ia3Vector,
+    HadaW1A,
+    HadaW1B,
+    HadaW2A,
+    HadaW2B,
+    LokrW1,
+    LokrW1A,
+    LokrW1B,
+    LokrW2,
+    LokrW2A,
+    LokrW2B,
+}
+
+/// IA3's `feedforward_modules`: a list of name suffixes, or one regex the whole name must match.
 #[derive(Debug)]
-pub struct LoraSettings {
+enum Feedforward {
+    Suffixes(Vec<String>),
+    Pattern(Regex),
+}
+
+/// The settings of an adapter that its merge depends on, read from `adapter_config.json`.
+#[derive(Debug)]
+pub struct AdapterSettings {
+    pub method: Method,
+    /// Rank and alpha (`lora_alpha` for LoRA, `alpha` for LoHa / LoKr); IA3 has neither and
+    /// keeps 1 and 1, its vector being the whole adapter.
     pub r: usize,
-    pub lora_alpha: f64,
+    pub alpha: f64,
     pub use_rslora: bool,
     pub use_dora: bool,
     pub fan_in_fan_out: bool,
     rank_pattern: Vec<(Regex, usize)>,
     alpha_pattern: Vec<(Regex, f64)>,
+    feedforward: Option<Feedforward>,
 }
 
-impl LoraSettings {
+impl AdapterSettings {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Value = serde_json::from_str(&text)
@@ -36,11 +135,11 @@ impl LoraSettings {
             .get("peft_type")
             .and_then(Value::as_str)
             .unwrap_or("<missing>");
-        if peft_type != "LORA" {
-            return Err(format!(
-                "peft_type '{peft_type}' cannot be merged by oxpeft (only LORA adapters)"
-            ));
-        }
+        let method = Method::from_peft_type(peft_type).ok_or_else(|| {
+            format!(
+                "peft_type '{peft_type}' cannot be merged by oxpeft (only LORA, IA3, LOHA and LOKR adapters)"
+            )
+        })?;
         let set = |k: &str| {
             cfg.get(k).is_some_and(|v| {
                 !(v.is_null()
@@ -62,16 +161,56 @@ impl LoraSettings {
                 ));
             }
         }
+        let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
+        if method == Method::Ia3 {
+            let feedforward = match cfg.get("feedforward_modules") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(p)) => Some(Feedforward::Pattern(
+                    Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                        format!("'feedforward_modules' '{p}' is not a supported regex: {e}")
+                    })?,
+                )),
+                Some(Value::Array(a)) => Some(Feedforward::Suffixes(
+                    a.iter()
+                        .map(|v| {
+                            v.as_str().map(str::to_string).ok_or_else(|| {
+                                format!("'feedforward_modules' entry {v} is not a string")
+                            })
+                        })
+                        .collect::<std::result::Result<_, _>>()?,
+                )),
+                Some(v) => {
+                    return Err(format!(
+                        "'feedforward_modules' must be a list of names or a regex, not {v}"
+                    ))
+                }
+            };
+            return Ok(AdapterSettings {
+                method,
+                r: 1,
+                alpha: 1.0,
+                use_rslora: false,
+                use_dora: false,
+                fan_in_fan_out: flag("fan_in_fan_out"),
+                rank_pattern: Vec::new(),
+                alpha_pattern: Vec::new(),
+                feedforward,
+            });
+        }
         let r = cfg
             .get("r")
             .and_then(Value::as_u64)
             .filter(|&r| r > 0)
             .ok_or("'r' must be a positive integer")? as usize;
-        let lora_alpha = cfg
-            .get("lora_alpha")
+        let alpha_key = if method == Method::Lora {
+            "lora_alpha"
+        } else {
+            "alpha"
+        };
+        let alpha = cfg
+            .get(alpha_key)
             .and_then(Value::as_f64)
-            .ok_or("'lora_alpha' must be a number")?;
-        let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
+            .ok_or_else(|| format!("'{alpha_key}' must be a number"))?;
         let pattern = |k: &str| -> std::result::Result<Vec<(Regex, f64)>, String> {
             let Some(map) = cfg.get(k).and_then(Value::as_object) else {
                 return Ok(Vec::new());
@@ -97,14 +236,18 @@ impl LoraSettings {
                 }
             })
             .collect::<std::result::Result<_, _>>()?;
-        Ok(LoraSettings {
+        // LoHa and LoKr scale by alpha / r only and have no Conv1D (fan_in_fan_out) variant.
+        let lora = method == Method::Lora;
+        Ok(AdapterSettings {
+            method,
             r,
-            lora_alpha,
-            use_rslora: flag("use_rslora"),
-            use_dora: flag("use_dora"),
-            fan_in_fan_out: flag("fan_in_fan_out"),
+            alpha,
+            use_rslora: lora && flag("use_rslora"),
+            use_dora: lora && flag("use_dora"),
+            fan_in_fan_out: lora && flag("fan_in_fan_out"),
             rank_pattern,
             alpha_pattern: pattern("alpha_pattern")?,
+            feedforward: None,
         })
     }
 
@@ -120,7 +263,7 @@ impl LoraSettings {
             .alpha_pattern
             .iter()
             .find(|(re, _)| re.is_match(module))
-            .map_or(self.lora_alpha, |p| p.1);
+            .map_or(self.alpha, |p| p.1);
         let scaling = if self.use_rslora {
             alpha / (r as f64).sqrt()
         } else {
@@ -128,10 +271,26 @@ impl LoraSettings {
         };
         (r, scaling)
     }
+
+    /// Whether IA3 treats `module` as a feedforward layer (scales its input, not its output);
+    /// `None` when the config does not say.
+    fn is_feedforward(&self, module: &str) -> Option<bool> {
+        Some(match self.feedforward.as_ref()? {
+            Feedforward::Suffixes(s) => s.iter().any(|s| module.ends_with(s.as_str())),
+            Feedforward::Pattern(re) => re.is_match(module),
+        })
+    }
 }
 
 pub(super) struct Adapter {
     pub(super) file: SafeTensorsFile,
+}
+
+/// A LoKr Kronecker factor: stored whole, or as a low-rank product `a @ b`.
+#[derive(Clone, Debug)]
+pub(super) enum KronFactor {
+    Full(String),
+    LowRank(String, String),
 }
 
 /// How one adapter changes one base tensor.
@@ -146,12 +305,30 @@ pub(super) enum TermKind {
     },
     /// `lora_B.bias` times the scaling, added to the base bias.
     Bias { bias: String },
+    /// LoHa: `(w1a @ w1b) * (w2a @ w2b)` elementwise, times the scaling, added.
+    Hadamard {
+        w1a: String,
+        w1b: String,
+        w2a: String,
+        w2b: String,
+    },
+    /// LoKr: `kron(w1, w2)` times the scaling, added.
+    Kron { w1: KronFactor, w2: KronFactor },
+    /// IA3: W multiplied (not added) by the vector times the scaling, each row by its element
+    /// (`per_row`) or each column by its element. `zero` says some factor is 0, which only
+    /// the exact-unmerge sidecar can undo.
+    Scale {
+        vector: String,
+        per_row: bool,
+        zero: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
 pub(super) struct Term {
     pub(super) adapter: usize,
     pub(super) kind: TermKind,
+    /// The adapter's scaling times its weight (IA3: the weight, which multiplies the vector).
     pub(super) scaling: f32,
 }
 
@@ -171,14 +348,7 @@ pub struct MergePlan {
     pub(super) ops: HashMap<String, Op>,
 }
 
-#[derive(Default)]
-struct ModuleKeys {
-    a: Option<String>,
-    b: Option<String>,
-    bias: Option<String>,
-    magnitude: Option<String>,
-    embedding: bool,
-}
+type ModuleKeys = BTreeMap<Field, String>;
 
 impl MergePlan {
     /// Plans merging `inputs` into `base`. With `merged` the base already holds them (unmerge);
@@ -197,210 +367,458 @@ impl MergePlan {
                     input.dir.display()
                 )));
             }
-            let settings = LoraSettings::read(&input.dir.join("adapter_config.json"))?;
+            let settings = AdapterSettings::read(&input.dir.join("adapter_config.json"))?;
             let file = SafeTensorsFile::open(&input.weights_file)?;
-            let fpath = file.path().to_path_buf();
-            let ctx = |key: &str, reason: String| {
-                Error::invalid_file(&fpath, format!("tensor '{key}': {reason}"))
+            let planner = Planner {
+                base,
+                file: &file,
+                settings: &settings,
+                adapter: ai,
+                weight: input.weight,
             };
 
             let mut modules: BTreeMap<String, ModuleKeys> = BTreeMap::new();
             for t in file.tensors() {
                 let rest = t.name.strip_prefix(ADAPTER_PREFIX).ok_or_else(|| {
-                    ctx(&t.name, format!("does not start with '{ADAPTER_PREFIX}'"))
+                    planner.err(&t.name, format!("does not start with '{ADAPTER_PREFIX}'"))
                 })?;
-                let (module, field) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-                    (m.to_string(), "a")
-                } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-                    (m.to_string(), "b")
-                } else if let Some(m) = rest.strip_suffix(".lora_B.bias") {
-                    (m.to_string(), "bias")
-                } else if let Some(m) = rest
-                    .strip_suffix(".lora_magnitude_vector")
-                    .or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"))
-                {
-                    (m.to_string(), "magnitude")
-                } else if let Some(m) = rest.strip_suffix(".lora_embedding_A") {
-                    (m.to_string(), "emb_a")
-                } else if let Some(m) = rest.strip_suffix(".lora_embedding_B") {
-                    (m.to_string(), "emb_b")
+                let field = settings
+                    .method
+                    .fields()
+                    .iter()
+                    .find_map(|(suffix, f)| Some((rest.strip_suffix(suffix)?, *f)));
+                if let Some((module, field)) = field {
+                    modules
+                        .entry(module.to_string())
+                        .or_default()
+                        .insert(field, t.name.clone());
                 } else if let Some(m) = rest.strip_suffix(".base_layer.weight") {
                     if !merged {
                         check_saved_base_layer(base, &file, t, &format!("{m}.weight"))?;
                     }
-                    continue;
-                } else if rest.contains(".lora_") {
-                    return Err(ctx(
+                } else if CONV_CP_TENSORS.iter().any(|s| rest.ends_with(s)) {
+                    return Err(planner.err(
                         &t.name,
-                        "is a kind of LoRA tensor oxpeft cannot merge".into(),
+                        "belongs to a CP-decomposed convolution adapter (use_effective_conv2d); \
+                         only Linear / Conv1D layers can be merged"
+                            .into(),
+                    ));
+                } else if ADAPTER_MARKERS.iter().any(|m| rest.contains(m)) {
+                    return Err(planner.err(
+                        &t.name,
+                        format!(
+                            "is not a kind of {} adapter tensor oxpeft can merge",
+                            settings.method.peft_type()
+                        ),
                     ));
                 } else {
                     plan_replace(base, &mut ops, ai, &file, t, rest)?;
-                    continue;
-                };
-                let keys = modules.entry(module).or_default();
-                let name = Some(t.name.clone());
-                match field {
-                    "a" => keys.a = name,
-                    "b" => keys.b = name,
-                    "bias" => keys.bias = name,
-                    "magnitude" => keys.magnitude = name,
-                    "emb_a" => (keys.a, keys.embedding) = (name, true),
-                    _ => (keys.b, keys.embedding) = (name, true),
                 }
             }
 
             for (module, keys) in &modules {
-                let (Some(a), Some(b)) = (&keys.a, &keys.b) else {
-                    return Err(ctx(module, "module has only one of lora_A / lora_B".into()));
-                };
-                let (ta, tb) = (file.require(a)?, file.require(b)?);
-                let (r, scaling) = settings.rank_and_scaling(module);
-                let scaling = (scaling * input.weight) as f32;
-                if ta.shape.len() != 2 || tb.shape.len() != 2 || ta.shape[0] != tb.shape[1] {
-                    return Err(ctx(
-                        a,
-                        format!(
-                            "shape {:?} does not pair with {} of shape {:?}",
-                            ta.shape, b, tb.shape
-                        ),
-                    ));
-                }
-                if ta.shape[0] != r {
-                    return Err(ctx(
-                        a,
-                        format!(
-                            "has rank {} but adapter_config.json gives r={r} for module '{module}'",
-                            ta.shape[0]
-                        ),
-                    ));
-                }
-                for t in [ta, tb] {
-                    if FloatType::of(t.dtype).is_none() {
-                        return Err(ctx(
-                            &t.name,
-                            format!("dtype {} is not a float type", t.dtype.as_str()),
-                        ));
-                    }
-                }
-                let weight_key = format!("{module}.weight");
-                let (_, w) = base.get(&weight_key).ok_or_else(|| {
-                    ctx(
-                        a,
-                        format!(
-                            "no base tensor '{weight_key}' in {} to merge into",
-                            base.dir().display()
-                        ),
-                    )
-                })?;
-                // The stored layout of W: (out, in) for Linear, (in, out) for Conv1D (fan_in_fan_out)
-                // and (num_embeddings, dim) for embeddings, whose delta is (B @ A) transposed.
-                let transposed = keys.embedding || settings.fan_in_fan_out;
-                let (fan_in, fan_out) = (ta.shape[1], tb.shape[0]);
-                let expect = if transposed {
-                    [fan_in, fan_out]
-                } else {
-                    [fan_out, fan_in]
-                };
-                if w.shape != expect {
-                    return Err(ctx(a, format!(
-                        "with {b} makes a delta of shape {expect:?} but base tensor '{weight_key}' has shape {:?}",
-                        w.shape
-                    )));
-                }
-                if FloatType::of(w.dtype).is_none() {
-                    return Err(ctx(
-                        a,
-                        format!(
-                            "base tensor '{weight_key}' has dtype {}, not BF16/F16/F32",
-                            w.dtype.as_str()
-                        ),
-                    ));
-                }
-                if keys.magnitude.is_some() != settings.use_dora {
-                    return Err(ctx(
-                        module,
-                        format!(
-                            "use_dora is {} but the magnitude vector is {}",
-                            settings.use_dora,
-                            if keys.magnitude.is_some() {
-                                "present"
-                            } else {
-                                "missing"
-                            }
-                        ),
-                    ));
-                }
-                if let Some(m) = &keys.magnitude {
-                    if transposed {
-                        return Err(ctx(
-                            m,
-                            "DoRA on fan_in_fan_out or embedding layers is not supported".into(),
-                        ));
-                    }
-                    let tm = file.require(m)?;
-                    if tm.numel() != fan_out || FloatType::of(tm.dtype).is_none() {
-                        return Err(ctx(
-                            m,
-                            format!(
-                                "shape {:?} {} does not match out_features {fan_out}",
-                                tm.shape,
-                                tm.dtype.as_str()
-                            ),
-                        ));
-                    }
-                }
-                let kind = TermKind::LowRank {
-                    a: a.clone(),
-                    b: b.clone(),
-                    transposed,
-                    magnitude: keys.magnitude.clone(),
-                };
-                add_term(
-                    &mut ops,
-                    &weight_key,
-                    Term {
-                        adapter: ai,
-                        kind,
-                        scaling,
-                    },
-                )?;
-                if let Some(bias) = &keys.bias {
-                    let bias_key = format!("{module}.bias");
-                    let tbias = file.require(bias)?;
-                    let (_, wb) = base.get(&bias_key).ok_or_else(|| {
-                        ctx(
-                            bias,
-                            format!("lora_bias needs a base tensor '{bias_key}', which is missing"),
-                        )
-                    })?;
-                    if tbias.numel() != fan_out
-                        || wb.numel() != fan_out
-                        || FloatType::of(tbias.dtype).is_none()
-                        || FloatType::of(wb.dtype).is_none()
-                    {
-                        return Err(ctx(
-                            bias,
-                            format!(
-                                "shape {:?} does not match base '{bias_key}' of shape {:?}",
-                                tbias.shape, wb.shape
-                            ),
-                        ));
-                    }
-                    add_term(
-                        &mut ops,
-                        &bias_key,
-                        Term {
-                            adapter: ai,
-                            kind: TermKind::Bias { bias: bias.clone() },
-                            scaling,
-                        },
-                    )?;
+                match settings.method {
+                    Method::Lora => planner.lora(&mut ops, module, keys)?,
+                    Method::Ia3 => planner.ia3(&mut ops, module, keys)?,
+                    Method::LoHa => planner.loha(&mut ops, module, keys)?,
+                    Method::LoKr => planner.lokr(&mut ops, module, keys)?,
                 }
             }
             adapters.push(Adapter { file });
         }
         Ok(MergePlan { adapters, ops })
+    }
+}
+
+/// Plans one adapter's modules against the base checkpoint.
+struct Planner<'a> {
+    base: &'a Checkpoint,
+    file: &'a SafeTensorsFile,
+    settings: &'a AdapterSettings,
+    adapter: usize,
+    weight: f64,
+}
+
+impl Planner<'_> {
+    fn err(&self, key: &str, reason: String) -> Error {
+        Error::invalid_file(self.file.path(), format!("tensor '{key}': {reason}"))
+    }
+
+    /// The adapter tensor `key`, which must be a float matrix.
+    fn matrix(&self, key: &str) -> Result<&TensorInfo> {
+        let t = self.file.require(key)?;
+        if FloatType::of(t.dtype).is_none() {
+            return Err(self.err(
+                key,
+                format!("dtype {} is not a float type", t.dtype.as_str()),
+            ));
+        }
+        if t.shape.len() != 2 {
+            return Err(self.err(
+                key,
+                format!(
+                    "has shape {:?}; only the 2-D tensors of Linear / Conv1D layers can be merged",
+                    t.shape
+                ),
+            ));
+        }
+        if t.numel() == 0 {
+            return Err(self.err(key, format!("is empty (shape {:?})", t.shape)));
+        }
+        Ok(t)
+    }
+
+    /// The required field `f` of `module`.
+    fn field<'k>(&self, module: &str, keys: &'k ModuleKeys, f: Field) -> Result<&'k String> {
+        keys.get(&f).ok_or_else(|| {
+            let have: Vec<&str> = keys.values().map(String::as_str).collect();
+            let suffix = (self.settings.method.fields().iter())
+                .find(|(_, g)| *g == f)
+                .map_or("?", |(s, _)| s);
+            self.err(
+                module,
+                format!(
+                    "the {} module has {have:?} but no '*{suffix}' tensor",
+                    self.settings.method.peft_type()
+                ),
+            )
+        })
+    }
+
+    /// The 2-D float base weight of `module`, which `adapter_key` changes.
+    fn base_weight(&self, module: &str, adapter_key: &str) -> Result<(String, &TensorInfo)> {
+        let weight_key = format!("{module}.weight");
+        let (_, w) = self.base.get(&weight_key).ok_or_else(|| {
+            self.err(
+                adapter_key,
+                format!(
+                    "no base tensor '{weight_key}' in {} to merge into",
+                    self.base.dir().display()
+                ),
+            )
+        })?;
+        if FloatType::of(w.dtype).is_none() {
+            return Err(self.err(
+                adapter_key,
+                format!(
+                    "base tensor '{weight_key}' has dtype {}, not BF16/F16/F32",
+                    w.dtype.as_str()
+                ),
+            ));
+        }
+        if w.shape.len() != 2 {
+            return Err(self.err(
+                adapter_key,
+                format!(
+                    "base tensor '{weight_key}' has shape {:?}: only 2-D (Linear / Conv1D) weights \
+                     can be merged, not convolutions",
+                    w.shape
+                ),
+            ));
+        }
+        Ok((weight_key, w))
+    }
+
+    fn add(
+        &self,
+        ops: &mut HashMap<String, Op>,
+        key: &str,
+        kind: TermKind,
+        scaling: f64,
+    ) -> Result<()> {
+        add_term(
+            ops,
+            key,
+            Term {
+                adapter: self.adapter,
+                kind,
+                scaling: scaling as f32,
+            },
+        )
+    }
+
+    /// Checks that a low-rank factor pair has the module's rank.
+    fn check_rank(&self, key: &str, got: usize, module: &str) -> Result<()> {
+        let (r, _) = self.settings.rank_and_scaling(module);
+        if got != r {
+            return Err(self.err(
+                key,
+                format!("has rank {got} but adapter_config.json gives r={r} for module '{module}'"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn lora(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
+        let embedding =
+            keys.contains_key(&Field::EmbeddingA) || keys.contains_key(&Field::EmbeddingB);
+        let (fa, fb) = if embedding {
+            (Field::EmbeddingA, Field::EmbeddingB)
+        } else {
+            (Field::LoraA, Field::LoraB)
+        };
+        let (Some(a), Some(b)) = (keys.get(&fa), keys.get(&fb)) else {
+            return Err(self.err(module, "module has only one of lora_A / lora_B".into()));
+        };
+        let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
+        let (_, scaling) = self.settings.rank_and_scaling(module);
+        if ta.shape[0] != tb.shape[1] {
+            return Err(self.err(
+                a,
+                format!(
+                    "shape {:?} does not pair with {} of shape {:?}",
+                    ta.shape, b, tb.shape
+                ),
+            ));
+        }
+        self.check_rank(a, ta.shape[0], module)?;
+        let (weight_key, w) = self.base_weight(module, a)?;
+        // The stored layout of W: (out, in) for Linear, (in, out) for Conv1D (fan_in_fan_out)
+        // and (num_embeddings, dim) for embeddings, whose delta is (B @ A) transposed.
+        let transposed = embedding || self.settings.fan_in_fan_out;
+        let (fan_in, fan_out) = (ta.shape[1], tb.shape[0]);
+        let expect = if transposed {
+            [fan_in, fan_out]
+        } else {
+            [fan_out, fan_in]
+        };
+        if w.shape != expect {
+            return Err(self.err(a, format!(
+                "with {b} makes a delta of shape {expect:?} but base tensor '{weight_key}' has shape {:?}",
+                w.shape
+            )));
+        }
+        let magnitude = keys.get(&Field::Magnitude);
+        if magnitude.is_some() != self.settings.use_dora {
+            return Err(self.err(
+                module,
+                format!(
+                    "use_dora is {} but the magnitude vector is {}",
+                    self.settings.use_dora,
+                    if magnitude.is_some() {
+                        "present"
+                    } else {
+                        "missing"
+                    }
+                ),
+            ));
+        }
+        if let Some(m) = magnitude {
+            if transposed {
+                return Err(self.err(
+                    m,
+                    "DoRA on fan_in_fan_out or embedding layers is not supported".into(),
+                ));
+            }
+            let tm = self.file.require(m)?;
+            if tm.numel() != fan_out || FloatType::of(tm.dtype).is_none() {
+                return Err(self.err(
+                    m,
+                    format!(
+                        "shape {:?} {} does not match out_features {fan_out}",
+                        tm.shape,
+                        tm.dtype.as_str()
+                    ),
+                ));
+            }
+        }
+        let kind = TermKind::LowRank {
+            a: a.clone(),
+            b: b.clone(),
+            transposed,
+            magnitude: magnitude.cloned(),
+        };
+        let scaling = scaling * self.weight;
+        self.add(ops, &weight_key, kind, scaling)?;
+        if let Some(bias) = keys.get(&Field::LoraBias) {
+            let bias_key = format!("{module}.bias");
+            let tbias = self.file.require(bias)?;
+            let (_, wb) = self.base.get(&bias_key).ok_or_else(|| {
+                self.err(
+                    bias,
+                    format!("lora_bias needs a base tensor '{bias_key}', which is missing"),
+                )
+            })?;
+            if tbias.numel() != fan_out
+                || wb.numel() != fan_out
+                || FloatType::of(tbias.dtype).is_none()
+                || FloatType::of(wb.dtype).is_none()
+            {
+                return Err(self.err(
+                    bias,
+                    format!(
+                        "shape {:?} does not match base '{bias_key}' of shape {:?}",
+                        tbias.shape, wb.shape
+                    ),
+                ));
+            }
+            let kind = TermKind::Bias { bias: bias.clone() };
+            self.add(ops, &bias_key, kind, scaling)?;
+        }
+        Ok(())
+    }
+
+    /// IA3 scales a layer's output (the rows of a Linear weight, and its bias) or, for a
+    /// feedforward layer, its input (the columns); a Conv1D weight is stored transposed.
+    fn ia3(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
+        let key = self.field(module, keys, Field::Ia3Vector)?;
+        let (weight_key, w) = self.base_weight(module, key)?;
+        let tv = self.matrix(key)?;
+        let (in_features, out_features) = if self.settings.fan_in_fan_out {
+            (w.shape[0], w.shape[1])
+        } else {
+            (w.shape[1], w.shape[0])
+        };
+        let feedforward = self
+            .settings
+            .is_feedforward(module)
+            .unwrap_or(tv.shape[0] == 1 && tv.shape[1] != 1);
+        let expect = if feedforward {
+            [1, in_features]
+        } else {
+            [out_features, 1]
+        };
+        if tv.shape != expect {
+            return Err(self.err(
+                key,
+                format!(
+                    "has shape {:?}, but a {} IA3 vector for base tensor '{weight_key}' of shape {:?} \
+                     has shape {expect:?}",
+                    tv.shape,
+                    if feedforward { "feedforward" } else { "non-feedforward" },
+                    w.shape
+                ),
+            ));
+        }
+        // PEFT's add_weighted_adapter weighs IA3 vectors themselves.
+        let weight = self.weight as f32;
+        let zero = self.file.read_f32(tv)?.iter().any(|&v| v * weight == 0.0);
+        let per_row = feedforward == self.settings.fan_in_fan_out;
+        let kind = |per_row| TermKind::Scale {
+            vector: key.clone(),
+            per_row,
+            zero,
+        };
+        self.add(ops, &weight_key, kind(per_row), self.weight)?;
+        let bias_key = format!("{module}.bias");
+        if let (false, Some((_, b))) = (feedforward, self.base.get(&bias_key)) {
+            if b.numel() != out_features || FloatType::of(b.dtype).is_none() {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "base tensor '{bias_key}' of shape {:?} {} is not a float bias of {out_features} elements",
+                        b.shape,
+                        b.dtype.as_str()
+                    ),
+                ));
+            }
+            self.add(ops, &bias_key, kind(false), self.weight)?;
+        }
+        Ok(())
+    }
+
+    fn loha(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
+        let [w1a, w1b, w2a, w2b] = [
+            Field::HadaW1A,
+            Field::HadaW1B,
+            Field::HadaW2A,
+            Field::HadaW2B,
+        ]
+        .map(|f| self.field(module, keys, f));
+        let (w1a, w1b, w2a, w2b) = (w1a?, w1b?, w2a?, w2b?);
+        let (weight_key, w) = self.base_weight(module, w1a)?;
+        for (a, b) in [(w1a, w1b), (w2a, w2b)] {
+            let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
+            if ta.shape[1] != tb.shape[0] || [ta.shape[0], tb.shape[1]] != w.shape[..] {
+                return Err(self.err(
+                    a,
+                    format!(
+                        "of shape {:?} with {b} of shape {:?} does not make a delta of base tensor \
+                         '{weight_key}' of shape {:?}",
+                        ta.shape, tb.shape, w.shape
+                    ),
+                ));
+            }
+            self.check_rank(a, ta.shape[1], module)?;
+        }
+        let (_, scaling) = self.settings.rank_and_scaling(module);
+        let kind = TermKind::Hadamard {
+            w1a: w1a.clone(),
+            w1b: w1b.clone(),
+            w2a: w2a.clone(),
+            w2b: w2b.clone(),
+        };
+        self.add(ops, &weight_key, kind, scaling * self.weight)
+    }
+
+    /// One Kronecker factor of `module`, stored whole or as a low-rank pair, and its shape.
+    fn kron_factor(
+        &self,
+        module: &str,
+        keys: &ModuleKeys,
+        [full, fa, fb]: [Field; 3],
+    ) -> Result<(KronFactor, [usize; 2], String)> {
+        if let Some(k) = keys.get(&full) {
+            if keys.contains_key(&fa) || keys.contains_key(&fb) {
+                return Err(self.err(k, "is stored both whole and as a low-rank pair".into()));
+            }
+            let t = self.matrix(k)?;
+            return Ok((
+                KronFactor::Full(k.clone()),
+                [t.shape[0], t.shape[1]],
+                k.clone(),
+            ));
+        }
+        let (a, b) = (self.field(module, keys, fa)?, self.field(module, keys, fb)?);
+        let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
+        if ta.shape[1] != tb.shape[0] {
+            return Err(self.err(
+                a,
+                format!(
+                    "shape {:?} does not pair with {b} of shape {:?}",
+                    ta.shape, tb.shape
+                ),
+            ));
+        }
+        self.check_rank(a, ta.shape[1], module)?;
+        Ok((
+            KronFactor::LowRank(a.clone(), b.clone()),
+            [ta.shape[0], tb.shape[1]],
+            a.clone(),
+        ))
+    }
+
+    fn lokr(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
+        let any_key = keys.values().next().expect("a module has a tensor");
+        let (weight_key, w) = self.base_weight(module, any_key)?;
+        let (w1, s1, k1) = self.kron_factor(
+            module,
+            keys,
+            [Field::LokrW1, Field::LokrW1A, Field::LokrW1B],
+        )?;
+        let (w2, s2, k2) = self.kron_factor(
+            module,
+            keys,
+            [Field::LokrW2, Field::LokrW2A, Field::LokrW2B],
+        )?;
+        let expect = [s1[0] * s2[0], s1[1] * s2[1]];
+        if w.shape != expect {
+            return Err(self.err(
+                &k1,
+                format!(
+                    "({s1:?}) kron {k2} ({s2:?}) makes a delta of shape {expect:?} but base tensor \
+                     '{weight_key}' has shape {:?}",
+                    w.shape
+                ),
+            ));
+        }
+        let (_, scaling) = self.settings.rank_and_scaling(module);
+        self.add(
+            ops,
+            &weight_key,
+            TermKind::Kron { w1, w2 },
+            scaling * self.weight,
+        )
     }
 }
 
@@ -415,7 +833,7 @@ fn add_term(ops: &mut HashMap<String, Op>, key: &str, term: Term) -> Result<()> 
         }
         Op::Replace { .. } => Err(Error::tensor(
             key,
-            "is both replaced (modules_to_save) and changed by LoRA",
+            "is both replaced (modules_to_save) and changed by an adapter",
         )),
     }
 }

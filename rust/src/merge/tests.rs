@@ -2,7 +2,7 @@ use super::kernel;
 use super::*;
 use crate::checkpoint::{f32_to_bf16_bits, Dtype, FloatType, StreamingWriter, TensorSpec};
 
-fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
+pub(super) fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
     let specs: Vec<_> = tensors
         .iter()
         .map(|(n, d, s, _)| TensorSpec {
@@ -23,7 +23,7 @@ fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
     w.finish().unwrap();
 }
 
-fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+pub(super) fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -251,15 +251,22 @@ fn plan_errors_name_both_tensors() {
         e.contains("lora_A.weight") && e.contains("'m.proj.weight'") && e.contains("[9, 21]"),
         "{e}"
     );
-    let c = case(r#"{"peft_type":"IA3"}"#, [3, 21], false);
+    let c = case(r#"{"peft_type":"BOFT"}"#, [3, 21], false);
     let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
         .err()
         .unwrap()
         .to_string();
     assert!(
-        e.contains("IA3") && e.contains("adapter_config.json"),
+        e.contains("BOFT") && e.contains("adapter_config.json"),
         "{e}"
     );
+    // A LoRA file under an IA3 config is refused by tensor name.
+    let c = case(r#"{"peft_type":"IA3"}"#, [3, 21], false);
+    let e = MergePlan::build(&ck, &inputs(&c, 1.0), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("lora_A.weight") && e.contains("IA3"), "{e}");
     let c = case(
         r#"{"peft_type":"LORA","r":4,"lora_alpha":8}"#,
         [3, 21],
@@ -278,7 +285,7 @@ fn patterns_match_the_end_of_module_names() {
         r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_rslora":true,"rank_pattern":{"q_proj":4,"layers\\.1\\..*v_proj":2},"alpha_pattern":{"v_proj":3}}"#,
     )
     .unwrap();
-    let s = LoraSettings::from_json(&cfg).unwrap();
+    let s = AdapterSettings::from_json(&cfg).unwrap();
     assert_eq!(
         s.rank_and_scaling("model.layers.0.self_attn.q_proj"),
         (4, 16.0 / 2.0)
