@@ -157,7 +157,11 @@ pub fn run(
                 Op::Add(_) => None,
             };
             if let Some(needed) = needs {
-                if sc.and_then(|f| f.get(&needed)).is_none() {
+                let original = format!("{key}{SUFFIX_ORIGINAL}");
+                if sc
+                    .and_then(|f| f.get(&needed).or_else(|| f.get(&original)))
+                    .is_none()
+                {
                     let why = if matches!(op, Op::Replace { .. }) {
                         "was replaced by modules_to_save"
                     } else {

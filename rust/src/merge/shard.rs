@@ -98,22 +98,30 @@ impl<'a> ShardOut<'a> {
             bytes: t.nbytes() as u64,
             ..Report::default()
         };
+        let original = self
+            .sidecar
+            .filter(|_| cx.unmerging())
+            .and_then(|sc| Some((sc, sc.get(&format!("{}{SUFFIX_ORIGINAL}", t.name))?)));
         match cx.plan.ops.get(&t.name) {
             None => self.copy(t)?,
             Some(Op::Replace { adapter, key }) => {
                 let f = &cx.plan.adapters[*adapter].file;
                 self.replace(cx, t, f, f.require(key)?, &mut report)?;
-                if let Some(s) = &self.spill {
-                    s.keep_base(
-                        (pos, ORDER_ORIGINAL),
-                        TensorSpec {
-                            name: format!("{}{SUFFIX_ORIGINAL}", t.name),
-                            dtype: t.dtype,
-                            shape: t.shape.clone(),
-                        },
-                        &t.name,
-                    );
+                self.keep_original(pos, t);
+            }
+            Some(Op::Add(_)) if original.is_some() => {
+                // The sidecar kept the whole original (its fix-up list would have been larger).
+                let (sc, st) = original.expect("just matched");
+                if st.shape != t.shape || st.dtype != t.dtype {
+                    return Err(Error::tensor(
+                        &st.name,
+                        "sidecar original does not match the merged tensor's shape and dtype",
+                    ));
                 }
+                report.tensors_changed += 1;
+                report.elements_changed += t.numel() as u64;
+                report.sidecar_elements += t.numel() as u64;
+                self.copy_whole(sc, st, t)?;
             }
             Some(Op::Add(terms)) => {
                 let p = prepare(cx.plan, t, terms)?;
@@ -121,6 +129,21 @@ impl<'a> ShardOut<'a> {
             }
         }
         Ok(report)
+    }
+
+    /// Records in the sidecar that tensor `pos` is restored by copying its original.
+    fn keep_original(&self, pos: usize, t: &TensorInfo) {
+        if let Some(s) = &self.spill {
+            s.keep_base(
+                (pos, ORDER_ORIGINAL),
+                TensorSpec {
+                    name: format!("{}{SUFFIX_ORIGINAL}", t.name),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                },
+                &t.name,
+            );
+        }
     }
 
     /// Fsyncs and renames the shard into place, then writes its sidecar; returns the sidecar's
@@ -257,9 +280,17 @@ impl<'a> ShardOut<'a> {
         // The chunks are in row order and each lists its elements in order, so the concatenation
         // is the sorted fix-up list the unmerge expects.
         let n_fix: usize = chunks.iter().map(|c| c.0.index.len()).sum();
+        let wide = t.numel() > u32::MAX as usize;
+        let fix_bytes = n_fix * (if wide { 8 } else { 4 } + p.ft.size());
+        if fix_bytes >= t.nbytes() {
+            // A delta large against W (or IA3's multiply) leaves too many elements to list: keeping
+            // the original tensor is smaller, so the sidecar never outgrows the merged tensors.
+            report.sidecar_elements += t.numel() as u64;
+            self.keep_original(pos, t);
+            return Ok(());
+        }
         report.sidecar_elements += n_fix as u64;
         if n_fix > 0 {
-            let wide = t.numel() > u32::MAX as usize;
             let mut idx = Vec::with_capacity(n_fix * if wide { 8 } else { 4 });
             let mut val = vec![0u8; n_fix * p.ft.size()];
             let mut at = 0;

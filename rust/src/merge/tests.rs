@@ -303,3 +303,48 @@ fn patterns_match_the_end_of_module_names() {
         (8, 16.0 / 8f64.sqrt())
     );
 }
+
+#[test]
+fn a_huge_delta_keeps_the_original_instead_of_a_longer_fix_list() {
+    for (cfg, dora) in [
+        (CFG, false),
+        (
+            r#"{"peft_type":"LORA","r":3,"lora_alpha":6,"use_dora":true,"lora_bias":true}"#,
+            true,
+        ),
+    ] {
+        let c = case(cfg, [3, 21], dora);
+        let out = c.base.parent().unwrap().join("merged");
+        std::fs::create_dir_all(&out).unwrap();
+        let ck = Checkpoint::open(&c.base).unwrap();
+        let plan = MergePlan::build(&ck, &inputs(&c, 1e4), false).unwrap();
+        let mode = Mode::Merge {
+            exact_unmerge: true,
+        };
+        let rep = run(&ck, &plan, &out, &mode, &|_, _| true).unwrap();
+        let sc = SafeTensorsFile::open(out.join(SIDECAR_DIR).join("model.safetensors")).unwrap();
+        let names: Vec<&str> = sc.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert!(
+            names.contains(&"m.proj.weight.oxpeft_original"),
+            "{names:?}"
+        );
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("m.proj.weight.oxpeft_unmerge")));
+        // The sidecar is never larger than the tensors it restores.
+        assert!(rep.sidecar_bytes < 2 * (189 * 2 + 9 * 2) as u64 + 1024);
+
+        let back = c.base.parent().unwrap().join("back");
+        std::fs::create_dir_all(&back).unwrap();
+        let merged = Checkpoint::open(&out).unwrap();
+        let plan = MergePlan::build(&merged, &inputs(&c, 1e4), true).unwrap();
+        let mode = Mode::Unmerge {
+            sidecar: Some(out.join(SIDECAR_DIR)),
+        };
+        run(&merged, &plan, &back, &mode, &|_, _| true).unwrap();
+        let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
+        assert_eq!(bytes(&c.base), bytes(&back));
+        std::fs::remove_dir_all(&out).unwrap();
+        std::fs::remove_dir_all(&back).unwrap();
+    }
+}
