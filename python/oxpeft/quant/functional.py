@@ -98,7 +98,7 @@ class QuantState:
         """The fp32 absmax of every block (undoing double quantisation when present)."""
         if not self.nested:
             return self.absmax
-        if self.absmax.device.type == "cpu":
+        if _use_native(self.absmax):
             return torch.from_numpy(
                 _native.dequantize_nested_absmax(
                     _np(self.absmax), _np(self.nested_absmax), float(self.nested_offset)
@@ -203,6 +203,12 @@ class QuantState:
             raise ValueError(f"{where}: absmax must be float32 without double quantisation, got {self.absmax.dtype}")
         if self.quant_map.numel() != 16:
             raise ValueError(f"{where}: quant_map must have 16 values, got {self.quant_map.numel()}")
+
+
+def _use_native(t: torch.Tensor) -> bool:
+    """Whether `t`'s device runs the Rust kernels (CPU); everything else takes the torch-op path.
+    The tests patch this to run the torch-op path on CPU."""
+    return t.device.type == "cpu"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -322,7 +328,7 @@ def quantize_4bit(
     if weight.numel() == 0:
         raise ValueError(f"{name}: cannot quantise an empty tensor")
     weight = weight.detach()
-    if weight.device.type == "cpu":
+    if _use_native(weight):
         try:
             packed_np, absmax_np = _native.quantize_4bit(_np(weight), blocksize, quant_type, _FLOAT_DTYPES[weight.dtype])
         except ValueError as exc:
@@ -344,7 +350,7 @@ def quantize_4bit(
     if compress_statistics:
         # torch's fp32 mean is what bitsandbytes subtracts; using it keeps the bytes identical.
         offset = float(absmax.mean())
-        if absmax.device.type == "cpu":
+        if _use_native(absmax):
             (codes_np, nested_np), offset = _native.double_quantize_absmax(absmax.numpy(), offset)
             codes, nested = torch.from_numpy(codes_np), torch.from_numpy(nested_np)
         else:
@@ -385,7 +391,7 @@ def dequantize_4bit(
             f"got {packed.dtype} with {packed.numel()}"
         )
     scales = state.block_scales()
-    if packed.device.type == "cpu":
+    if _use_native(packed):
         target = None if out is None else _np(out)
         result = _native.dequantize_4bit(
             _np(packed), _np(scales), n, state.blocksize, state.quant_type, _FLOAT_DTYPES[dtype], target
@@ -408,7 +414,7 @@ def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Ten
     half = weight.detach().to(torch.float16)
     if not bool(torch.isfinite(half).all()):
         raise ValueError(f"{name}: weight holds NaN or Inf (after rounding to float16, as bitsandbytes does)")
-    if half.device.type == "cpu":
+    if _use_native(half):
         cb, scb = _native.quantize_int8_rows(_np(half).reshape(half.shape), "float16")
         return torch.from_numpy(cb), torch.from_numpy(scb)
     return _quantize_int8_torch(half)
@@ -422,7 +428,7 @@ def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = to
         raise ValueError(
             f"dequantize_int8: need int8 CB (out, in) and one SCB per row, got {cb.dtype} {list(cb.shape)} and {scb.numel()} scales"
         )
-    if cb.device.type == "cpu":
+    if _use_native(cb):
         out = _native.dequantize_int8_rows(cb.contiguous().numpy(), _np(scb.float()), _FLOAT_DTYPES[dtype])
         return _from_bits(out, dtype).view(cb.shape)
     return _dequantize_int8_torch(cb, scb, dtype)
