@@ -3,8 +3,10 @@
 Run:  PYTHONPATH=python python benches/bench_qlora_step.py [--hidden 1024 --layers 4 --batch 2 --seq 128]
 Each setup runs in its own process (so peak memory is its own): build the model, one warm-up step,
 then reset the peak-RSS counter (/proc/self/clear_refs) and time `--steps` steps (forward, backward,
-AdamW). "step peak" is the highest RSS during the timed steps minus the RSS before them, i.e. the
-memory a step needs on top of the model, its adapter and the optimiser state.
+AdamW). "peak RSS" is the process' highest RSS during the timed steps (imports, model, adapter,
+optimiser state and the step's transient memory; the imports are the same for every setup), "saved"
+the bytes of the distinct tensors autograd keeps from the forward pass for backward (counted with
+saved-tensor hooks in one extra forward pass).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, sys, time, gc
+import ctypes, json, sys, time, gc
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 import oxpeft
@@ -51,6 +53,7 @@ def status(key):
 
 step()
 gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap memory back, so the baseline RSS is what is in use
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS
 before = status("VmRSS")
@@ -59,8 +62,17 @@ for _ in range(steps):
     t0 = time.perf_counter()
     loss = step()
     times.append(time.perf_counter() - t0)
+peak = status("VmHWM")
+storages = {}
+
+def pack(t):
+    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
+
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    model(input_ids=ids, labels=ids)
 print(json.dumps({"setup": setup, "best_s": min(times), "median_s": sorted(times)[len(times) // 2],
-                  "rss_mib": before, "step_peak_mib": status("VmHWM") - before, "loss": loss}))
+                  "rss_mib": before, "peak_mib": peak, "saved_mib": sum(storages.values()) / 2**20, "loss": loss}))
 """
 
 
@@ -75,12 +87,12 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()}")
     print(f"Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq}, LoRA r=16 all-linear, bf16 compute")
-    print(f"{'setup':12} {'best s':>7} {'median s':>9} {'RSS MiB':>8} {'step peak MiB':>14} {'loss':>7}")
+    print(f"{'setup':12} {'best s':>7} {'median s':>9} {'RSS before MiB':>15} {'peak RSS MiB':>13} {'saved MiB':>10} {'loss':>7}")
     for setup in args.setups.split(","):
         cmd = [sys.executable, "-c", CHILD, setup, *map(str, (args.hidden, args.layers, args.batch, args.seq, args.steps))]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['setup']:12} {r['best_s']:7.3f} {r['median_s']:9.3f} {r['rss_mib']:8.0f} {r['step_peak_mib']:14.0f} {r['loss']:7.3f}")
+        print(f"{r['setup']:12} {r['best_s']:7.3f} {r['median_s']:9.3f} {r['rss_mib']:15.0f} {r['peak_mib']:13.0f} {r['saved_mib']:10.1f} {r['loss']:7.3f}")
     print(f"load average {os.getloadavg()}")
 
 

@@ -519,3 +519,68 @@ def test_llm_int8_threshold_reaches_the_layers():
     assert model.model.layers[0].mlp.up_proj.threshold == 4.5
     assert "threshold=4.5" in repr(model.model.layers[0].mlp.up_proj)
     assert QuantizationConfig.from_dict(config.to_dict()).llm_int8_threshold == 4.5
+
+
+def test_more_bad_input_gets_a_clear_error():
+    m4 = Linear4bit.from_linear(nn.Linear(64, 32))
+    m8 = Linear8bit.from_linear(nn.Linear(64, 32))
+    for module in (m4, m8):
+        with pytest.raises(ValueError, match=r"\(in_features=64, out_features=32\): input of shape \[2, 63\] does not end in 64"):
+            module(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="features must be positive"):
+        Linear4bit(0, 32)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        Linear8bit(64, 32, threshold=-1.0)
+    with pytest.raises(ValueError, match="llm_int8_threshold must be a finite number >= 0"):
+        QuantizationConfig(load_in_8bit=True, llm_int8_threshold=float("nan"))
+    with pytest.raises(ValueError, match="cannot quantise an empty tensor"):
+        Q.quantize_4bit(torch.ones(0))
+    packed, state = Q.quantize_4bit(torch.randn(96, 64), 64, "nf4", compress_statistics=False)
+    with pytest.raises(ValueError, match=r"packed weight must be uint8 with 3072 bytes for shape \[96, 64\]"):
+        Q.dequantize_4bit(packed[:-1], state)
+    with pytest.raises(ValueError, match="int8 CB"):
+        Q.dequantize_int8(m8.weight, m8.SCB[:-1])
+    with pytest.raises(ValueError, match="nbytes must be an int >= 0"):
+        Q.set_output_pool_limit(-1)
+    # Corrupt scales in a checkpoint are refused at load time, naming the module, and change nothing.
+    state4 = m4.state_dict()
+    state4["weight.nested_absmax"] = torch.full_like(state4["weight.nested_absmax"], float("inf"))
+    target = nn.ModuleDict({"proj": Linear4bit(64, 32)})
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match="proj: nested_absmax holds NaN or Inf"):
+        target.load_state_dict({f"proj.{k}": v for k, v in state4.items()})
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    state8 = m8.state_dict()
+    state8["SCB"] = state8["SCB"].clone()
+    state8["SCB"][3] = float("nan")
+    with pytest.raises(RuntimeError, match="SCB holds a negative, NaN or Inf row scale"):
+        Linear8bit(64, 32).load_state_dict(state8)
+
+
+def test_fresh_outputs_are_pooled_and_correct():
+    torch.manual_seed(6)
+    w = torch.randn(1024, 1024)
+    packed, state = Q.quantize_4bit(w, 64, "nf4", compress_statistics=True)
+    previous = Q.set_output_pool_limit(64 << 20)
+    try:
+        first = Q.dequantize_4bit(packed, state, torch.float32)  # 4 MiB: a pooled buffer
+        expected = first.clone()
+        address = first.data_ptr()
+        del first  # its buffer returns to the pool ...
+        second = Q.dequantize_4bit(packed, state, torch.float32)
+        assert second.data_ptr() == address  # ... and the next output of that size reuses it
+        assert torch.equal(second, expected)
+        assert torch.equal(second, Q._dequantize_4bit_torch(packed, state.block_scales(), state.numel, 64, state.quant_map, torch.float32).view(1024, 1024))
+        alive = Q.dequantize_4bit(packed, state, torch.float32)  # while `second` lives, another buffer
+        assert alive.data_ptr() != second.data_ptr() and torch.equal(alive, expected)
+        Q.set_output_pool_limit(0)
+        del second, alive
+        assert _native_pool_bytes() == 0
+    finally:
+        Q.set_output_pool_limit(previous)
+
+
+def _native_pool_bytes() -> int:
+    from oxpeft import _native
+
+    return _native.output_pool_bytes()

@@ -32,3 +32,15 @@ class FrozenQuantizedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None
+
+
+def quantized_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a quantised Linear layer: `x` and the bias cast to the layer's compute dtype, the
+    product through `FrozenQuantizedLinear`, the result cast back to `x`'s dtype."""
+    if x.dim() == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(
+            f"{type(layer).__name__}(in_features={layer.in_features}, out_features={layer.out_features}): "
+            f"input of shape {list(x.shape)} does not end in {layer.in_features} features"
+        )
+    bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+    return FrozenQuantizedLinear.apply(x.to(layer.compute_dtype), bias, layer).to(x.dtype)

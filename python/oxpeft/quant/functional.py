@@ -8,6 +8,7 @@ them to it on CPU), so a checkpoint quantised on one device loads and dequantise
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,6 +25,7 @@ __all__ = [
     "dequantize_4bit",
     "quantize_int8",
     "dequantize_int8",
+    "set_output_pool_limit",
 ]
 
 #: Blocksizes bitsandbytes accepts for 4-bit quantisation.
@@ -203,6 +205,11 @@ class QuantState:
             raise ValueError(f"{where}: absmax must be float32 without double quantisation, got {self.absmax.dtype}")
         if self.quant_map.numel() != 16:
             raise ValueError(f"{where}: quant_map must have 16 values, got {self.quant_map.numel()}")
+        scales = self.nested_absmax if self.nested else self.absmax
+        if not scales.is_meta and not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"{where}: {'nested_absmax' if self.nested else 'absmax'} holds NaN or Inf block scales")
+        if self.nested and not math.isfinite(self.nested_offset):
+            raise ValueError(f"{where}: nested_offset is {self.nested_offset}, expected a finite number")
 
 
 def _use_native(t: torch.Tensor) -> bool:
@@ -372,7 +379,9 @@ def dequantize_4bit(
     value is `quant_map[code] * absmax[block]` in fp32, then rounded to `dtype` (nearest, ties to even).
 
     `out` (a contiguous tensor of `state.shape` on the packed weight's device) receives the result, which
-    saves allocating, and on CPU page-faulting, a fresh output each call (bitsandbytes has the same option)."""
+    saves allocating a fresh output each call (bitsandbytes has the same option). On CPU a fresh output of
+    1 MiB or more needs no `out`: it comes from a pool of huge-page-advised buffers that outputs return
+    to once freed (see `set_output_pool_limit`), which avoids most of the page-fault cost."""
     dtype = dtype or (out.dtype if out is not None else state.dtype)
     if out is not None and (
         out.dtype != dtype or tuple(out.shape) != tuple(state.shape) or not out.is_contiguous()
@@ -399,6 +408,18 @@ def dequantize_4bit(
         return out if out is not None else _from_bits(result, dtype).view(state.shape)
     result = _dequantize_4bit_torch(packed, scales, n, state.blocksize, state.quant_map, dtype).view(state.shape)
     return result if out is None else out.copy_(result)
+
+
+def set_output_pool_limit(nbytes: int) -> int:
+    """Sets how many bytes of freed CPU dequantisation outputs (1 MiB or more each) oxpeft keeps for reuse,
+    256 MiB by default; 0 turns the reuse off and releases what is held. Returns the previous limit.
+
+    A freed output's pages stay mapped while pooled, so this much memory can stay resident after the
+    tensors are gone; in exchange the next output of about that size skips the page faults (and the
+    kernel's zeroing) of fresh memory, which on CPU cost more than dequantising itself."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_output_pool_limit: nbytes must be an int >= 0, got {nbytes!r}")
+    return _native.set_output_pool_limit(nbytes)
 
 
 def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

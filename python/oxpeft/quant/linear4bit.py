@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oxpeft.quant._autograd import FrozenQuantizedLinear
+from oxpeft.quant._autograd import quantized_linear
 from oxpeft.quant._linear_init import copy_bias, init_like_linear
 from oxpeft.quant.functional import BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
 
@@ -124,8 +124,7 @@ class Linear4bit(nn.Module):
         return F.linear(x, self.dequantize(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return FrozenQuantizedLinear.apply(x.to(self.compute_dtype), bias, self).to(x.dtype)
+        return quantized_linear(self, x)
 
     def extra_repr(self) -> str:
         return (

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oxpeft.quant._autograd import FrozenQuantizedLinear
+from oxpeft.quant._autograd import quantized_linear
 from oxpeft.quant._linear_init import copy_bias, init_like_linear
 from oxpeft.quant.functional import dequantize_int8, quantize_int8
 
@@ -148,8 +148,7 @@ class Linear8bit(nn.Module):
         return flat.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return FrozenQuantizedLinear.apply(x.to(self.compute_dtype), bias, self).to(x.dtype)
+        return quantized_linear(self, x)
 
     def extra_repr(self) -> str:
         return (
@@ -201,6 +200,8 @@ class Linear8bit(nn.Module):
             )
         if scb.numel() != self.out_features:
             problems.append(f"SCB must have {self.out_features} values, got {scb.numel()}")
+        elif not scb.is_meta and not bool((torch.isfinite(scb) & (scb >= 0)).all()):
+            problems.append("SCB holds a negative, NaN or Inf row scale")
         if bias is not None and (self.bias is None or bias.shape != self.bias.shape):
             problems.append(f"bias of shape {list(bias.shape)} does not fit this layer")
         if problems:
