@@ -76,8 +76,8 @@ class Linear8bit(nn.Module):
     input columns with any |x| >= threshold in float against the dequantised weight columns, the rest
     as an int8 x int8 -> int32 matmul of row-wise quantised activations (torch's int8 GEMM where the
     device has one). Gradients flow to the input (and bias) through the dequantised weight, which is
-    dequantised again in backward rather than kept. The state dict holds `weight` (int8), `SCB` (fp32) and `weight_format` (uint8 0,
-    "row"), the keys bitsandbytes' `Linear8bitLt` and transformers use.
+    dequantised again in backward rather than kept. The state dict holds `weight` (int8), `SCB` (fp32)
+    and `weight_format` (uint8 0, "row"), the keys bitsandbytes' `Linear8bitLt` and transformers use.
     """
 
     def __init__(

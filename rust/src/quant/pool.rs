@@ -53,15 +53,14 @@ fn aligned_offset(map: &MmapMut) -> usize {
     (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize
 }
 
-/// A writable buffer of at least `len` bytes starting on a 2 MiB boundary; returns to the pool
-/// when dropped.
+/// A writable buffer of at least the bytes asked for, starting on a 2 MiB boundary; returns to the
+/// pool when dropped.
 pub struct OutputBuffer {
     map: Option<MmapMut>,
-    len: usize,
 }
 
 impl OutputBuffer {
-    /// A buffer for `len` bytes (`len >= 1`): an idle pooled one that fits (no more than a quarter
+    /// A buffer for `len` bytes: an idle pooled one that fits (no more than a quarter
     /// larger, so small outputs do not pin big mappings), or a fresh huge-page-advised mapping.
     pub fn take(len: usize) -> Result<Self> {
         {
@@ -74,10 +73,7 @@ impl OutputBuffer {
             {
                 let map = pool.idle.remove(i);
                 pool.held -= map.len();
-                return Ok(OutputBuffer {
-                    map: Some(map),
-                    len,
-                });
+                return Ok(OutputBuffer { map: Some(map) });
             }
         }
         let mapped = mapped_len(len);
@@ -86,29 +82,16 @@ impl OutputBuffer {
         })?;
         // Advice only: a kernel without transparent huge pages refuses it and nothing else changes.
         let _ = map.advise(Advice::HugePage);
-        Ok(OutputBuffer {
-            map: Some(map),
-            len,
-        })
+        Ok(OutputBuffer { map: Some(map) })
     }
 
-    /// The `len` bytes, 2 MiB-aligned.
+    /// Start of the bytes asked for, 2 MiB-aligned; they are writable and end inside the mapping.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         let map = self.map.as_mut().expect("present until drop");
         let offset = aligned_offset(map);
-        // SAFETY: the mapping holds at least `mapped_len(len)` bytes and offset < HUGE_PAGE,
-        // so offset + len stays inside it.
+        // SAFETY: the mapping holds at least `mapped_len(len)` bytes for the `len` asked for and
+        // offset < HUGE_PAGE, so offset + len stays inside it.
         unsafe { map.as_mut_ptr().add(offset) }
-    }
-
-    /// Number of usable bytes asked for.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: buffers hold at least one byte.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -156,8 +139,8 @@ mod tests {
         let mut a = OutputBuffer::take(3 << 20).unwrap();
         let ptr = a.as_mut_ptr();
         assert_eq!(ptr as usize % HUGE_PAGE, 0);
-        // SAFETY: the buffer holds `len` writable bytes.
-        unsafe { std::ptr::write_bytes(ptr, 7, a.len()) };
+        // SAFETY: the buffer holds the 3 MiB asked for.
+        unsafe { std::ptr::write_bytes(ptr, 7, 3 << 20) };
         drop(a);
         assert!(pooled_bytes() >= 3 << 20);
         // A buffer of about the same size reuses the mapping (its bytes are still there).
