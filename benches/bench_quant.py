@@ -1,7 +1,8 @@
 """NF4 quantise / dequantise throughput and quantised-loading memory: oxpeft vs bitsandbytes on CPU.
 
-Run:  PYTHONPATH=python python benches/bench_quant.py [--skip-load]
-Both sides run in this one process on the same tensors; the ratio column is oxpeft / bitsandbytes.
+Run:  PYTHONPATH=python python benches/bench_quant.py [--skip-load] [--skip-int8]
+Both sides run in this one process on the same tensors; the ratio column is oxpeft / bitsandbytes
+(for the Linear8bit table, bitsandbytes' time / oxpeft's).
 The machine may be shared, so each timing is the best of a few runs, and the load average and the
 share of CPU time the process got are printed with the table.
 """
@@ -52,16 +53,59 @@ def throughput_table() -> list[dict]:
                 rows.append(dict(op="quantise" + (" +dq" if nested else ""), shape=shape, dtype=str(dtype)[6:], oxpeft=n / ox_q / 1e9, bnb=n / bnb_q / 1e9, cpu=(n / ox_cpu / 1e9, n / bnb_cpu / 1e9)))
             packed, state = Q.quantize_4bit(w, 64, "nf4", compress_statistics=False)
             bnb_packed, bnb_state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
-            ox_d, ox_cpu = best(lambda: Q.dequantize_4bit(packed, state), 7)
+            # bitsandbytes allocates every output with torch.empty (no out= variant on its CPU backend), so
+            # its figure is always a fresh output. oxpeft three ways: a fresh output as users get it (freed
+            # outputs go back to oxpeft's buffer pool, so from the second call on the pages are already
+            # mapped); "cold", the pool off, so every call maps fresh (huge-page-advised) memory and pays its
+            # page faults; and "out=", a caller's reused buffer.
             bnb_d, bnb_cpu = best(lambda: F.dequantize_4bit(bnb_packed, bnb_state), 7)
-            rows.append(dict(op="dequantise", shape=shape, dtype=str(dtype)[6:], oxpeft=n / ox_d / 1e9, bnb=n / bnb_d / 1e9, cpu=(n / ox_cpu / 1e9, n / bnb_cpu / 1e9)))
-            # oxpeft into a reused output buffer (`out=`), which skips the page faults of a fresh multi-MB
-            # allocation (they cost more than oxpeft's kernel itself here). bitsandbytes' CPU backend has no
-            # `out=` variant of dequantize_4bit, so its figure is the fresh-output one, as in the row above.
             ox_out = torch.empty(shape, dtype=dtype)
-            ox_d, ox_cpu = best(lambda: Q.dequantize_4bit(packed, state, out=ox_out), 7)
-            rows.append(dict(op="dequantise out=", shape=shape, dtype=str(dtype)[6:], oxpeft=n / ox_d / 1e9, bnb=n / bnb_d / 1e9, cpu=(n / ox_cpu / 1e9, n / bnb_cpu / 1e9)))
+            limit = Q.set_output_pool_limit(0)
+            cold = best(lambda: Q.dequantize_4bit(packed, state), 7)
+            Q.set_output_pool_limit(limit)
+            for op, fn in (
+                ("dequantise", lambda: Q.dequantize_4bit(packed, state)),
+                ("deq cold", None),
+                ("deq out=", lambda: Q.dequantize_4bit(packed, state, out=ox_out)),
+            ):
+                ox_d, ox_cpu = best(fn, 7) if fn is not None else cold
+                rows.append(dict(op=op, shape=shape, dtype=str(dtype)[6:], oxpeft=n / ox_d / 1e9, bnb=n / bnb_d / 1e9, cpu=(n / ox_cpu / 1e9, n / bnb_cpu / 1e9)))
             del w, packed, bnb_packed, ox_out
+    return rows
+
+
+def int8_table(tokens: int = 128) -> list[dict]:
+    """Linear8bit forward (LLM.int8(), threshold 6) against bitsandbytes' Linear8bitLt in inference mode
+    (where its CPU backend runs LLM.int8(); in training mode it dequantises), same weights and inputs."""
+    import logging
+
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from oxpeft.quant import Linear8bit
+
+    logging.disable(logging.WARNING)  # bitsandbytes warns on every call that it rounds inputs to float16
+    rows = []
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        linear = nn.Linear(shape[1], shape[0], bias=False).to(torch.bfloat16)
+        x = torch.randn(tokens, shape[1], dtype=torch.bfloat16)
+        x[:, :: shape[1] // 8] *= 8  # a few outlier columns, as LLM activations have
+        theirs = bnb.nn.Linear8bitLt(shape[1], shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
+        theirs.load_state_dict(linear.state_dict())
+        theirs = theirs.to("cpu").eval()
+        with torch.no_grad():
+            expected = theirs(x)
+            for threshold in (6.0, 0.0):
+                mine = Linear8bit.from_linear(linear, threshold=threshold)
+                same = bool(torch.equal(mine(x), expected)) if threshold else None
+                # Alternate the two sides round by round so that a burst of load elsewhere hits both.
+                ox_t, bnb_t = [], []
+                for _ in range(9):
+                    ox_t.append(best(lambda: mine(x), 1)[0])
+                    bnb_t.append(best(lambda: theirs(x), 1)[0])
+                rows.append(dict(shape=shape, threshold=threshold, oxpeft_ms=min(ox_t) * 1e3, bnb_ms=min(bnb_t) * 1e3, identical=same))
+    logging.disable(logging.NOTSET)
     return rows
 
 
@@ -117,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-load", action="store_true", help="skip the ~1 GiB load_quantized memory benchmark")
     parser.add_argument("--skip-throughput", action="store_true", help="skip the quantise / dequantise timings")
+    parser.add_argument("--skip-int8", action="store_true", help="skip the Linear8bit LLM.int8() forward timings")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "oxpeft-bench-quant"))
     args = parser.parse_args()
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
@@ -129,6 +174,14 @@ def main() -> None:
             f"{r['op']:14} {shape:>12} {r['dtype']:>9} {r['oxpeft']:12.3f} {r['bnb']:9.3f} {r['oxpeft'] / r['bnb']:7.1f}"
             f" {r['cpu'][0]:12.2f} {r['cpu'][1]:13.3f}"
         )
+    print(f"load average {os.getloadavg()}")
+    if not args.skip_int8:
+        print(f"\nLinear8bit forward, 128 bf16 tokens, inference: oxpeft vs bitsandbytes Linear8bitLt(threshold=6.0)")
+        print(f"{'shape':>12} {'threshold':>9} {'oxpeft ms':>10} {'bnb ms':>8} {'ratio':>6} {'identical':>9}")
+        for r in int8_table():
+            shape = "x".join(map(str, r["shape"]))
+            print(f"{shape:>12} {r['threshold']:9.1f} {r['oxpeft_ms']:10.2f} {r['bnb_ms']:8.2f} {r['bnb_ms'] / r['oxpeft_ms']:6.1f} {str(r['identical']):>9}")
+        print(f"load average {os.getloadavg()}")
     if not args.skip_load:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         rows = load_table(Path(args.workdir))

@@ -17,7 +17,8 @@ def _quantized_llama(bits: int = 4, compute_dtype=torch.float32):
     config = (
         QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype)
         if bits == 4
-        else QuantizationConfig(load_in_8bit=True, bnb_4bit_compute_dtype=compute_dtype)
+        # Threshold 0: every column in float against the dequantised weight, so the dense twin is exact.
+        else QuantizationConfig(load_in_8bit=True, bnb_4bit_compute_dtype=compute_dtype, llm_int8_threshold=0.0)
     )
     return quantize_model(make_llama(), config)
 

@@ -391,3 +391,197 @@ def test_dequantize_into_a_reused_buffer():
         Q.dequantize_4bit(packed, state, out=torch.empty(64, 96, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out must be a contiguous"):
         Q.dequantize_4bit(packed, state, out=torch.empty(64, 96, dtype=torch.bfloat16).T)
+
+
+# ---------------------------------------------------------------- autograd: no full-precision weight kept
+
+
+@pytest.fixture(params=["rust", "torch-ops"])
+def kernel_path(request, monkeypatch):
+    """Runs a test on the Rust kernels and again on the torch-op path (what CUDA and other devices use)."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(Q, "_use_native", lambda t: False)
+    return request.param
+
+
+def _saved_tensor_sizes(fn):
+    """Runs `fn` and returns the element counts of every tensor autograd saved for backward."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sizes
+
+
+@pytest.mark.parametrize("cls", [Linear4bit, Linear8bit])
+def test_backward_dequantises_again_instead_of_keeping_the_weight(cls, kernel_path):
+    torch.manual_seed(1)
+    module = cls.from_linear(nn.Linear(96, 80), compute_dtype=torch.float32)
+    module.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    y, sizes = _saved_tensor_sizes(lambda: module(x))
+    assert 96 * 80 not in sizes, "the dequantised weight must not be saved for backward"
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    # The same products through a plain Linear holding the dequantised weight.
+    w = module.dequantize().detach().requires_grad_(False)
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = module.bias.detach().clone().requires_grad_(True)
+    y2 = nn.functional.linear(x2, w, b2)
+    y2.backward(grad_out)
+    assert torch.equal(y.detach(), y2.detach())
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(module.bias.grad, b2.grad, atol=1e-6, rtol=1e-6)
+    assert module.weight.grad is None
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_quantised_layers_train_under_activation_checkpointing(use_reentrant, kernel_path):
+    torch.manual_seed(2)
+    block = nn.Sequential(
+        Linear4bit.from_linear(nn.Linear(64, 96), compute_dtype=torch.bfloat16),
+        nn.GELU(),
+        Linear8bit.from_linear(nn.Linear(96, 64), compute_dtype=torch.bfloat16, threshold=2.0),
+    )
+    x = torch.randn(3, 64) * 2
+    x[:, 5] = 4.0  # an outlier column for the 8-bit layer
+    grads = []
+    for checkpointed in (False, True):
+        xi = x.clone().requires_grad_(True)
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(block, xi, use_reentrant=use_reentrant)
+        else:
+            y = block(xi)
+        y.pow(2).sum().backward()
+        grads.append(xi.grad)
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------- LLM.int8() outlier threshold
+
+
+def _activations(tokens=12, features=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g)
+    x[:, 7] = 9.0  # a whole outlier column
+    x[3, 30] = -7.5  # a single outlier
+    x[5] = 0.0  # an all-zero row
+    return x
+
+
+def test_int8_threshold_zero_is_the_dequantised_matmul_and_positive_uses_int8(kernel_path):
+    torch.manual_seed(3)
+    linear = nn.Linear(96, 40)
+    x = _activations()
+    plain = Linear8bit.from_linear(linear, compute_dtype=torch.float32)
+    assert torch.equal(plain(x), nn.functional.linear(x, plain.dequantize(), plain.bias))
+    mixed = Linear8bit.from_linear(linear, compute_dtype=torch.float32, threshold=6.0)
+    y = mixed(x)
+    # By hand: outlier columns 7 and 30 in float, every other column through int8 activations.
+    cols = torch.tensor([7, 30])
+    rest = torch.ones(96, dtype=torch.bool)
+    rest[cols] = False
+    a = x.half().float() * rest
+    row_max = a.abs().amax(1)
+    ca = torch.round(a * torch.where(row_max > 0, 127 / row_max, 0).unsqueeze(1))
+    expected = (ca @ mixed.weight.float().t()) * row_max.unsqueeze(1) * mixed.SCB.unsqueeze(0) / 127**2
+    expected = expected + mixed.bias + x[:, cols] @ mixed.dequantize()[:, cols].t()
+    # Same terms, fp32 products and sums in another order: a few ulps of outputs around 3.
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    # Quantising the activations costs accuracy against the float matmul, within LLM.int8()'s usual error.
+    assert (y - plain(x)).abs().max() < 0.05 * plain(x).abs().max()
+
+
+def test_int8_matmul_fallback_is_exact():
+    from oxpeft.quant.linear8bit import _int8_matmul, _int8_matmul_fallback
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(-127, 128, (9, 2500), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (33, 2500), generator=g, dtype=torch.int8)
+    a[0], b[0] = 127, 127  # 2500 * 127**2 > 2**24: a single fp32 product would round
+    exact = (a.long() @ b.long().t()).to(torch.int32)
+    assert torch.equal(_int8_matmul_fallback(a, b), exact)
+    assert torch.equal(_int8_matmul(a, b), exact)
+
+
+def test_llm_int8_threshold_reaches_the_layers():
+    from transformers import BitsAndBytesConfig
+
+    config = QuantizationConfig.from_bitsandbytes_config(BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=4.5))
+    assert config.llm_int8_threshold == 4.5
+    assert BitsAndBytesConfig(load_in_8bit=True).llm_int8_threshold == 6.0  # carried over by from_bitsandbytes_config
+    assert QuantizationConfig(load_in_8bit=True).llm_int8_threshold == 0.0  # oxpeft's default: float matmul
+    model = quantize_model(_tiny_llama(), config)
+    assert model.model.layers[0].mlp.up_proj.threshold == 4.5
+    assert "threshold=4.5" in repr(model.model.layers[0].mlp.up_proj)
+    assert QuantizationConfig.from_dict(config.to_dict()).llm_int8_threshold == 4.5
+
+
+def test_more_bad_input_gets_a_clear_error():
+    m4 = Linear4bit.from_linear(nn.Linear(64, 32))
+    m8 = Linear8bit.from_linear(nn.Linear(64, 32))
+    for module in (m4, m8):
+        with pytest.raises(ValueError, match=r"\(in_features=64, out_features=32\): input of shape \[2, 63\] does not end in 64"):
+            module(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="features must be positive"):
+        Linear4bit(0, 32)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        Linear8bit(64, 32, threshold=-1.0)
+    with pytest.raises(ValueError, match="llm_int8_threshold must be a finite number >= 0"):
+        QuantizationConfig(load_in_8bit=True, llm_int8_threshold=float("nan"))
+    with pytest.raises(ValueError, match="cannot quantise an empty tensor"):
+        Q.quantize_4bit(torch.ones(0))
+    packed, state = Q.quantize_4bit(torch.randn(96, 64), 64, "nf4", compress_statistics=False)
+    with pytest.raises(ValueError, match=r"packed weight must be uint8 with 3072 bytes for shape \[96, 64\]"):
+        Q.dequantize_4bit(packed[:-1], state)
+    with pytest.raises(ValueError, match="int8 CB"):
+        Q.dequantize_int8(m8.weight, m8.SCB[:-1])
+    with pytest.raises(ValueError, match="nbytes must be an int >= 0"):
+        Q.set_output_pool_limit(-1)
+    # Corrupt scales in a checkpoint are refused at load time, naming the module, and change nothing.
+    state4 = m4.state_dict()
+    state4["weight.nested_absmax"] = torch.full_like(state4["weight.nested_absmax"], float("inf"))
+    target = nn.ModuleDict({"proj": Linear4bit(64, 32)})
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match="proj: nested_absmax holds NaN or Inf"):
+        target.load_state_dict({f"proj.{k}": v for k, v in state4.items()})
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    state8 = m8.state_dict()
+    state8["SCB"] = state8["SCB"].clone()
+    state8["SCB"][3] = float("nan")
+    with pytest.raises(RuntimeError, match="SCB holds a negative, NaN or Inf row scale"):
+        Linear8bit(64, 32).load_state_dict(state8)
+
+
+def test_fresh_outputs_are_pooled_and_correct():
+    torch.manual_seed(6)
+    w = torch.randn(1024, 1024)
+    packed, state = Q.quantize_4bit(w, 64, "nf4", compress_statistics=True)
+    previous = Q.set_output_pool_limit(64 << 20)
+    try:
+        first = Q.dequantize_4bit(packed, state, torch.float32)  # 4 MiB: a pooled buffer
+        expected = first.clone()
+        address = first.data_ptr()
+        del first  # its buffer returns to the pool ...
+        second = Q.dequantize_4bit(packed, state, torch.float32)
+        assert second.data_ptr() == address  # ... and the next output of that size reuses it
+        assert torch.equal(second, expected)
+        assert torch.equal(second, Q._dequantize_4bit_torch(packed, state.block_scales(), state.numel, 64, state.quant_map, torch.float32).view(1024, 1024))
+        alive = Q.dequantize_4bit(packed, state, torch.float32)  # while `second` lives, another buffer
+        assert alive.data_ptr() != second.data_ptr() and torch.equal(alive, expected)
+        Q.set_output_pool_limit(0)
+        del second, alive
+        assert _native_pool_bytes() == 0
+    finally:
+        Q.set_output_pool_limit(previous)
+
+
+def _native_pool_bytes() -> int:
+    from oxpeft import _native
+
+    return _native.output_pool_bytes()

@@ -167,3 +167,35 @@ def test_int8_equals_bitsandbytes(dtype):
         ours = Q.dequantize_int8(cb, scb, out_dtype)
         theirs = F.int8_vectorwise_dequant(bnb_cb, bnb_scb).to(out_dtype)
         assert torch.equal(ours.view(-1).view(torch.uint8), theirs.view(-1).view(torch.uint8)), out_dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear8bit_threshold_equals_bitsandbytes_linear8bitlt(dtype):
+    """Same bits as bitsandbytes' Linear8bitLt in inference (where its CPU backend runs LLM.int8();
+    in training mode on CPU it dequantises instead). Exact equality holds because both sides take the
+    same steps: int8 codes and the int32 products are exact, and the fp32 rescaling, the bias add and
+    the float matmul of the outlier columns are the same operations in the same order."""
+    import logging
+
+    from torch import nn
+
+    from oxpeft.quant import Linear8bit
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 5, 96, generator=g) * 2).to(dtype)
+    x[..., 7] = 9.0
+    x[1, 2, 30] = -7.5
+    theirs = bnb.nn.Linear8bitLt(96, 40, has_fp16_weights=False, threshold=6.0)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu").eval()
+    mine = Linear8bit.from_linear(linear, compute_dtype=dtype, threshold=6.0)
+    logging.disable(logging.WARNING)  # bitsandbytes warns that it rounds the input to float16
+    try:
+        with torch.no_grad():
+            expected = theirs(x)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert torch.equal(mine.weight, theirs.weight.data)
+    assert torch.equal(mine(x), expected)

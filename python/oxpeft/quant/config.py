@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
@@ -15,7 +16,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # BitsAndBytesConfig fields that describe bitsandbytes' own kernels; they have no effect here.
 _IGNORED_BNB_FIELDS = {
     "quant_method",
-    "llm_int8_threshold",
     "llm_int8_has_fp16_weight",
     "llm_int8_enable_fp32_cpu_offload",
     "bnb_4bit_quant_storage",
@@ -30,7 +30,11 @@ class QuantizationConfig:
 
     The field names are transformers' `BitsAndBytesConfig` names (plus `blocksize` and
     `skip_modules`, whose transformers name `llm_int8_skip_modules` is accepted too). Unlike
-    transformers, the defaults are the QLoRA recipe: NF4, double quantisation, bfloat16 compute.
+    transformers, the 4-bit defaults are the QLoRA recipe: NF4, double quantisation, bfloat16 compute.
+    `llm_int8_threshold` (8-bit layers) is LLM.int8()'s outlier threshold: input columns with any
+    |x| >= it are multiplied in float, the rest in int8. The default 0.0 multiplies every column in float
+    against the dequantised weight (more accurate, and what bitsandbytes' CPU backend does in training);
+    transformers' default is 6.0, which a converted `BitsAndBytesConfig` carries over.
     `skip_modules` lists module names (or name suffixes) to keep in full precision; the output
     embedding (`lm_head`) is always kept.
     """
@@ -41,6 +45,7 @@ class QuantizationConfig:
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Union[torch.dtype, str] = torch.bfloat16
     blocksize: int = 64
+    llm_int8_threshold: float = 0.0
     skip_modules: Optional[list[str]] = field(default=None)
     llm_int8_skip_modules: Optional[list[str]] = field(default=None, repr=False)
 
@@ -61,6 +66,11 @@ class QuantizationConfig:
             self.bnb_4bit_compute_dtype = _DTYPES[name]
         elif self.bnb_4bit_compute_dtype not in _DTYPES.values():
             raise ValueError(f"QuantizationConfig: bnb_4bit_compute_dtype must be a float dtype, got {self.bnb_4bit_compute_dtype!r}")
+        if isinstance(self.llm_int8_threshold, bool) or not isinstance(self.llm_int8_threshold, (int, float)) or not (
+            math.isfinite(self.llm_int8_threshold) and self.llm_int8_threshold >= 0
+        ):
+            raise ValueError(f"QuantizationConfig: llm_int8_threshold must be a finite number >= 0, got {self.llm_int8_threshold!r}")
+        self.llm_int8_threshold = float(self.llm_int8_threshold)
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantizationConfig: blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
         if self.llm_int8_skip_modules is not None:

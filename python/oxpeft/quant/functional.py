@@ -8,6 +8,7 @@ them to it on CPU), so a checkpoint quantised on one device loads and dequantise
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,6 +25,7 @@ __all__ = [
     "dequantize_4bit",
     "quantize_int8",
     "dequantize_int8",
+    "set_output_pool_limit",
 ]
 
 #: Blocksizes bitsandbytes accepts for 4-bit quantisation.
@@ -98,7 +100,7 @@ class QuantState:
         """The fp32 absmax of every block (undoing double quantisation when present)."""
         if not self.nested:
             return self.absmax
-        if self.absmax.device.type == "cpu":
+        if _use_native(self.absmax):
             return torch.from_numpy(
                 _native.dequantize_nested_absmax(
                     _np(self.absmax), _np(self.nested_absmax), float(self.nested_offset)
@@ -203,6 +205,17 @@ class QuantState:
             raise ValueError(f"{where}: absmax must be float32 without double quantisation, got {self.absmax.dtype}")
         if self.quant_map.numel() != 16:
             raise ValueError(f"{where}: quant_map must have 16 values, got {self.quant_map.numel()}")
+        scales = self.nested_absmax if self.nested else self.absmax
+        if not scales.is_meta and not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"{where}: {'nested_absmax' if self.nested else 'absmax'} holds NaN or Inf block scales")
+        if self.nested and not math.isfinite(self.nested_offset):
+            raise ValueError(f"{where}: nested_offset is {self.nested_offset}, expected a finite number")
+
+
+def _use_native(t: torch.Tensor) -> bool:
+    """Whether `t`'s device runs the Rust kernels (CPU); everything else takes the torch-op path.
+    The tests patch this to run the torch-op path on CPU."""
+    return t.device.type == "cpu"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -322,7 +335,7 @@ def quantize_4bit(
     if weight.numel() == 0:
         raise ValueError(f"{name}: cannot quantise an empty tensor")
     weight = weight.detach()
-    if weight.device.type == "cpu":
+    if _use_native(weight):
         try:
             packed_np, absmax_np = _native.quantize_4bit(_np(weight), blocksize, quant_type, _FLOAT_DTYPES[weight.dtype])
         except ValueError as exc:
@@ -344,7 +357,7 @@ def quantize_4bit(
     if compress_statistics:
         # torch's fp32 mean is what bitsandbytes subtracts; using it keeps the bytes identical.
         offset = float(absmax.mean())
-        if absmax.device.type == "cpu":
+        if _use_native(absmax):
             (codes_np, nested_np), offset = _native.double_quantize_absmax(absmax.numpy(), offset)
             codes, nested = torch.from_numpy(codes_np), torch.from_numpy(nested_np)
         else:
@@ -366,7 +379,9 @@ def dequantize_4bit(
     value is `quant_map[code] * absmax[block]` in fp32, then rounded to `dtype` (nearest, ties to even).
 
     `out` (a contiguous tensor of `state.shape` on the packed weight's device) receives the result, which
-    saves allocating, and on CPU page-faulting, a fresh output each call (bitsandbytes has the same option)."""
+    saves allocating a fresh output each call (bitsandbytes has the same option). On CPU a fresh output of
+    1 MiB or more needs no `out`: it comes from a pool of huge-page-advised buffers that outputs return
+    to once freed (see `set_output_pool_limit`), which avoids most of the page-fault cost."""
     dtype = dtype or (out.dtype if out is not None else state.dtype)
     if out is not None and (
         out.dtype != dtype or tuple(out.shape) != tuple(state.shape) or not out.is_contiguous()
@@ -385,7 +400,7 @@ def dequantize_4bit(
             f"got {packed.dtype} with {packed.numel()}"
         )
     scales = state.block_scales()
-    if packed.device.type == "cpu":
+    if _use_native(packed):
         target = None if out is None else _np(out)
         result = _native.dequantize_4bit(
             _np(packed), _np(scales), n, state.blocksize, state.quant_type, _FLOAT_DTYPES[dtype], target
@@ -393,6 +408,18 @@ def dequantize_4bit(
         return out if out is not None else _from_bits(result, dtype).view(state.shape)
     result = _dequantize_4bit_torch(packed, scales, n, state.blocksize, state.quant_map, dtype).view(state.shape)
     return result if out is None else out.copy_(result)
+
+
+def set_output_pool_limit(nbytes: int) -> int:
+    """Sets how many bytes of freed CPU dequantisation outputs (1 MiB or more each) oxpeft keeps for reuse,
+    256 MiB by default; 0 turns the reuse off and releases what is held. Returns the previous limit.
+
+    A freed output's pages stay mapped while pooled, so this much memory can stay resident after the
+    tensors are gone; in exchange the next output of about that size skips the page faults (and the
+    kernel's zeroing) of fresh memory, which on CPU cost more than dequantising itself."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_output_pool_limit: nbytes must be an int >= 0, got {nbytes!r}")
+    return _native.set_output_pool_limit(nbytes)
 
 
 def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +435,7 @@ def quantize_int8(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Ten
     half = weight.detach().to(torch.float16)
     if not bool(torch.isfinite(half).all()):
         raise ValueError(f"{name}: weight holds NaN or Inf (after rounding to float16, as bitsandbytes does)")
-    if half.device.type == "cpu":
+    if _use_native(half):
         cb, scb = _native.quantize_int8_rows(_np(half).reshape(half.shape), "float16")
         return torch.from_numpy(cb), torch.from_numpy(scb)
     return _quantize_int8_torch(half)
@@ -422,7 +449,7 @@ def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = to
         raise ValueError(
             f"dequantize_int8: need int8 CB (out, in) and one SCB per row, got {cb.dtype} {list(cb.shape)} and {scb.numel()} scales"
         )
-    if cb.device.type == "cpu":
+    if _use_native(cb):
         out = _native.dequantize_int8_rows(cb.contiguous().numpy(), _np(scb.float()), _FLOAT_DTYPES[dtype])
         return _from_bits(out, dtype).view(cb.shape)
     return _dequantize_int8_torch(cb, scb, dtype)

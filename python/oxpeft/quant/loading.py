@@ -201,7 +201,12 @@ def load_quantized(
             )
         else:
             module = Linear8bit(
-                linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=config.compute_dtype, device="meta"
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=config.compute_dtype,
+                device="meta",
+                threshold=config.llm_int8_threshold,
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -48,7 +48,9 @@ def _quantised_copy(linear: nn.Linear, config: QuantizationConfig, name: str) ->
             blocksize=config.blocksize,
             name=f"{name}.weight",
         )
-    return Linear8bit.from_linear(linear, compute_dtype=config.compute_dtype, name=f"{name}.weight")
+    return Linear8bit.from_linear(
+        linear, compute_dtype=config.compute_dtype, name=f"{name}.weight", threshold=config.llm_int8_threshold
+    )
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

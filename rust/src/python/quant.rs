@@ -84,20 +84,58 @@ fn quantize_4bit<'py>(
     Ok((packed.into_pyarray(py), absmax.into_pyarray(py)))
 }
 
-/// Fills a fresh 1-D array of `n` elements of `T` with `fill`, the GIL released.
+/// Owner of a pooled output buffer: numpy arrays over the buffer keep it as their base object, and
+/// when the last of them goes the buffer returns to the pool.
+#[pyclass(frozen)]
+struct PooledOutput(#[allow(dead_code)] quant::pool::OutputBuffer);
+
+/// Fills a fresh 1-D array of `n` elements of `T` with `fill`, the GIL released. Outputs of a
+/// megabyte or more come from `quant::pool` (huge-page-advised, recycled), which saves most of
+/// the page faults that otherwise cost more than the kernels themselves.
 fn fresh_array<'py, T, F>(py: Python<'py>, n: usize, fill: F) -> PyResult<Bound<'py, PyArray1<T>>>
 where
     T: numpy::Element + Send,
     F: FnOnce(&mut [T]) -> crate::Result<()> + Send,
 {
-    // SAFETY: every element is written by `fill` before Python sees the array; on error it is dropped.
-    let out = unsafe { PyArray1::<T>::new(py, [n], false) };
+    let bytes = n * std::mem::size_of::<T>();
+    if bytes < quant::pool::MIN_POOLED_BYTES {
+        // SAFETY: every element is written by `fill` before Python sees the array; on error it is dropped.
+        let out = unsafe { PyArray1::<T>::new(py, [n], false) };
+        {
+            let mut guard = out.readwrite();
+            let slice = guard.as_slice_mut().expect("a new array is contiguous");
+            py.detach(|| fill(slice))?;
+        }
+        return Ok(out);
+    }
+    let mut buffer = quant::pool::OutputBuffer::take(bytes)?;
+    let ptr = buffer.as_mut_ptr() as *mut T;
     {
-        let mut guard = out.readwrite();
-        let slice = guard.as_slice_mut().expect("a new array is contiguous");
+        // SAFETY: the buffer holds `bytes` writable bytes, 2 MiB-aligned (so aligned for T), and
+        // nothing else refers to them until the array below exists.
+        let slice = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
         py.detach(|| fill(slice))?;
     }
-    Ok(out)
+    let owner = Bound::new(py, PooledOutput(buffer))?;
+    // SAFETY: moving the buffer into `owner` does not move its mapping; the array keeps `owner`
+    // (and so the mapping) alive as its base, and every element was written by `fill`.
+    Ok(unsafe {
+        let view = numpy::ndarray::ArrayView1::from_shape_ptr(n, ptr as *const T);
+        PyArray1::borrow_from_array(&view, owner.into_any())
+    })
+}
+
+/// Sets how many bytes of idle dequantisation outputs the pool keeps for reuse (0 turns the pool
+/// off and unmaps what it holds); returns the previous limit.
+#[pyfunction]
+fn set_output_pool_limit(bytes: usize) -> usize {
+    quant::pool::set_pool_limit(bytes)
+}
+
+/// Bytes of idle output buffers the pool holds now.
+#[pyfunction]
+fn output_pool_bytes() -> usize {
+    quant::pool::pooled_bytes()
 }
 
 fn bits_as<T: quant::Bits16>(out: &mut [u16]) -> &mut [T] {
@@ -293,5 +331,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dequantize_int8_rows, m)?)?;
     m.add_function(wrap_pyfunction!(four_bit_code, m)?)?;
     m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
+    m.add_function(wrap_pyfunction!(set_output_pool_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(output_pool_bytes, m)?)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 mod avx512;
 pub mod int8;
 pub mod nf4;
+pub mod pool;
 
 #[cfg(feature = "python")]
 pub(crate) use int8::dequantize_rows;
