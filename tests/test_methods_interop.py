@@ -413,7 +413,8 @@ def test_quantized_base_equals_dequantized_base(case, bits):
     from oxpeft import Linear4bit, Linear8bit, QuantizationConfig, quantize_model
 
     _, cls_name, kwargs = CASES[case]
-    flag = {"load_in_4bit": True} if bits == 4 else {"load_in_8bit": True}
+    # 8-bit with threshold 0: every column in float against the dequantised weight, like the dense twin.
+    flag = {"load_in_4bit": True} if bits == 4 else {"load_in_8bit": True, "llm_int8_threshold": 0.0}
     quantized = quantize_model(FACTORIES["llama"](), QuantizationConfig(bnb_4bit_compute_dtype=torch.float32, **flag))
     dense = _dequantized_twin(quantized)
     x = model_input("llama")

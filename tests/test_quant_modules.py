@@ -515,7 +515,7 @@ def test_llm_int8_threshold_reaches_the_layers():
     config = QuantizationConfig.from_bitsandbytes_config(BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=4.5))
     assert config.llm_int8_threshold == 4.5
     assert BitsAndBytesConfig(load_in_8bit=True).llm_int8_threshold == 6.0  # carried over by from_bitsandbytes_config
-    assert QuantizationConfig(load_in_8bit=True).llm_int8_threshold == 0.0  # oxpeft's default: float matmul
+    assert QuantizationConfig(load_in_8bit=True).llm_int8_threshold == 6.0  # the same default
     model = quantize_model(_tiny_llama(), config)
     assert model.model.layers[0].mlp.up_proj.threshold == 4.5
     assert "threshold=4.5" in repr(model.model.layers[0].mlp.up_proj)

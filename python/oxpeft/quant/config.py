@@ -32,9 +32,9 @@ class QuantizationConfig:
     `skip_modules`, whose transformers name `llm_int8_skip_modules` is accepted too). Unlike
     transformers, the 4-bit defaults are the QLoRA recipe: NF4, double quantisation, bfloat16 compute.
     `llm_int8_threshold` (8-bit layers) is LLM.int8()'s outlier threshold: input columns with any
-    |x| >= it are multiplied in float, the rest in int8. The default 0.0 multiplies every column in float
-    against the dequantised weight (more accurate, and what bitsandbytes' CPU backend does in training);
-    transformers' default is 6.0, which a converted `BitsAndBytesConfig` carries over.
+    |x| >= it are multiplied in float, the rest in int8 (bit-identical to bitsandbytes' `Linear8bitLt`).
+    The default is transformers' 6.0, the LLM.int8() recipe; 0.0 instead multiplies every column in float
+    against the dequantised weight (no activation rounding, but slower on CPU).
     `skip_modules` lists module names (or name suffixes) to keep in full precision; the output
     embedding (`lm_head`) is always kept.
     """
@@ -45,7 +45,7 @@ class QuantizationConfig:
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Union[torch.dtype, str] = torch.bfloat16
     blocksize: int = 64
-    llm_int8_threshold: float = 0.0
+    llm_int8_threshold: float = 6.0
     skip_modules: Optional[list[str]] = field(default=None)
     llm_int8_skip_modules: Optional[list[str]] = field(default=None, repr=False)
 
