@@ -208,9 +208,7 @@ impl PositionalWriter {
         let out = PartialFile::create(path.as_ref())?;
         let data_start = header.len() as u64;
         out.file().write_all_at(header, 0).map_err(|e| out.io(e))?;
-        out.file()
-            .set_len(data_start + expected)
-            .map_err(|e| out.io(e))?;
+        reserve(out.file(), data_start + expected).map_err(|e| out.io(e))?;
         Ok(PositionalWriter {
             out,
             data_start,
@@ -274,6 +272,26 @@ impl PositionalWriter {
         let written = self.written.load(Ordering::Relaxed);
         self.out.finish(written, self.expected)
     }
+}
+
+/// Sizes the file to `len` bytes, allocating its blocks in one go where the file system can
+/// (fallocate): a full disk fails here, before any work, and the writes that follow skip the
+/// per-page block reservation of delayed allocation.
+fn reserve(f: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    f.set_len(len)
 }
 
 /// Asks the kernel to start writing a just-written range to disk without waiting for it, so
