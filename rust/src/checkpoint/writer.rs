@@ -114,6 +114,7 @@ impl Drop for PartialFile {
 /// Writes a safetensors file front to back: the header, then each tensor's bytes in order.
 pub struct StreamingWriter {
     out: PartialFile,
+    data_start: u64,
     expected: u64,
     written: u64,
 }
@@ -142,6 +143,7 @@ impl StreamingWriter {
         out.file().write_all(header).map_err(|e| out.io(e))?;
         Ok(StreamingWriter {
             out,
+            data_start: header.len() as u64,
             expected,
             written: 0,
         })
@@ -164,8 +166,14 @@ impl StreamingWriter {
 
     /// Appends tensor bytes (any split of the data stream).
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let at = self.data_start + self.written;
         self.account(bytes.len() as u64)?;
-        self.out.file().write_all(bytes).map_err(|e| self.out.io(e))
+        self.out
+            .file()
+            .write_all(bytes)
+            .map_err(|e| self.out.io(e))?;
+        start_writeback(self.out.file(), at, bytes.len() as u64);
+        Ok(())
     }
 
     /// Data bytes written so far.
@@ -175,7 +183,9 @@ impl StreamingWriter {
 
     /// Appends everything `reader` yields (File to File copies stay inside the kernel on Linux).
     pub fn copy_from<R: std::io::Read>(&mut self, reader: &mut R) -> Result<()> {
+        let at = self.data_start + self.written;
         let n = std::io::copy(reader, &mut self.out.file()).map_err(|e| self.out.io(e))?;
+        start_writeback(self.out.file(), at, n);
         self.account(n)
     }
 
