@@ -294,6 +294,7 @@ fn dots_generic<const NR: usize, const L: usize>(
     }
 }
 
+/// `dots` over any number of rows, in register blocks of up to 4 rows.
 #[inline(always)]
 fn dots_any<const L: usize>(
     left: &[f32],
@@ -303,11 +304,20 @@ fn dots_any<const L: usize>(
     nrows: usize,
     out: &mut [f32],
 ) {
-    match nrows {
-        4 => dots_generic::<4, L>(left, right, r, cols, out),
-        3 => dots_generic::<3, L>(left, right, r, cols, out),
-        2 => dots_generic::<2, L>(left, right, r, cols, out),
-        _ => dots_generic::<1, L>(left, right, r, cols, out),
+    let mut row = 0;
+    while row < nrows {
+        let n = (nrows - row).min(4);
+        let (l, o) = (
+            &left[row * r..(row + n) * r],
+            &mut out[row * cols..(row + n) * cols],
+        );
+        match n {
+            4 => dots_generic::<4, L>(l, right, r, cols, o),
+            3 => dots_generic::<3, L>(l, right, r, cols, o),
+            2 => dots_generic::<2, L>(l, right, r, cols, o),
+            _ => dots_generic::<1, L>(l, right, r, cols, o),
+        }
+        row += n;
     }
 }
 
@@ -321,7 +331,77 @@ unsafe fn dots_avx512(
     nrows: usize,
     out: &mut [f32],
 ) {
+    if nrows == ROW_BLOCK {
+        // SAFETY: the caller detected AVX-512F; the slices are checked inside.
+        return unsafe { dots_block_avx512(left, right, r, cols, out) };
+    }
     dots_any::<32>(left, right, r, cols, nrows, out)
+}
+
+/// A full block of `ROW_BLOCK` (8) rows with AVX-512: 8 rows x 32 columns in 16 zmm accumulators, so
+/// each pair of loads from `right` feeds 16 FMAs. Each element is the same FMA chain in k order as
+/// `dots_generic` computes, so the result is bit-identical on every path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_block_avx512(left: &[f32], right: &[f32], r: usize, cols: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const NR: usize = ROW_BLOCK;
+    assert!(left.len() >= NR * r && right.len() >= r * cols && out.len() >= NR * cols);
+    let full = cols / 32 * 32;
+    let (lp, rp, op) = (left.as_ptr(), right.as_ptr(), out.as_mut_ptr());
+    let mut j = 0;
+    while j < full {
+        let mut acc = [[_mm512_setzero_ps(); 2]; NR];
+        for k in 0..r {
+            // SAFETY: k < r and j + 32 <= cols, so both loads are inside `right`.
+            let (a0, a1) = unsafe {
+                (
+                    _mm512_loadu_ps(rp.add(k * cols + j)),
+                    _mm512_loadu_ps(rp.add(k * cols + j + 16)),
+                )
+            };
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                // SAFETY: i < NR and k < r, inside `left`.
+                let b = _mm512_set1_ps(unsafe { *lp.add(i * r + k) });
+                acc_row[0] = _mm512_fmadd_ps(b, a0, acc_row[0]);
+                acc_row[1] = _mm512_fmadd_ps(b, a1, acc_row[1]);
+            }
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            // SAFETY: i < NR and j + 32 <= cols, inside `out`.
+            unsafe {
+                _mm512_storeu_ps(op.add(i * cols + j), acc_row[0]);
+                _mm512_storeu_ps(op.add(i * cols + j + 16), acc_row[1]);
+            }
+        }
+        j += 32;
+    }
+    if full < cols {
+        // The last columns (fewer than 32) by the generic kernel, on a copy of those columns.
+        let tail = cols - full;
+        let right_tail: Vec<f32> = (0..r)
+            .flat_map(|k| right[k * cols + full..(k + 1) * cols].iter().copied())
+            .collect();
+        let mut out_tail = vec![0f32; NR * tail];
+        dots_generic::<4, 16>(
+            &left[..4 * r],
+            &right_tail,
+            r,
+            tail,
+            &mut out_tail[..4 * tail],
+        );
+        dots_generic::<4, 16>(
+            &left[4 * r..8 * r],
+            &right_tail,
+            r,
+            tail,
+            &mut out_tail[4 * tail..],
+        );
+        for i in 0..NR {
+            out[i * cols + full..(i + 1) * cols]
+                .copy_from_slice(&out_tail[i * tail..(i + 1) * tail]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -50,7 +50,7 @@ const CHUNK_BYTES: usize = 1 << 20;
 #[cfg(test)]
 const CHUNK_BYTES: usize = 256;
 /// Rows computed together by the dot-product micro-kernel (they share each load of A).
-const ROW_BLOCK: usize = 4;
+const ROW_BLOCK: usize = 8;
 /// DoRA adapters merged into one tensor at once (their row factors live on the kernel's stack).
 const MAX_DORA_TERMS: usize = 8;
 

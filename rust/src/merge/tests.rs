@@ -40,10 +40,10 @@ pub(super) fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 #[test]
 fn dots_match_sequential_fma_on_every_path() {
     // Column tails, more than one k block (64) and the register-block widths 16 and 32.
-    for (r, cols) in [(5, 37), (16, 96), (70, 41), (130, 64)] {
-        let left = rand(4 * r, 1, 2.0);
+    for (r, cols) in [(5, 37), (16, 96), (70, 41), (130, 64), (16, 83)] {
+        let left = rand(8 * r, 1, 2.0);
         let right = rand(r * cols, 2, 2.0);
-        for nrows in 1..=4 {
+        for nrows in 1..=8 {
             let mut out = vec![0f32; nrows * cols];
             kernel::dots(&left, &right, r, cols, nrows, &mut out);
             for i in 0..nrows {
