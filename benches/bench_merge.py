@@ -1,5 +1,7 @@
 """Offline LoRA merge: oxpeft vs HF PEFT vs a plain copy of the checkpoint, side by side.
 
+Every contender keeps its best of `--repeat` runs (HF PEFT too at 1 GB; once at larger sizes).
+
 Generates (once, into the git-ignored bench-data/) Llama-shaped bf16 sharded checkpoints of about
 1 GB and 4 GB and an all-linear r=16 adapter for each, then runs every contender in its own
 subprocess (so that its peak RSS is its own) on a warm page cache:
@@ -205,7 +207,7 @@ def main() -> None:
         row = {}
         for kind in kinds:
             best = None
-            for _ in range(args.repeat if kind != "peft" else 1):
+            for _ in range(args.repeat if kind != "peft" or size == 1 else 1):
                 warm(base)
                 r = run(kind, base, adapter, out)
                 best = r if best is None or r["seconds"] < best["seconds"] else best

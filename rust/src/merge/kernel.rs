@@ -44,11 +44,11 @@ pub(super) struct Product {
 }
 
 impl Product {
-    /// Rows `first_row..first_row + nrows` of the product into `out`.
+    /// Rows `first_row..first_row + nrows` of the product, times `scale`, into `out`.
     #[inline(always)]
-    fn rows(&self, first_row: usize, nrows: usize, cols: usize, out: &mut [f32]) {
+    fn rows(&self, first_row: usize, nrows: usize, cols: usize, scale: f32, out: &mut [f32]) {
         let left = &self.left[first_row * self.r..(first_row + nrows) * self.r];
-        dots(left, &self.right, self.r, cols, nrows, out);
+        dots(left, &self.right, self.r, cols, nrows, scale, out);
     }
 }
 
@@ -97,7 +97,15 @@ fn matmul(left: &[f32], right: &[f32], rows: usize, r: usize, cols: usize) -> Ve
     for (bi, block) in out.chunks_mut(ROW_BLOCK * cols).enumerate() {
         let first = bi * ROW_BLOCK;
         let n = block.len() / cols.max(1);
-        dots(&left[first * r..(first + n) * r], right, r, cols, n, block);
+        dots(
+            &left[first * r..(first + n) * r],
+            right,
+            r,
+            cols,
+            n,
+            1.0,
+            block,
+        );
     }
     out
 }
@@ -329,13 +337,23 @@ unsafe fn dots_avx512(
     r: usize,
     cols: usize,
     nrows: usize,
+    scale: f32,
     out: &mut [f32],
 ) {
     if nrows == ROW_BLOCK {
         // SAFETY: the caller detected AVX-512F; the slices are checked inside.
-        return unsafe { dots_block_avx512(left, right, r, cols, out) };
+        return unsafe { dots_block_avx512(left, right, r, cols, scale, out) };
     }
-    dots_any::<32>(left, right, r, cols, nrows, out)
+    dots_any::<32>(left, right, r, cols, nrows, out);
+    scale_all(out, scale);
+}
+
+/// `out *= scale` (PEFT's `(B @ A) * scaling`: the scaling after the product).
+#[inline(always)]
+fn scale_all(out: &mut [f32], scale: f32) {
+    if scale != 1.0 {
+        out.iter_mut().for_each(|x| *x *= scale);
+    }
 }
 
 /// A full block of `ROW_BLOCK` (8) rows with AVX-512: 8 rows x 32 columns in 16 zmm accumulators, so
@@ -343,8 +361,16 @@ unsafe fn dots_avx512(
 /// `dots_generic` computes, so the result is bit-identical on every path.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots_block_avx512(left: &[f32], right: &[f32], r: usize, cols: usize, out: &mut [f32]) {
+unsafe fn dots_block_avx512(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
+    let vs = _mm512_set1_ps(scale);
     const NR: usize = ROW_BLOCK;
     assert!(left.len() >= NR * r && right.len() >= r * cols && out.len() >= NR * cols);
     let full = cols / 32 * 32;
@@ -370,8 +396,8 @@ unsafe fn dots_block_avx512(left: &[f32], right: &[f32], r: usize, cols: usize, 
         for (i, acc_row) in acc.iter().enumerate() {
             // SAFETY: i < NR and j + 32 <= cols, inside `out`.
             unsafe {
-                _mm512_storeu_ps(op.add(i * cols + j), acc_row[0]);
-                _mm512_storeu_ps(op.add(i * cols + j + 16), acc_row[1]);
+                _mm512_storeu_ps(op.add(i * cols + j), _mm512_mul_ps(acc_row[0], vs));
+                _mm512_storeu_ps(op.add(i * cols + j + 16), _mm512_mul_ps(acc_row[1], vs));
             }
         }
         j += 32;
@@ -397,6 +423,7 @@ unsafe fn dots_block_avx512(left: &[f32], right: &[f32], r: usize, cols: usize, 
             tail,
             &mut out_tail[4 * tail..],
         );
+        scale_all(&mut out_tail, scale);
         for i in 0..NR {
             out[i * cols + full..(i + 1) * cols]
                 .copy_from_slice(&out_tail[i * tail..(i + 1) * tail]);
@@ -412,26 +439,37 @@ unsafe fn dots_avx2(
     r: usize,
     cols: usize,
     nrows: usize,
+    scale: f32,
     out: &mut [f32],
 ) {
-    dots_any::<16>(left, right, r, cols, nrows, out)
+    dots_any::<16>(left, right, r, cols, nrows, out);
+    scale_all(out, scale);
 }
 
-/// `out[rr][j] = sum_k left[rr][k] * right[k][j]` for `nrows` rows; every path computes the
-/// same correctly rounded FMA chain, so results never depend on the CPU.
-pub fn dots(left: &[f32], right: &[f32], r: usize, cols: usize, nrows: usize, out: &mut [f32]) {
+/// `out[rr][j] = (sum_k left[rr][k] * right[k][j]) * scale` for `nrows` rows; every path computes
+/// the same correctly rounded FMA chain and then one multiply, so results never depend on the CPU.
+pub fn dots(
+    left: &[f32],
+    right: &[f32],
+    r: usize,
+    cols: usize,
+    nrows: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
-            return unsafe { dots_avx512(left, right, r, cols, nrows, out) };
+            return unsafe { dots_avx512(left, right, r, cols, nrows, scale, out) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { dots_avx2(left, right, r, cols, nrows, out) };
+            return unsafe { dots_avx2(left, right, r, cols, nrows, scale, out) };
         }
     }
-    dots_any::<16>(left, right, r, cols, nrows, out)
+    dots_any::<16>(left, right, r, cols, nrows, out);
+    scale_all(out, scale);
 }
 
 /// Fills `scratch.deltas` with each term's scaled delta (IA3: its factors) for the rows of
@@ -441,14 +479,11 @@ fn deltas(p: &Prepared, first_row: usize, nrows: usize, scratch: &mut Scratch) {
     for (ti, t) in p.terms.iter().enumerate() {
         let d = &mut scratch.deltas[ti * ROW_BLOCK * cols..(ti * ROW_BLOCK + nrows) * cols];
         match &t.delta {
-            Delta::LowRank { p: prod, scaling } => {
-                prod.rows(first_row, nrows, cols, d);
-                d.iter_mut().for_each(|x| *x *= scaling);
-            }
+            Delta::LowRank { p: prod, scaling } => prod.rows(first_row, nrows, cols, *scaling, d),
             Delta::Hadamard { p1, p2, scaling } => {
                 let second = &mut scratch.second[..nrows * cols];
-                p1.rows(first_row, nrows, cols, d);
-                p2.rows(first_row, nrows, cols, second);
+                p1.rows(first_row, nrows, cols, 1.0, d);
+                p2.rows(first_row, nrows, cols, 1.0, second);
                 for (x, y) in d.iter_mut().zip(second.iter()) {
                     *x = *x * y * scaling;
                 }
