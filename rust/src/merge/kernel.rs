@@ -13,6 +13,38 @@ use super::{MAX_DORA_TERMS, ROW_BLOCK};
 use crate::checkpoint::{FloatType, TensorInfo};
 use crate::{Error, Result};
 
+/// Defines `fn $name(args)` that runs `$inner(args)` compiled for AVX-512, else AVX2, else the
+/// baseline, whichever the CPU has: `$inner` is `#[inline(always)]`, so each copy is vectorised for
+/// its instruction set.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $inner:ident) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $inner($($arg),*)
+                }
+                let (fma, f16c) = (is_x86_feature_detected!("fma"), is_x86_feature_detected!("f16c"));
+                if is_x86_feature_detected!("avx512f") && fma && f16c {
+                    // SAFETY: the features were just detected.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && fma && f16c {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
+}
+
 /// A base tensor's change, with the adapter matrices loaded as fp32 in the layout of W.
 pub(super) struct Prepared {
     pub(super) ft: FloatType,
@@ -709,57 +741,18 @@ fn merge_row_single<const SCALE: bool>(
     }
 }
 
-/// Merges one block of rows: W' = round(adapter steps in order on float(W)); with `record`,
-/// replays the unmerge and notes the elements that would not come back.
-pub fn merge_block(
-    p: &Prepared,
-    first_row: usize,
-    inp: &[u8],
-    out: &mut [u8],
-    record: bool,
-    scratch: &mut Scratch,
-    fix: &mut Fixups,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { merge_block_avx512(p, first_row, inp, out, record, scratch, fix) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { merge_block_avx2(p, first_row, inp, out, record, scratch, fix) };
-        }
-    }
-    merge_block_any(p, first_row, inp, out, record, scratch, fix)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn merge_block_avx512(
-    p: &Prepared,
-    first_row: usize,
-    inp: &[u8],
-    out: &mut [u8],
-    record: bool,
-    scratch: &mut Scratch,
-    fix: &mut Fixups,
-) {
-    merge_block_any(p, first_row, inp, out, record, scratch, fix)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn merge_block_avx2(
-    p: &Prepared,
-    first_row: usize,
-    inp: &[u8],
-    out: &mut [u8],
-    record: bool,
-    scratch: &mut Scratch,
-    fix: &mut Fixups,
-) {
-    merge_block_any(p, first_row, inp, out, record, scratch, fix)
+multiversion! {
+    /// Merges one block of rows: W' = round(adapter steps in order on float(W)); with `record`,
+    /// replays the unmerge and notes the elements that would not come back.
+    pub fn merge_block(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        record: bool,
+        scratch: &mut Scratch,
+        fix: &mut Fixups,
+    ) => merge_block_any
 }
 
 #[inline(always)]
@@ -841,54 +834,17 @@ fn merge_block_t(
     }
 }
 
-/// Unmerges one block of rows: W = round(adapter steps undone in reverse on float(W')).
-/// `dora` holds the sidecar's factors as (n_dora, rows).
-pub fn unmerge_block(
-    p: &Prepared,
-    first_row: usize,
-    inp: &[u8],
-    out: &mut [u8],
-    dora: &[f32],
-    scratch: &mut Scratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { unmerge_block_avx512(p, first_row, inp, out, dora, scratch) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { unmerge_block_avx2(p, first_row, inp, out, dora, scratch) };
-        }
-    }
-    unmerge_block_any(p, first_row, inp, out, dora, scratch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn unmerge_block_avx512(
-    p: &Prepared,
-    first_row: usize,
-    inp: &[u8],
-    out: &mut [u8],
-    dora: &[f32],
-    scratch: &mut Scratch,
-) {
-    unmerge_block_any(p, first_row, inp, out, dora, scratch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unmerge_block_avx2(
-    p: &Prepared,
-    first_row: usize,
-    inp: &[u8],
-    out: &mut [u8],
-    dora: &[f32],
-    scratch: &mut Scratch,
-) {
-    unmerge_block_any(p, first_row, inp, out, dora, scratch)
+multiversion! {
+    /// Unmerges one block of rows: W = round(adapter steps undone in reverse on float(W')).
+    /// `dora` holds the sidecar's factors as (n_dora, rows).
+    pub fn unmerge_block(
+        p: &Prepared,
+        first_row: usize,
+        inp: &[u8],
+        out: &mut [u8],
+        dora: &[f32],
+        scratch: &mut Scratch,
+    ) => unmerge_block_any
 }
 
 #[inline(always)]
