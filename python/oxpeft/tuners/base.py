@@ -145,6 +145,10 @@ class BaseTunerLayer:
             item = container[adapter_name]
             if isinstance(item, nn.Parameter):
                 yield item
+            elif not item._modules:
+                # A leaf such as lora_A's nn.Linear: its own parameters, without torch's recursive walk
+                # (set_adapter visits every adapter of every layer).
+                yield from (p for p in item._parameters.values() if p is not None)
             else:
                 yield from item.parameters()
 
@@ -681,9 +685,19 @@ class BaseTuner(nn.Module, abc.ABC):
 
     # --- adapter management --------------------------------------------------------------------------------------
     def _tuner_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        for name, module in self.model.named_modules():
+        """The adapter layers and modules_to_save wrappers, in `named_modules` order. A tuner layer's adapter
+        containers are not walked (only its base layer is): with many adapters they hold most of the modules,
+        and set_adapter / disable_adapter walk the model every time."""
+        stack: list[tuple[str, nn.Module]] = [("", self.model)]
+        while stack:
+            name, module = stack.pop()
+            children: Iterable[tuple[str, nn.Module | None]] = module._modules.items()
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
+                if isinstance(module, BaseTunerLayer):
+                    children = [("base_layer", module._modules.get("base_layer"))]
+            prefix = name + "." if name else ""
+            stack.extend((prefix + key, child) for key, child in reversed(list(children)) if child is not None)
 
     @property
     def active_adapters(self) -> list[str]:
