@@ -2,6 +2,7 @@
 //! the float conversions the merge kernels share.
 
 pub mod index;
+pub mod pio;
 pub mod reader;
 pub mod writer;
 

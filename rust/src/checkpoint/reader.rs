@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
@@ -396,14 +396,20 @@ impl SafeTensorsFile {
         const PAGE: usize = 4096;
         let first = start.div_ceil(PAGE) * PAGE;
         let last = ((start + len) / PAGE) * PAGE;
+        #[cfg(unix)]
         if last > first {
             // SAFETY: the mapping is private and read-only; dropping its pages only means they are
             // read again from the file if touched later, which is harmless.
             let _ = unsafe {
-                self.mmap
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, first, last - first)
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    first,
+                    last - first,
+                )
             };
         }
+        #[cfg(not(unix))]
+        let _ = (first, last);
     }
 }
 

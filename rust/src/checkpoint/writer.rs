@@ -6,12 +6,12 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value};
 
+use super::pio::{read_at, write_all_at};
 use super::reader::{byte_size, Dtype};
 use crate::{Error, Result};
 
@@ -217,7 +217,7 @@ impl PositionalWriter {
     ) -> Result<Self> {
         let out = PartialFile::create(path.as_ref())?;
         let data_start = header.len() as u64;
-        out.file().write_all_at(header, 0).map_err(|e| out.io(e))?;
+        write_all_at(out.file(), header, 0).map_err(|e| out.io(e))?;
         reserve(out.file(), data_start + expected).map_err(|e| out.io(e))?;
         Ok(PositionalWriter {
             out,
@@ -247,10 +247,7 @@ impl PositionalWriter {
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.check_range(offset, bytes.len() as u64)?;
         let at = self.data_start + offset;
-        self.out
-            .file()
-            .write_all_at(bytes, at)
-            .map_err(|e| self.out.io(e))?;
+        write_all_at(self.out.file(), bytes, at).map_err(|e| self.out.io(e))?;
         self.written
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         start_writeback(self.out.file(), at, bytes.len() as u64);
@@ -379,11 +376,11 @@ fn copy_range(
     let mut done = 0u64;
     while done < len {
         let want = ((len - done) as usize).min(buf.len());
-        let n = src.read_at(&mut buf[..want], src_offset + done)?;
+        let n = read_at(src, &mut buf[..want], src_offset + done)?;
         if n == 0 {
             break;
         }
-        dst.write_all_at(&buf[..n], dst_offset + done)?;
+        write_all_at(dst, &buf[..n], dst_offset + done)?;
         done += n as u64;
     }
     Ok(done)

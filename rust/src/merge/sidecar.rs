@@ -4,11 +4,11 @@
 //! its entries in the base's tensor order, so the file does not depend on thread timing.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use super::CHUNK_BYTES;
+use crate::checkpoint::pio::{read_exact_at, write_all_at};
 use crate::checkpoint::{SafeTensorsFile, StreamingWriter, TensorSpec};
 use crate::{Error, Result};
 
@@ -70,9 +70,7 @@ impl SidecarSpill {
                 .push((order, spec, Source::Spill(start, bytes.len() as u64)));
             start
         };
-        self.file
-            .write_all_at(bytes, start)
-            .map_err(|e| Error::io(&self.path, e))
+        write_all_at(&self.file, bytes, start).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Adds an entry that is a base tensor, copied as it is when the sidecar is written.
@@ -105,8 +103,7 @@ impl SidecarSpill {
                     let mut done = 0u64;
                     while done < *len {
                         let n = ((len - done) as usize).min(buf.len());
-                        self.file
-                            .read_exact_at(&mut buf[..n], start + done)
+                        read_exact_at(&self.file, &mut buf[..n], start + done)
                             .map_err(|e| Error::io(&self.path, e))?;
                         w.write(&buf[..n])?;
                         done += n as u64;

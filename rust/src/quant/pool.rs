@@ -12,7 +12,7 @@
 
 use std::sync::Mutex;
 
-use memmap2::{Advice, MmapMut, MmapOptions};
+use memmap2::{MmapMut, MmapOptions};
 
 use crate::{Error, Result};
 
@@ -81,7 +81,8 @@ impl OutputBuffer {
             Error::invalid_argument(format!("cannot map {mapped} bytes for an output: {e}"))
         })?;
         // Advice only: a kernel without transparent huge pages refuses it and nothing else changes.
-        let _ = map.advise(Advice::HugePage);
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(OutputBuffer { map: Some(map) })
     }
 
