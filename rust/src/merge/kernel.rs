@@ -434,31 +434,11 @@ unsafe fn dots_block_avx512(
         }
         j += 32;
     }
-    if full < cols {
-        // The last columns (fewer than 32) by the generic kernel, on a copy of those columns.
-        let tail = cols - full;
-        let right_tail: Vec<f32> = (0..r)
-            .flat_map(|k| right[k * cols + full..(k + 1) * cols].iter().copied())
-            .collect();
-        let mut out_tail = vec![0f32; NR * tail];
-        dots_generic::<4, 16>(
-            &left[..4 * r],
-            &right_tail,
-            r,
-            tail,
-            &mut out_tail[..4 * tail],
-        );
-        dots_generic::<4, 16>(
-            &left[4 * r..8 * r],
-            &right_tail,
-            r,
-            tail,
-            &mut out_tail[4 * tail..],
-        );
-        scale_all(&mut out_tail, scale);
-        for i in 0..NR {
-            out[i * cols + full..(i + 1) * cols]
-                .copy_from_slice(&out_tail[i * tail..(i + 1) * tail]);
+    // The last columns (fewer than 32): the same FMA chain, element by element, in place.
+    for i in 0..NR {
+        for j in full..cols {
+            let dot = (0..r).fold(0f32, |s, k| left[i * r + k].mul_add(right[k * cols + j], s));
+            out[i * cols + j] = dot * scale;
         }
     }
 }
