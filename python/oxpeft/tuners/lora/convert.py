@@ -24,7 +24,7 @@ _B_SUFFIXES = (".lora_B.weight", ".lora_embedding_B")
 
 def check_convertible(config: Any) -> None:
     """Refuse configs whose adapters cannot be rewritten as a LoRA of twice the rank."""
-    if getattr(config, "peft_type", None) is None or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+    if getattr(config, "peft_type", None) != "LORA":  # PeftType is a str enum
         raise ValueError("path_initial_model_for_weight_conversion only applies to LoRA adapters (PiSSA / OLoRA)")
     if config.use_dora:
         raise ValueError(
