@@ -175,17 +175,11 @@ pub fn run(
             }
         }
     }
-    if matches!(
-        mode,
-        Mode::Merge {
-            exact_unmerge: true
-        }
-    ) && !plan.ops.is_empty()
-    {
+    let cx = Context { plan, mode };
+    if cx.recording() && !plan.ops.is_empty() {
         let dir = out.join(SIDECAR_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    let cx = Context { plan, mode };
     let shards = base
         .shards()
         .iter()

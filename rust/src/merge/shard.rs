@@ -35,11 +35,11 @@ pub(super) struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn unmerging(&self) -> bool {
+    pub(super) fn unmerging(&self) -> bool {
         matches!(self.mode, Mode::Unmerge { .. })
     }
 
-    fn recording(&self) -> bool {
+    pub(super) fn recording(&self) -> bool {
         matches!(
             self.mode,
             Mode::Merge {
