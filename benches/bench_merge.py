@@ -168,6 +168,9 @@ def contender(kind: str, base: str, adapter: str, out: str) -> None:
 
 def run(kind: str, base: Path, adapter: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    # Let the previous contender's writeback (PEFT and the plain copy do not fsync) finish before
+    # this one starts, so no run pays for another's dirty pages.
+    os.sync()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(
         [sys.executable, __file__, "--contender", kind, str(base), str(adapter), str(out)],

@@ -8,6 +8,7 @@
 //! elementwise; LoKr: rows of the Kronecker product; IA3: the row or column factors), so no
 //! full-size delta ever exists. IA3 multiplies where the others add, and its unmerge divides.
 
+use super::bf16x;
 use super::plan::{KronFactor, MergePlan, Term, TermKind};
 use super::{MAX_DORA_TERMS, ROW_BLOCK};
 use crate::checkpoint::{FloatType, TensorInfo};
@@ -676,7 +677,7 @@ fn unstep<const SCALE: bool>(x: f32, d: f32) -> f32 {
 /// Spans of 64 elements are computed branch-free (so they vectorise) into a bit mask of the
 /// misses, whose set bits are then visited directly.
 #[inline(always)]
-fn merge_row_single<const SCALE: bool>(
+pub(super) fn merge_row_single<const SCALE: bool>(
     ft: FloatType,
     w: &[u8],
     d: &[f32],
@@ -785,6 +786,7 @@ fn merge_block_t(
     let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
     let single = p.single();
+    let fast_bf16 = ft == FloatType::BF16 && bf16x::available();
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
@@ -793,10 +795,11 @@ fn merge_block_t(
                 &deltas[delta_row(cols, 0, rr)],
                 ((first_row + rr) * cols) as u64,
             );
-            if scale {
-                merge_row_single::<true>(ft, w, d, o, record, at, fix);
-            } else {
-                merge_row_single::<false>(ft, w, d, o, record, at, fix);
+            match (scale, fast_bf16) {
+                (true, true) => bf16x::merge_row::<true>(w, d, o, record, at, fix),
+                (false, true) => bf16x::merge_row::<false>(w, d, o, record, at, fix),
+                (true, false) => merge_row_single::<true>(ft, w, d, o, record, at, fix),
+                (false, false) => merge_row_single::<false>(ft, w, d, o, record, at, fix),
             }
             continue;
         }
@@ -844,6 +847,8 @@ fn unmerge_block_any(
     if let Some(scale) = p.single() {
         let d = &deltas[..nrows * p.cols];
         match (ft, scale) {
+            (FloatType::BF16, false) if bf16x::available() => bf16x::undo_row::<false>(inp, d, out),
+            (FloatType::BF16, true) if bf16x::available() => bf16x::undo_row::<true>(inp, d, out),
             (FloatType::BF16, false) => undo_single::<false>(FloatType::BF16, inp, d, out),
             (FloatType::F16, false) => undo_single::<false>(FloatType::F16, inp, d, out),
             (FloatType::F32, false) => undo_single::<false>(FloatType::F32, inp, d, out),
@@ -872,7 +877,7 @@ fn unmerge_block_any(
 
 /// `out = round(unstep(float(w), d))` element by element, in one pass.
 #[inline(always)]
-fn undo_single<const SCALE: bool>(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
+pub(super) fn undo_single<const SCALE: bool>(ft: FloatType, w: &[u8], d: &[f32], out: &mut [u8]) {
     let size = ft.size();
     for ((ws, os), &dj) in w.chunks_exact(size).zip(out.chunks_exact_mut(size)).zip(d) {
         let bits = ft.round_bits(unstep::<SCALE>(ft.bits_to_f32(ft.load_bits(ws, 0)), dj));

@@ -13,6 +13,7 @@
 //! the elements whose original bits would not come back (plus DoRA's per-row factors and the
 //! originals of replaced tensors) in a sidecar; unmerging with it restores the base bit for bit.
 
+mod bf16x;
 mod kernel;
 mod plan;
 mod shard;
