@@ -125,7 +125,7 @@ def merge_checkpoint(
 
         def work(tmp: Path, bar: _Progress) -> dict:
             report = _native.merge_checkpoint(
-                str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.callback
+                str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.hook
             )
             if exact_unmerge and (tmp / SIDECAR_DIR).is_dir():
                 manifest = {"format": _MANIFEST_FORMAT, "adapters": [r[3] for r in resolved]}
@@ -193,7 +193,7 @@ def unmerge_checkpoint(
                 [r[:3] for r in resolved],
                 str(tmp),
                 str(sidecar) if exact else None,
-                bar.callback,
+                bar.hook,
             )
 
         return _build(merged_dir, out_dir, force, progress, "unmerge", work, exact=exact)
@@ -296,6 +296,12 @@ class _Progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+    @property
+    def hook(self):
+        """The per-tensor callback for the native run, or None without a bar (then the native side
+        sends no events at all)."""
+        return self.callback if self.bar is not None else None
 
     def callback(self, name: str, nbytes: int) -> None:
         self.done += 1

@@ -50,6 +50,9 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// The unit tests use tiny tensors; a tiny chunk gives each of them several chunks.
 #[cfg(test)]
 const CHUNK_BYTES: usize = 256;
+/// Shards whose final fsync (and sidecar) run at once, each on its own thread: they mostly wait
+/// for the disk.
+const FINISH_THREADS: usize = 16;
 /// Rows computed together by the dot-product micro-kernel (they share each load of A).
 const ROW_BLOCK: usize = 8;
 /// DoRA adapters merged into one tensor at once (their row factors live on the kernel's stack).
@@ -208,11 +211,22 @@ pub fn run(
         .collect::<Result<Vec<Report>>>()?;
     let mut total = Report::default();
     reports.iter().for_each(|r| total.add(r));
-    // Each shard's fsync and sidecar overlap with the others'.
-    let sidecar_bytes = shards
-        .into_par_iter()
-        .map(ShardOut::finish)
-        .collect::<Result<Vec<u64>>>()?;
+    // The shards' fsyncs and sidecars overlap, FINISH_THREADS shards at a time.
+    let mut sidecar_bytes = Vec::with_capacity(shards.len());
+    let mut shards = shards.into_iter().peekable();
+    while shards.peek().is_some() {
+        let group: Vec<ShardOut> = shards.by_ref().take(FINISH_THREADS).collect();
+        sidecar_bytes.extend(std::thread::scope(|s| {
+            let finishing: Vec<_> = group
+                .into_iter()
+                .map(|shard| s.spawn(move || shard.finish()))
+                .collect();
+            finishing
+                .into_iter()
+                .map(|h| h.join().expect("finishing a shard does not panic"))
+                .collect::<Result<Vec<u64>>>()
+        })?);
+    }
     total.sidecar_bytes += sidecar_bytes.iter().sum::<u64>();
     Ok(total)
 }

@@ -142,14 +142,24 @@ impl<'a> ShardOut<'a> {
         }
     }
 
-    /// Fsyncs and renames the shard into place, then writes its sidecar; returns the sidecar's
-    /// size.
+    /// Fsyncs and renames the shard into place and, at the same time on another thread, writes
+    /// its sidecar; returns the sidecar's size. Both mostly wait for the disk, so the shards'
+    /// finishes run on threads of their own rather than on the (busy or CPU-sized) pool.
     pub(super) fn finish(self) -> Result<u64> {
-        self.writer.finish()?;
-        match self.spill {
-            Some(s) => s.finish(self.shard),
-            None => Ok(0),
-        }
+        let ShardOut {
+            shard,
+            writer,
+            spill,
+            ..
+        } = self;
+        std::thread::scope(|s| {
+            let sidecar = spill.map(|sp| s.spawn(move || sp.finish(shard)));
+            writer.finish()?;
+            match sidecar {
+                Some(h) => h.join().expect("the sidecar writer does not panic"),
+                None => Ok(0),
+            }
+        })
     }
 
     /// Copies an unchanged tensor: each piece is written straight from the base's mapping and

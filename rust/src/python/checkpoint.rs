@@ -48,12 +48,16 @@ fn run(
     let mut raised: Option<PyErr> = None;
     let result = std::thread::scope(|scope| {
         let (cancel, inputs, mode, base, out) = (&cancel, &inputs, &mode, &base, &out);
+        let wants_events = progress.is_some();
         let (tx, mut rx): (_, Receiver<(String, u64)>) = channel();
         let worker = scope.spawn(move || -> crate::Result<Report> {
             let ck = Checkpoint::open(base)?;
             let plan = MergePlan::build(&ck, inputs, matches!(mode, Mode::Unmerge { .. }))?;
+            // Without a callback no event is sent: the calling thread then only wakes to check
+            // for signals, instead of once per tensor (taking the GIL and a core from the pool).
             let report = |name: &str, bytes: u64| -> bool {
-                tx.send((name.to_string(), bytes)).is_ok() && !cancel.load(Ordering::Relaxed)
+                (!wants_events || tx.send((name.to_string(), bytes)).is_ok())
+                    && !cancel.load(Ordering::Relaxed)
             };
             merge::run(&ck, &plan, out, mode, &report)
         });
