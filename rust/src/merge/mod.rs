@@ -16,6 +16,7 @@
 mod bf16x;
 mod kernel;
 mod plan;
+mod release;
 mod shard;
 mod sidecar;
 #[cfg(test)]

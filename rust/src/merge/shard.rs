@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::kernel::{self, prepare, Fixups, Prepared, Scratch};
 use super::plan::{MergePlan, Op};
+use super::release::ChunkRelease;
 use super::sidecar::SidecarSpill;
 use super::{
     shard_name, Mode, Report, CHUNK_BYTES, ROW_BLOCK, SIDECAR_DIR, SUFFIX_DORA, SUFFIX_INDEX,
@@ -168,11 +169,12 @@ impl<'a> ShardOut<'a> {
     fn copy(&self, t: &TensorInfo) -> Result<()> {
         let data = self.shard.data(t);
         let pieces = data.len().div_ceil(CHUNK_BYTES);
+        let release = ChunkRelease::new(self.shard, t, CHUNK_BYTES);
         (0..pieces).into_par_iter().try_for_each(|i| {
             let (from, to) = (i * CHUNK_BYTES, ((i + 1) * CHUNK_BYTES).min(data.len()));
             self.writer
                 .write_at((t.begin + from) as u64, &data[from..to])?;
-            self.shard.release(t, from, to - from);
+            release.complete(i);
             Ok(())
         })
     }
@@ -234,6 +236,7 @@ impl<'a> ShardOut<'a> {
         };
 
         let data = self.shard.data(t);
+        let release = ChunkRelease::new(self.shard, t, chunk_rows * row_bytes);
         let chunks: Vec<(Fixups, u64)> = (0..n_chunks)
             .into_par_iter()
             .map_init(
@@ -261,7 +264,7 @@ impl<'a> ShardOut<'a> {
                         .write_at((t.begin + row0 * row_bytes) as u64, &buf);
                     give_back_buffer(buf);
                     written?;
-                    self.shard.release(t, row0 * row_bytes, nrows * row_bytes);
+                    release.complete(ci);
                     Ok((fix, restored))
                 },
             )
