@@ -388,5 +388,5 @@ def test_interrupt_from_progress_cancels_and_leaves_nothing(models, tmp_path, mo
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        oxpeft.merge_checkpoint(base, adapter, work / "out", progress=False)
+        oxpeft.merge_checkpoint(base, adapter, work / "out", progress=True)
     assert seen and list(work.iterdir()) == []
