@@ -22,7 +22,9 @@ import shutil
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -124,12 +126,16 @@ def merge_checkpoint(
         _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
 
         def work(tmp: Path, bar: _Progress) -> dict:
-            report = _native.merge_checkpoint(
-                str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.hook
-            )
-            if exact_unmerge and (tmp / SIDECAR_DIR).is_dir():
-                manifest = {"format": _MANIFEST_FORMAT, "adapters": [r[3] for r in resolved]}
-                (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            # The adapters' sha256 (for the sidecar's manifest) is computed on a thread while the
+            # merge runs (hashlib releases the GIL), rather than before it.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                fingerprints = [pool.submit(r[3]) for r in resolved] if exact_unmerge else []
+                report = _native.merge_checkpoint(
+                    str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.hook
+                )
+                if exact_unmerge and (tmp / SIDECAR_DIR).is_dir():
+                    manifest = {"format": _MANIFEST_FORMAT, "adapters": [f.result() for f in fingerprints]}
+                    (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             return report
 
         return _build(base_dir, out_dir, force, progress, "merge", work, exact=exact_unmerge)
@@ -166,7 +172,7 @@ def unmerge_checkpoint(
         if exact:
             manifest = json.loads(manifest_path.read_text())
             recorded = manifest.get("adapters", [])
-            given = [r[3] for r in resolved]
+            given = [r[3]() for r in resolved]
             strip = lambda fps: [{k: v for k, v in fp.items() if k != "weight"} for fp in fps]  # noqa: E731
             if manifest.get("format") != _MANIFEST_FORMAT or strip(recorded) != strip(given):
                 raise ValueError(
@@ -235,7 +241,7 @@ def _sha256(path: Path) -> str:
 
 
 def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, str, float, dict]:
-    """(folder, safetensors weights file, weight, fingerprint) of an adapter folder.
+    """(folder, safetensors weights file, weight, fingerprint function) of an adapter folder.
 
     A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
     unpickle) and converted to a safetensors file in ``scratch``.
@@ -257,8 +263,12 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, s
             raise ValueError(f"{source}: not a state dict of tensors")
         weights_file = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
-    fingerprint = {"config_sha256": _sha256(config), "weights_sha256": _sha256(source), "weight": weight}
-    return str(folder), str(weights_file), weight, fingerprint
+    return str(folder), str(weights_file), weight, partial(_fingerprint, config, source, weight)
+
+
+def _fingerprint(config: Path, weights: Path, weight: float) -> dict:
+    """What the exact-unmerge manifest records of an adapter: its files' sha256 and its weight."""
+    return {"config_sha256": _sha256(config), "weights_sha256": _sha256(weights), "weight": weight}
 
 
 def _warn_if_tied_embedding_changes(base: Path, weight_files: list[str]) -> None:
