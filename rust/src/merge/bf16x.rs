@@ -48,6 +48,49 @@ pub(super) fn merge_row<const SCALE: bool>(
     merge_row_single::<SCALE>(FloatType::BF16, w, d, o, record, base_index, fix)
 }
 
+/// Rows in a fused block: [`merge_lora_block`] keeps 8 rows x 32 columns of the product in 16
+/// registers.
+pub(super) const FUSED_ROWS: usize = 8;
+
+/// One LoRA term on a full block of [`FUSED_ROWS`] bf16 rows with `cols % 32 == 0`, fused: each
+/// 8 x 32 tile of `scale * left @ right` (the same FMA chain in k order as `dots`, then the
+/// scaling) goes from the registers straight into W' = round(W + delta) and the unmerge check,
+/// so the delta is never stored. `left` holds the block's rows (8 x r). `masks` is scratch.
+/// Returns false, with `fix` untouched, when a step met a denormal: the caller then redoes the
+/// block with the unfused passes (whose output overwrites this one's). Call only when
+/// [`available`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn merge_lora_block(
+    left: &[f32],
+    right: &[f32],
+    scale: f32,
+    w: &[u8],
+    o: &mut [u8],
+    record: bool,
+    base_index: u64,
+    fix: &mut Fixups,
+    masks: &mut Vec<u32>,
+) -> bool {
+    let cols = w.len() / 2 / FUSED_ROWS;
+    let r = left.len() / FUSED_ROWS;
+    assert!(cols.is_multiple_of(STEP) && w.len() == 2 * FUSED_ROWS * cols && o.len() == w.len());
+    assert!(left.len() == FUSED_ROWS * r && right.len() == r * cols);
+    masks.clear();
+    masks.resize(FUSED_ROWS * cols / STEP, 0);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked `available()`; the shapes were just checked.
+    unsafe {
+        x86::merge_lora_block(
+            left, right, r, cols, scale, w, o, record, base_index, fix, masks,
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (scale, record, base_index, fix);
+        false
+    }
+}
+
 /// W = round(unstep(W', d)) for one bf16 row. Call only when [`available`].
 pub(super) fn undo_row<const SCALE: bool>(w: &[u8], d: &[f32], o: &mut [u8]) {
     assert!(w.len() == 2 * d.len() && o.len() == w.len());
@@ -72,6 +115,11 @@ mod x86 {
     /// any CPU cache, and the hardware prefetcher stops at each 4 KiB page: asking a kilobyte
     /// ahead makes a cold pass about a quarter faster (measured: 0.33 -> 0.25 ns per element).
     const PREFETCH_AHEAD: usize = 1024;
+
+    /// The fused block reads 8 rows of W at once, one cache line per row per tile: its
+    /// prefetches go 4 tiles ahead. (Further ahead, 8 rows' lines are evicted from L1 by the
+    /// tiles' loads of `right` before they are used: measured 1024 bytes ahead 20 % slower.)
+    const FUSED_PREFETCH_AHEAD: usize = 256;
 
     /// A hint to load the cache line at `p`; it never faults, so `p` may be past the end.
     #[inline(always)]
@@ -159,6 +207,79 @@ mod x86 {
                 }
             }
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+    pub(super) unsafe fn merge_lora_block(
+        left: &[f32],
+        right: &[f32],
+        r: usize,
+        cols: usize,
+        scale: f32,
+        w: &[u8],
+        o: &mut [u8],
+        record: bool,
+        base_index: u64,
+        fix: &mut Fixups,
+        masks: &mut [u32],
+    ) -> bool {
+        const NR: usize = FUSED_ROWS;
+        let words = cols / STEP;
+        let vs = _mm512_set1_ps(scale);
+        let (lp, rp, wp, op) = (left.as_ptr(), right.as_ptr(), w.as_ptr(), o.as_mut_ptr());
+        let mut special = 0u16;
+        for (jw, j) in (0..cols).step_by(STEP).enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); 2]; NR];
+            for k in 0..r {
+                // SAFETY: k < r and j + 32 <= cols, inside `right`.
+                let (a0, a1) = unsafe {
+                    (
+                        _mm512_loadu_ps(rp.add(k * cols + j)),
+                        _mm512_loadu_ps(rp.add(k * cols + j + 16)),
+                    )
+                };
+                for (i, acc_row) in acc.iter_mut().enumerate() {
+                    // SAFETY: i < NR and k < r, inside `left`.
+                    let b = _mm512_set1_ps(unsafe { *lp.add(i * r + k) });
+                    acc_row[0] = _mm512_fmadd_ps(b, a0, acc_row[0]);
+                    acc_row[1] = _mm512_fmadd_ps(b, a1, acc_row[1]);
+                }
+            }
+            for (i, acc_row) in acc.iter().enumerate() {
+                let at = 2 * (i * cols + j);
+                prefetch(wp.wrapping_add(at + FUSED_PREFETCH_AHEAD));
+                let (d0, d1) = (_mm512_mul_ps(acc_row[0], vs), _mm512_mul_ps(acc_row[1], vs));
+                // SAFETY: i < NR and j + 32 <= cols: 64 bytes inside `w`.
+                let wv = unsafe { _mm512_loadu_si512(wp.add(at).cast()) };
+                let (x0, x1) = widen(wv);
+                let (merged, sp) = round(_mm512_add_ps(x0, d0), _mm512_add_ps(x1, d1));
+                special |= sp;
+                // SAFETY: as for the load, inside `o`.
+                unsafe { _mm512_storeu_si512(op.add(at).cast(), merged) };
+                if record {
+                    let (m0, m1) = widen(merged);
+                    let (back, sp) = round(_mm512_sub_ps(m0, d0), _mm512_sub_ps(m1, d1));
+                    special |= sp;
+                    masks[i * words + jw] = _mm512_cmpneq_epi16_mask(back, wv);
+                }
+            }
+        }
+        if special != 0 {
+            return false;
+        }
+        if record {
+            for i in 0..NR {
+                let row = i * cols;
+                emit(
+                    fix,
+                    &masks[i * words..(i + 1) * words],
+                    base_index + row as u64,
+                    &w[2 * row..2 * (row + cols)],
+                );
+            }
+        }
+        true
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
@@ -370,6 +491,77 @@ mod tests {
                     undo_single::<false>(FloatType::BF16, &w, &d, &mut slow);
                 }
                 assert_eq!(fast, slow, "undo, scale={scale}, n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_lora_block_matches_dots_then_the_row_pass() {
+        if !available() {
+            return;
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for (r, cols, special_every) in [
+            (16, 64, u64::MAX),
+            (8, 2048, u64::MAX),
+            (3, 320, 4000),
+            (16, 96, 1),
+        ] {
+            let n = FUSED_ROWS * cols;
+            let (w, _) = patterns(n, special_every, &mut seed);
+            let (left, _) = patterns(FUSED_ROWS * r, u64::MAX, &mut seed);
+            let (right, _) = patterns(r * cols, u64::MAX, &mut seed);
+            let f = |b: &[u8]| -> Vec<f32> {
+                b.chunks(2)
+                    .map(|c| {
+                        FloatType::BF16.bits_to_f32(u16::from_le_bytes([c[0], c[1]]) as u32) * 2.0
+                    })
+                    .collect()
+            };
+            let (left, mut right) = (f(&left), f(&right));
+            if special_every == 1 {
+                // A zero delta leaves W's denormals denormal: the block must be handed back.
+                right.iter_mut().for_each(|x| *x = 0.0);
+            }
+            for (record, scale) in [(true, 0.5f32), (false, 2.0), (true, 1.0)] {
+                let mut d = vec![0f32; n];
+                crate::merge::kernel::dots(&left, &right, r, cols, FUSED_ROWS, scale, &mut d);
+                let mut slow = vec![0u8; 2 * n];
+                let mut fs = Fixups::default();
+                for i in 0..FUSED_ROWS {
+                    let (span, row) = (2 * i * cols..2 * (i + 1) * cols, i * cols..(i + 1) * cols);
+                    merge_row::<false>(
+                        &w[span.clone()],
+                        &d[row],
+                        &mut slow[span],
+                        record,
+                        9 + (i * cols) as u64,
+                        &mut fs,
+                    );
+                }
+                let mut fast = vec![0u8; 2 * n];
+                let (mut ff, mut masks) = (Fixups::default(), Vec::new());
+                let done = merge_lora_block(
+                    &left, &right, scale, &w, &mut fast, record, 9, &mut ff, &mut masks,
+                );
+                if special_every == 1 {
+                    assert!(
+                        !done && ff.index.is_empty(),
+                        "a block with denormals is left to the caller"
+                    );
+                    continue;
+                }
+                assert!(done);
+                assert!(
+                    !record || cols < 2048 || !fs.index.is_empty(),
+                    "the check finds misses"
+                );
+                assert_eq!(fast, slow, "r={r} cols={cols}");
+                assert_eq!(
+                    (ff.index, ff.bits),
+                    (fs.index, fs.bits),
+                    "r={r} cols={cols}"
+                );
             }
         }
     }

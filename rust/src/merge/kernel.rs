@@ -264,6 +264,8 @@ pub(super) struct Scratch {
     pub(super) acc: Vec<f32>,
     pub(super) deltas: Vec<f32>,
     pub(super) second: Vec<f32>,
+    /// The fused bf16 LoRA block's miss masks.
+    pub(super) masks: Vec<u32>,
 }
 
 impl Scratch {
@@ -276,6 +278,7 @@ impl Scratch {
             acc: vec![0f32; p.cols],
             deltas: vec![0f32; p.terms.len() * ROW_BLOCK * p.cols],
             second: vec![0f32; if hadamard { ROW_BLOCK * p.cols } else { 0 }],
+            masks: Vec::new(),
         }
     }
 }
@@ -781,12 +784,23 @@ fn merge_block_t(
     let cols = p.cols;
     let row_bytes = cols * ft.size();
     let nrows = inp.len() / row_bytes;
+    let single = p.single();
+    let fast_bf16 = ft == FloatType::BF16 && bf16x::available();
+    if let (Some(false), true, bf16x::FUSED_ROWS, 0) = (single, fast_bf16, nrows, cols % 32) {
+        if let Delta::LowRank { p: prod, scaling } = &p.terms[0].delta {
+            let r = prod.r;
+            let left = &prod.left[first_row * r..(first_row + nrows) * r];
+            let at = (first_row * cols) as u64;
+            let (right, masks) = (&prod.right, &mut scratch.masks);
+            if bf16x::merge_lora_block(left, right, *scaling, inp, out, record, at, fix, masks) {
+                return;
+            }
+        }
+    }
     deltas(p, first_row, nrows, scratch);
     let Scratch { acc, deltas, .. } = scratch;
     let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
-    let single = p.single();
-    let fast_bf16 = ft == FloatType::BF16 && bf16x::available();
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];
         let o = &mut out[rr * row_bytes..(rr + 1) * row_bytes];
