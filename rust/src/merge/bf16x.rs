@@ -80,13 +80,51 @@ pub(super) fn merge_lora_block(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller checked `available()`; the shapes were just checked.
     unsafe {
-        x86::merge_lora_block(
+        x86::lora_block::<false>(
             left, right, r, cols, scale, w, o, record, base_index, fix, masks,
         )
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (scale, record, base_index, fix);
+        false
+    }
+}
+
+/// The unmerge counterpart of [`merge_lora_block`]: W = round(W' - delta) for a full block of
+/// [`FUSED_ROWS`] bf16 rows with `cols % 32 == 0`. Returns false when a step met a denormal (the
+/// caller redoes the block). Call only when [`available`].
+pub(super) fn undo_lora_block(
+    left: &[f32],
+    right: &[f32],
+    scale: f32,
+    w: &[u8],
+    o: &mut [u8],
+) -> bool {
+    let cols = w.len() / 2 / FUSED_ROWS;
+    let r = left.len() / FUSED_ROWS;
+    assert!(cols.is_multiple_of(STEP) && w.len() == 2 * FUSED_ROWS * cols && o.len() == w.len());
+    assert!(left.len() == FUSED_ROWS * r && right.len() == r * cols);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `merge_lora_block`; nothing is recorded, so no masks are needed.
+    unsafe {
+        x86::lora_block::<true>(
+            left,
+            right,
+            r,
+            cols,
+            scale,
+            w,
+            o,
+            false,
+            0,
+            &mut Fixups::default(),
+            &mut [],
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = scale;
         false
     }
 }
@@ -211,7 +249,7 @@ mod x86 {
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
-    pub(super) unsafe fn merge_lora_block(
+    pub(super) unsafe fn lora_block<const UNDO: bool>(
         left: &[f32],
         right: &[f32],
         r: usize,
@@ -253,7 +291,11 @@ mod x86 {
                 // SAFETY: i < NR and j + 32 <= cols: 64 bytes inside `w`.
                 let wv = unsafe { _mm512_loadu_si512(wp.add(at).cast()) };
                 let (x0, x1) = widen(wv);
-                let (merged, sp) = round(_mm512_add_ps(x0, d0), _mm512_add_ps(x1, d1));
+                let (merged, sp) = if UNDO {
+                    round(_mm512_sub_ps(x0, d0), _mm512_sub_ps(x1, d1))
+                } else {
+                    round(_mm512_add_ps(x0, d0), _mm512_add_ps(x1, d1))
+                };
                 special |= sp;
                 // SAFETY: as for the load, inside `o`.
                 unsafe { _mm512_storeu_si512(op.add(at).cast(), merged) };
@@ -549,6 +591,7 @@ mod tests {
                         !done && ff.index.is_empty(),
                         "a block with denormals is left to the caller"
                     );
+                    assert!(!undo_lora_block(&left, &right, scale, &w, &mut fast));
                     continue;
                 }
                 assert!(done);
@@ -557,6 +600,10 @@ mod tests {
                     "the check finds misses"
                 );
                 assert_eq!(fast, slow, "r={r} cols={cols}");
+                let (mut back_fast, mut back_slow) = (vec![0u8; 2 * n], vec![0u8; 2 * n]);
+                assert!(undo_lora_block(&left, &right, scale, &fast, &mut back_fast));
+                undo_row::<false>(&fast, &d, &mut back_slow);
+                assert_eq!(back_fast, back_slow, "undo r={r} cols={cols}");
                 assert_eq!(
                     (ff.index, ff.bits),
                     (fs.index, fs.bits),

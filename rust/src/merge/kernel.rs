@@ -725,6 +725,30 @@ pub(super) fn merge_row_single<const SCALE: bool>(
     }
 }
 
+/// (the block's rows of `left`, `right`, scaling) when this block goes to the fused bf16 LoRA
+/// kernel: one LoRA term without DoRA, bf16 W, a full block of rows, whole 32-column tiles and
+/// a CPU with AVX-512 BF16.
+fn fused_lora(
+    p: &Prepared,
+    ft: FloatType,
+    first_row: usize,
+    nrows: usize,
+) -> Option<(&[f32], &[f32], f32)> {
+    let fits = ft == FloatType::BF16
+        && p.single() == Some(false)
+        && nrows == bf16x::FUSED_ROWS
+        && p.cols.is_multiple_of(32)
+        && bf16x::available();
+    match p.terms.first().map(|t| &t.delta) {
+        Some(Delta::LowRank { p: prod, scaling }) if fits => {
+            let r = prod.r;
+            let left = &prod.left[first_row * r..(first_row + nrows) * r];
+            Some((left, &prod.right, *scaling))
+        }
+        _ => None,
+    }
+}
+
 multiversion! {
     /// Merges one block of rows: W' = round(adapter steps in order on float(W)); with `record`,
     /// replays the unmerge and notes the elements that would not come back.
@@ -786,15 +810,10 @@ fn merge_block_t(
     let nrows = inp.len() / row_bytes;
     let single = p.single();
     let fast_bf16 = ft == FloatType::BF16 && bf16x::available();
-    if let (Some(false), true, bf16x::FUSED_ROWS, 0) = (single, fast_bf16, nrows, cols % 32) {
-        if let Delta::LowRank { p: prod, scaling } = &p.terms[0].delta {
-            let r = prod.r;
-            let left = &prod.left[first_row * r..(first_row + nrows) * r];
-            let at = (first_row * cols) as u64;
-            let (right, masks) = (&prod.right, &mut scratch.masks);
-            if bf16x::merge_lora_block(left, right, *scaling, inp, out, record, at, fix, masks) {
-                return;
-            }
+    if let Some((left, right, scaling)) = fused_lora(p, ft, first_row, nrows) {
+        let (at, masks) = ((first_row * cols) as u64, &mut scratch.masks);
+        if bf16x::merge_lora_block(left, right, scaling, inp, out, record, at, fix, masks) {
+            return;
         }
     }
     deltas(p, first_row, nrows, scratch);
@@ -856,6 +875,11 @@ fn unmerge_block_any(
     let ft = p.ft;
     let row_bytes = p.cols * ft.size();
     let nrows = inp.len() / row_bytes;
+    if let Some((left, right, scaling)) = fused_lora(p, ft, first_row, nrows) {
+        if bf16x::undo_lora_block(left, right, scaling, inp, out) {
+            return;
+        }
+    }
     deltas(p, first_row, nrows, scratch);
     let Scratch { acc, deltas, .. } = scratch;
     if let Some(scale) = p.single() {
