@@ -235,7 +235,7 @@ def _check_paths(
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 

@@ -14,6 +14,7 @@
 //! originals of replaced tensors) in a sidecar; unmerging with it restores the base bit for bit.
 
 mod bf16x;
+mod fixlist;
 mod kernel;
 mod plan;
 mod release;
@@ -40,6 +41,10 @@ use crate::{Error, Result};
 /// `*.safetensors` of a checkpoint folder do not look into sub-folders.
 pub const SIDECAR_DIR: &str = "oxpeft-unmerge";
 const ADAPTER_PREFIX: &str = "base_model.model.";
+/// Sidecar format 2: a tensor's fix-up records and their seek table (see `fixlist`).
+const SUFFIX_FIXES: &str = ".oxpeft_unmerge_fixes";
+const SUFFIX_SEEK: &str = ".oxpeft_unmerge_seek";
+/// Sidecar format 1 (still read): sorted element indices (u32 or i64) and their original bits.
 const SUFFIX_INDEX: &str = ".oxpeft_unmerge_index";
 const SUFFIX_VALUE: &str = ".oxpeft_unmerge_value";
 const SUFFIX_DORA: &str = ".oxpeft_dora_factor";

@@ -7,13 +7,14 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use super::fixlist::{self, FixList};
 use super::kernel::{self, prepare, Fixups, Prepared, Scratch};
 use super::plan::{MergePlan, Op};
 use super::release::ChunkRelease;
 use super::sidecar::SidecarSpill;
 use super::{
-    shard_name, Mode, Report, CHUNK_BYTES, ROW_BLOCK, SIDECAR_DIR, SUFFIX_DORA, SUFFIX_INDEX,
-    SUFFIX_ORIGINAL, SUFFIX_VALUE,
+    shard_name, Mode, Report, CHUNK_BYTES, ROW_BLOCK, SIDECAR_DIR, SUFFIX_DORA, SUFFIX_FIXES,
+    SUFFIX_INDEX, SUFFIX_ORIGINAL, SUFFIX_SEEK, SUFFIX_VALUE,
 };
 use crate::checkpoint::{
     Dtype, FloatType, PositionalWriter, SafeTensorsFile, TensorInfo, TensorSpec,
@@ -22,8 +23,8 @@ use crate::{Error, Result};
 
 /// Sidecar entry kinds, in their order within a tensor's entries.
 const ORDER_ORIGINAL: u8 = 0;
-const ORDER_INDEX: u8 = 1;
-const ORDER_VALUE: u8 = 2;
+const ORDER_FIXES: u8 = 1;
+const ORDER_SEEK: u8 = 2;
 const ORDER_DORA: u8 = 3;
 
 /// What every tensor task needs: the plan and the mode.
@@ -271,7 +272,7 @@ impl<'a> ShardOut<'a> {
             )
             .collect::<Result<_>>()?;
         if let Some(sc) = self.sidecar {
-            for suffix in [SUFFIX_INDEX, SUFFIX_VALUE] {
+            for suffix in [SUFFIX_FIXES, SUFFIX_SEEK, SUFFIX_INDEX, SUFFIX_VALUE] {
                 if let Some(st) = sc.get(&format!("{}{suffix}", t.name)) {
                     sc.release(st, 0, st.nbytes());
                 }
@@ -302,45 +303,44 @@ impl<'a> ShardOut<'a> {
         // The chunks are in row order and each lists its elements in order, so the concatenation
         // is the sorted fix-up list the unmerge expects.
         let n_fix: usize = chunks.iter().map(|c| c.0.index.len()).sum();
-        let wide = t.numel() > u32::MAX as usize;
-        let fix_bytes = n_fix * (if wide { 8 } else { 4 } + p.ft.size());
-        if fix_bytes >= t.nbytes() {
-            // A delta large against W (or IA3's multiply) leaves too many elements to list: keeping
-            // the original tensor is smaller, so the sidecar never outgrows the merged tensors.
-            report.sidecar_elements += t.numel() as u64;
-            self.keep_original(pos, t);
-            return Ok(());
-        }
-        report.sidecar_elements += n_fix as u64;
         if n_fix > 0 {
-            let (mut idx, mut val) = SERIAL_BUFFERS.take();
-            idx.clear();
-            val.clear();
-            val.resize(n_fix * p.ft.size(), 0);
-            let mut at = 0;
-            for (fix, _) in chunks {
-                for (&i, &b) in fix.index.iter().zip(&fix.bits) {
-                    if wide {
-                        idx.extend_from_slice(&i.to_le_bytes());
-                    } else {
-                        idx.extend_from_slice(&(i as u32).to_le_bytes());
-                    }
-                    p.ft.store_bits(&mut val, at, b);
-                    at += 1;
-                }
+            let entries = chunks
+                .iter()
+                .flat_map(|(fix, _)| fix.index.iter().copied().zip(fix.bits.iter().copied()));
+            let mut stream = SERIAL_BUFFER.take();
+            let table = fixlist::encode(p.ft, t.numel() as u64, entries, &mut stream);
+            if stream.len() + 8 * table.len() >= t.nbytes() {
+                // A delta large against W (or IA3's multiply) leaves too many elements to list:
+                // keeping the original tensor is smaller, so the sidecar never outgrows the
+                // merged tensors.
+                SERIAL_BUFFER.set(stream);
+                report.sidecar_elements += t.numel() as u64;
+                self.keep_original(pos, t);
+                return Ok(());
             }
-            let spec = |suffix: &str, dtype| TensorSpec {
+            let table: Vec<u8> = table.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let spec = |suffix: &str, dtype, shape| TensorSpec {
                 name: format!("{}{suffix}", t.name),
                 dtype,
-                shape: vec![n_fix],
+                shape,
             };
-            let idx_dtype = if wide { Dtype::I64 } else { Dtype::U32 };
             let spilled = spill
-                .spill((pos, ORDER_INDEX), spec(SUFFIX_INDEX, idx_dtype), &idx)
-                .and_then(|()| spill.spill((pos, ORDER_VALUE), spec(SUFFIX_VALUE, t.dtype), &val));
-            SERIAL_BUFFERS.set((idx, val));
+                .spill(
+                    (pos, ORDER_FIXES),
+                    spec(SUFFIX_FIXES, Dtype::U8, vec![stream.len()]),
+                    &stream,
+                )
+                .and_then(|()| {
+                    spill.spill(
+                        (pos, ORDER_SEEK),
+                        spec(SUFFIX_SEEK, Dtype::U64, vec![table.len() / 16, 2]),
+                        &table,
+                    )
+                });
+            SERIAL_BUFFER.set(stream);
             spilled?;
         }
+        report.sidecar_elements += n_fix as u64;
         if n_dora > 0 {
             // Each block of ROW_BLOCK rows left n_dora runs of its rows' factors.
             let mut factors = vec![0f32; n_dora * p.rows];
@@ -375,9 +375,8 @@ impl<'a> ShardOut<'a> {
 thread_local! {
     /// Each thread's output chunk buffer, kept between chunks so that it is not zeroed again.
     static CHUNK_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    /// A tensor's sidecar index and value bytes, reused from tensor to tensor.
-    static SERIAL_BUFFERS: std::cell::Cell<(Vec<u8>, Vec<u8>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// A tensor's encoded fix-up records, reused from tensor to tensor.
+    static SERIAL_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Fix-up lists are recycled between chunks: growing fresh ones faulted in new pages for every
@@ -421,6 +420,9 @@ fn give_back_buffer(buf: Vec<u8>) {
 #[derive(Default)]
 struct SidecarFixes<'a> {
     dora: Vec<f32>,
+    /// Format 2.
+    list: Option<FixList<'a>>,
+    /// Format 1: sorted indices (u32, or i64 when `wide`) and the original values.
     index: &'a [u8],
     wide: bool,
     values: &'a [u8],
@@ -442,6 +444,23 @@ impl<'a> SidecarFixes<'a> {
                 ));
             }
             fixes.dora = sc.read_f32(tf)?;
+        }
+        if let (Some(tf), Some(ts)) = (
+            sc.get(&format!("{}{SUFFIX_FIXES}", t.name)),
+            sc.get(&format!("{}{SUFFIX_SEEK}", t.name)),
+        ) {
+            if tf.dtype != Dtype::U8 || ts.dtype != Dtype::U64 {
+                return Err(Error::tensor(
+                    &tf.name,
+                    "sidecar fix-up tensors have the wrong dtypes",
+                ));
+            }
+            let list =
+                FixList::new(p.ft, t.numel() as u64, sc.data(tf), sc.data(ts)).map_err(|why| {
+                    Error::tensor(&tf.name, format!("corrupt sidecar fix-up list: {why}"))
+                })?;
+            fixes.list = Some(list);
+            return Ok(fixes);
         }
         let (Some(ti), Some(tv)) = (
             sc.get(&format!("{}{SUFFIX_INDEX}", t.name)),
@@ -480,6 +499,7 @@ impl<'a> SidecarFixes<'a> {
         Ok(fixes)
     }
 
+    /// Format 1's entry count.
     fn len(&self) -> usize {
         self.index.len() / if self.wide { 8 } else { 4 }
     }
@@ -496,6 +516,9 @@ impl<'a> SidecarFixes<'a> {
     /// how many it restored.
     fn apply(&self, p: &Prepared, first: usize, count: usize, buf: &mut [u8]) -> u64 {
         let (lo, hi) = (first as u64, (first + count) as u64);
+        if let Some(list) = &self.list {
+            return list.apply(lo..hi, buf);
+        }
         let (mut a, mut b) = (0, self.len());
         while a < b {
             let m = (a + b) / 2;

@@ -94,6 +94,8 @@ impl SidecarSpill {
         let specs: Vec<TensorSpec> = entries.iter().map(|e| e.1.clone()).collect();
         let mut meta = serde_json::Map::new();
         meta.insert("format".into(), "oxpeft-exact-unmerge".into());
+        // 2: fix-up lists as varint records with a seek table (see `fixlist`); 1: index + value.
+        meta.insert("format_version".into(), "2".into());
         let out = self.dir.join(&self.name);
         let mut w = StreamingWriter::create(&out, Some(&meta), &specs)?;
         let mut buf = vec![0u8; CHUNK_BYTES];

@@ -349,3 +349,67 @@ fn a_huge_delta_keeps_the_original_instead_of_a_longer_fix_list() {
         std::fs::remove_dir_all(&back).unwrap();
     }
 }
+
+/// Sidecars written before format 2 (sorted u32 indices + original values as two tensors) still
+/// give a bit-exact unmerge.
+#[test]
+fn a_format_1_sidecar_still_unmerges_exactly() {
+    let c = case(CFG, [3, 21], false);
+    let merge = Mode::Merge {
+        exact_unmerge: true,
+    };
+    let (out, rep) = run_to(&c, &c.base, "merged", merge);
+    assert!(rep.sidecar_elements > 0);
+    // Rewrite the sidecar in format 1.
+    let path = out.join(SIDECAR_DIR).join("model.safetensors");
+    let v2 = SafeTensorsFile::open(&path).unwrap();
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    for t in v2.tensors() {
+        let Some(name) = t.name.strip_suffix(SUFFIX_FIXES) else {
+            if !t.name.ends_with(SUFFIX_SEEK) {
+                let spec = TensorSpec {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                };
+                tensors.push((spec, v2.data(t).to_vec()));
+            }
+            continue;
+        };
+        let base = SafeTensorsFile::open(c.base.join("model.safetensors")).unwrap();
+        let bt = base.require(name).unwrap();
+        let ft = FloatType::of(bt.dtype).unwrap();
+        let seek = v2.require(&format!("{name}{SUFFIX_SEEK}")).unwrap();
+        let list = fixlist::FixList::new(ft, bt.numel() as u64, v2.data(t), v2.data(seek)).unwrap();
+        let entries = list.entries();
+        let index: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| (e.0 as u32).to_le_bytes())
+            .collect();
+        let mut values = vec![0u8; entries.len() * ft.size()];
+        entries
+            .iter()
+            .enumerate()
+            .for_each(|(k, e)| ft.store_bits(&mut values, k, e.1));
+        let spec = |suffix: &str, dtype| TensorSpec {
+            name: format!("{name}{suffix}"),
+            dtype,
+            shape: vec![entries.len()],
+        };
+        tensors.push((spec(SUFFIX_INDEX, Dtype::U32), index));
+        tensors.push((spec(SUFFIX_VALUE, bt.dtype), values));
+    }
+    drop(v2);
+    let specs: Vec<TensorSpec> = tensors.iter().map(|t| t.0.clone()).collect();
+    let mut w = StreamingWriter::create(&path, None, &specs).unwrap();
+    tensors.iter().for_each(|t| w.write(&t.1).unwrap());
+    w.finish().unwrap();
+
+    let unmerge = Mode::Unmerge {
+        sidecar: Some(out.join(SIDECAR_DIR)),
+    };
+    let (restored, rep2) = run_to(&c, &out, "restored", unmerge);
+    assert_eq!(rep2.sidecar_elements, rep.sidecar_elements);
+    let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(&c.base), bytes(&restored));
+}
