@@ -50,7 +50,7 @@ pub(super) fn merge_row<const SCALE: bool>(
 
 /// Rows in a fused block: [`merge_lora_block`] keeps 8 rows x 32 columns of the product in 16
 /// registers.
-pub(super) const FUSED_ROWS: usize = 8;
+pub(super) const FUSED_ROWS: usize = super::ROW_BLOCK;
 
 /// One LoRA term on a full block of [`FUSED_ROWS`] bf16 rows with `cols % 32 == 0`, fused: each
 /// 8 x 32 tile of `scale * left @ right` (the same FMA chain in k order as `dots`, then the
@@ -144,6 +144,7 @@ pub(super) fn undo_row<const SCALE: bool>(w: &[u8], d: &[f32], o: &mut [u8]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use crate::merge::kernel::tile_avx512;
     use std::arch::x86_64::*;
 
     /// fpclass category: denormal.
@@ -262,33 +263,18 @@ mod x86 {
         fix: &mut Fixups,
         masks: &mut [u32],
     ) -> bool {
-        const NR: usize = FUSED_ROWS;
         let words = cols / STEP;
         let vs = _mm512_set1_ps(scale);
         let (lp, rp, wp, op) = (left.as_ptr(), right.as_ptr(), w.as_ptr(), o.as_mut_ptr());
         let mut special = 0u16;
         for (jw, j) in (0..cols).step_by(STEP).enumerate() {
-            let mut acc = [[_mm512_setzero_ps(); 2]; NR];
-            for k in 0..r {
-                // SAFETY: k < r and j + 32 <= cols, inside `right`.
-                let (a0, a1) = unsafe {
-                    (
-                        _mm512_loadu_ps(rp.add(k * cols + j)),
-                        _mm512_loadu_ps(rp.add(k * cols + j + 16)),
-                    )
-                };
-                for (i, acc_row) in acc.iter_mut().enumerate() {
-                    // SAFETY: i < NR and k < r, inside `left`.
-                    let b = _mm512_set1_ps(unsafe { *lp.add(i * r + k) });
-                    acc_row[0] = _mm512_fmadd_ps(b, a0, acc_row[0]);
-                    acc_row[1] = _mm512_fmadd_ps(b, a1, acc_row[1]);
-                }
-            }
+            // SAFETY: the caller checked the shapes; j + 32 <= cols.
+            let acc = unsafe { tile_avx512(lp, rp, r, cols, j) };
             for (i, acc_row) in acc.iter().enumerate() {
                 let at = 2 * (i * cols + j);
                 prefetch(wp.wrapping_add(at + FUSED_PREFETCH_AHEAD));
                 let (d0, d1) = (_mm512_mul_ps(acc_row[0], vs), _mm512_mul_ps(acc_row[1], vs));
-                // SAFETY: i < NR and j + 32 <= cols: 64 bytes inside `w`.
+                // SAFETY: i < FUSED_ROWS and j + 32 <= cols: 64 bytes inside `w`.
                 let wv = unsafe { _mm512_loadu_si512(wp.add(at).cast()) };
                 let (x0, x1) = widen(wv);
                 let (merged, sp) = if UNDO {
@@ -311,7 +297,7 @@ mod x86 {
             return false;
         }
         if record {
-            for i in 0..NR {
+            for i in 0..FUSED_ROWS {
                 let row = i * cols;
                 emit(
                     fix,

@@ -413,22 +413,8 @@ unsafe fn dots_block_avx512(
     let (lp, rp, op) = (left.as_ptr(), right.as_ptr(), out.as_mut_ptr());
     let mut j = 0;
     while j < full {
-        let mut acc = [[_mm512_setzero_ps(); 2]; NR];
-        for k in 0..r {
-            // SAFETY: k < r and j + 32 <= cols, so both loads are inside `right`.
-            let (a0, a1) = unsafe {
-                (
-                    _mm512_loadu_ps(rp.add(k * cols + j)),
-                    _mm512_loadu_ps(rp.add(k * cols + j + 16)),
-                )
-            };
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                // SAFETY: i < NR and k < r, inside `left`.
-                let b = _mm512_set1_ps(unsafe { *lp.add(i * r + k) });
-                acc_row[0] = _mm512_fmadd_ps(b, a0, acc_row[0]);
-                acc_row[1] = _mm512_fmadd_ps(b, a1, acc_row[1]);
-            }
-        }
+        // SAFETY: the lengths were checked above and j + 32 <= cols.
+        let acc = unsafe { tile_avx512(lp, rp, r, cols, j) };
         for (i, acc_row) in acc.iter().enumerate() {
             // SAFETY: i < NR and j + 32 <= cols, inside `out`.
             unsafe {
@@ -445,6 +431,42 @@ unsafe fn dots_block_avx512(
             out[i * cols + j] = dot * scale;
         }
     }
+}
+
+/// One tile of `ROW_BLOCK` rows x 32 columns of `left @ right` (`left` holds ROW_BLOCK rows of
+/// `r`, `right` is (r, cols); columns `j..j + 32`) in 16 AVX-512 accumulators, each element the
+/// FMA chain in k order. Inlined into callers compiled with AVX-512F.
+///
+/// # Safety
+/// AVX-512F must be available, `lp` must point at ROW_BLOCK * r floats and `rp` at r * cols
+/// floats, and `j + 32 <= cols`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn tile_avx512(
+    lp: *const f32,
+    rp: *const f32,
+    r: usize,
+    cols: usize,
+    j: usize,
+) -> [[std::arch::x86_64::__m512; 2]; ROW_BLOCK] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; ROW_BLOCK];
+    for k in 0..r {
+        // SAFETY: k < r and j + 32 <= cols, inside `right`.
+        let (a0, a1) = unsafe {
+            (
+                _mm512_loadu_ps(rp.add(k * cols + j)),
+                _mm512_loadu_ps(rp.add(k * cols + j + 16)),
+            )
+        };
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: i < ROW_BLOCK and k < r, inside `left`.
+            let b = _mm512_set1_ps(unsafe { *lp.add(i * r + k) });
+            acc_row[0] = _mm512_fmadd_ps(b, a0, acc_row[0]);
+            acc_row[1] = _mm512_fmadd_ps(b, a1, acc_row[1]);
+        }
+    }
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
