@@ -8,7 +8,7 @@
 //! elementwise; LoKr: rows of the Kronecker product; IA3: the row or column factors), so no
 //! full-size delta ever exists. IA3 multiplies where the others add, and its unmerge divides.
 
-use super::bf16x;
+use super::half16;
 use super::plan::{KronFactor, MergePlan, Term, TermKind};
 use super::{MAX_DORA_TERMS, ROW_BLOCK};
 use crate::checkpoint::{FloatType, TensorInfo};
@@ -756,11 +756,10 @@ fn fused_lora(
     first_row: usize,
     nrows: usize,
 ) -> Option<(&[f32], &[f32], f32)> {
-    let fits = ft == FloatType::BF16
-        && p.single() == Some(false)
-        && nrows == bf16x::FUSED_ROWS
+    let fits = p.single() == Some(false)
+        && nrows == half16::FUSED_ROWS
         && p.cols.is_multiple_of(32)
-        && bf16x::available();
+        && half16::available(ft);
     match p.terms.first().map(|t| &t.delta) {
         Some(Delta::LowRank { p: prod, scaling }) if fits => {
             let r = prod.r;
@@ -831,10 +830,10 @@ fn merge_block_t(
     let row_bytes = cols * ft.size();
     let nrows = inp.len() / row_bytes;
     let single = p.single();
-    let fast_bf16 = ft == FloatType::BF16 && bf16x::available();
+    let fast16 = half16::available(ft);
     if let Some((left, right, scaling)) = fused_lora(p, ft, first_row, nrows) {
         let (at, masks) = ((first_row * cols) as u64, &mut scratch.masks);
-        if bf16x::merge_lora_block(left, right, scaling, inp, out, record, at, fix, masks) {
+        if half16::merge_lora_block(ft, left, right, scaling, inp, out, record, at, fix, masks) {
             return;
         }
     }
@@ -850,9 +849,9 @@ fn merge_block_t(
                 &deltas[delta_row(cols, 0, rr)],
                 ((first_row + rr) * cols) as u64,
             );
-            match (scale, fast_bf16) {
-                (true, true) => bf16x::merge_row::<true>(w, d, o, record, at, fix),
-                (false, true) => bf16x::merge_row::<false>(w, d, o, record, at, fix),
+            match (scale, fast16) {
+                (true, true) => half16::merge_row::<true>(ft, w, d, o, record, at, fix),
+                (false, true) => half16::merge_row::<false>(ft, w, d, o, record, at, fix),
                 (true, false) => merge_row_single::<true>(ft, w, d, o, record, at, fix),
                 (false, false) => merge_row_single::<false>(ft, w, d, o, record, at, fix),
             }
@@ -898,7 +897,7 @@ fn unmerge_block_any(
     let row_bytes = p.cols * ft.size();
     let nrows = inp.len() / row_bytes;
     if let Some((left, right, scaling)) = fused_lora(p, ft, first_row, nrows) {
-        if bf16x::undo_lora_block(left, right, scaling, inp, out) {
+        if half16::undo_lora_block(ft, left, right, scaling, inp, out) {
             return;
         }
     }
@@ -907,8 +906,8 @@ fn unmerge_block_any(
     if let Some(scale) = p.single() {
         let d = &deltas[..nrows * p.cols];
         match (ft, scale) {
-            (FloatType::BF16, false) if bf16x::available() => bf16x::undo_row::<false>(inp, d, out),
-            (FloatType::BF16, true) if bf16x::available() => bf16x::undo_row::<true>(inp, d, out),
+            (_, false) if half16::available(ft) => half16::undo_row::<false>(ft, inp, d, out),
+            (_, true) if half16::available(ft) => half16::undo_row::<true>(ft, inp, d, out),
             (FloatType::BF16, false) => undo_single::<false>(FloatType::BF16, inp, d, out),
             (FloatType::F16, false) => undo_single::<false>(FloatType::F16, inp, d, out),
             (FloatType::F32, false) => undo_single::<false>(FloatType::F32, inp, d, out),

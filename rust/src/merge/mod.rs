@@ -13,8 +13,8 @@
 //! the elements whose original bits would not come back (plus DoRA's per-row factors and the
 //! originals of replaced tensors) in a sidecar; unmerging with it restores the base bit for bit.
 
-mod bf16x;
 mod fixlist;
+mod half16;
 mod kernel;
 mod plan;
 mod release;
