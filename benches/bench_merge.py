@@ -16,7 +16,7 @@ subprocess (so that its peak RSS is its own) on a warm page cache:
 
 and oxpeft's unmerge with the sidecar (checked byte-identical to the base) and its sidecar size.
 
-    PYTHONPATH=python python benches/bench_merge.py [--sizes 1 4] [--repeat 2] [--peft-sizes 1 4]
+    PYTHONPATH=python python benches/bench_merge.py [--sizes 1 4] [--repeat 2] [--peft-sizes 1 4] [--dtype fp16]
 """
 
 from __future__ import annotations
@@ -104,6 +104,32 @@ def generate(size_gb: int) -> tuple[Path, Path]:
     return base, adapter
 
 
+def as_fp16(base: Path) -> Path:
+    """An fp16 copy of the bf16 checkpoint `base` (same tensors, converted), made once."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = base.with_name(base.name + "-fp16")
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for f in sorted(base.iterdir()):
+        if f.suffix == ".safetensors":
+            tensors = {k: v.to(torch.float16) for k, v in load_file(str(f)).items()}
+            save_file(tensors, str(out / f.name), metadata={"format": "pt"})
+        elif f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg["dtype"] = "float16"
+            (out / f.name).write_text(json.dumps(cfg, indent=2))
+        elif f.name != "model.safetensors.index.json":
+            shutil.copy(f, out / f.name)
+    # The index last: its presence marks the copy complete.
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -148,7 +174,7 @@ def contender(kind: str, base: str, adapter: str, out: str) -> None:
     elif kind == "oxpeft-unmerge":
         oxpeft.unmerge_checkpoint(base, adapter, out, progress=False)
     elif kind == "peft":
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")  # the checkpoint's own dtype
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out)
     elif kind in ("copy", "copy+fsync"):
@@ -195,6 +221,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4], choices=sorted(LAYERS))
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the best time is kept")
     ap.add_argument("--peft-sizes", type=int, nargs="*", default=[1], help="sizes at which HF PEFT also runs")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="the checkpoint's dtype (fp16: a converted copy)")
     ap.add_argument("--contender", nargs=4, metavar=("KIND", "BASE", "ADAPTER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.contender:
@@ -204,6 +231,8 @@ def main() -> None:
     results = {}
     for size in args.sizes:
         base, adapter = generate(size)
+        if args.dtype == "fp16":
+            base = as_fp16(base)
         gib = dir_bytes(base) / 2**30
         out, back = DATA / "out", DATA / "back"
         kinds = ["copy", "copy+fsync", "oxpeft-core", "oxpeft", "oxpeft-nosidecar"]
@@ -236,7 +265,7 @@ def main() -> None:
             print(kind, row[kind], flush=True)
         results[size] = {"gib": gib, **row}
         ox = row["oxpeft"]
-        print(f"\n== {gib:.2f} GiB bf16 checkpoint, all-linear r=16 adapter (load average now "
+        print(f"\n== {gib:.2f} GiB {args.dtype} checkpoint, all-linear r=16 adapter (load average now "
               f"{os.getloadavg()[0]:.2f}) ==")
         for kind in [*kinds, "unmerge"]:
             r = row[kind]
@@ -256,7 +285,8 @@ def main() -> None:
         for kind in ("oxpeft", "oxpeft-core"):
             a, b = (results[k][kind]["peak_rss"] / 2**20 for k in (small, big))
             print(f"\n{kind} peak RSS {a:.0f} MiB -> {b:.0f} MiB as the model grows {small} -> {big} GB")
-    (DATA / "results-merge.json").write_text(json.dumps(results, indent=2))
+    suffix = "" if args.dtype == "bf16" else f"-{args.dtype}"
+    (DATA / f"results-merge{suffix}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
