@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -350,6 +351,31 @@ def test_failures_leave_nothing_behind(models, tmp_path):
     with pytest.raises(ValueError, match="overlaps"):
         oxpeft.merge_checkpoint(base, adapter, base / "inside", progress=False)
     assert sorted(p.name for p in work.iterdir()) == ["out"]
+
+
+def test_corrupt_sidecar_fixups_are_refused_and_leave_nothing(models, tmp_path):
+    base = models["llama32"]
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    merged = tmp_path / "merged"
+    report = oxpeft.merge_checkpoint(base, adapter, merged, progress=False)
+    assert report.sidecar_elements > 0
+    sidecar = sorted((merged / "oxpeft-unmerge").glob("*.safetensors"))
+    tampered = None
+    for f in sidecar:
+        state = load_file(f)
+        fixes = [k for k in state if k.endswith(".oxpeft_unmerge_fixes")]
+        if fixes:
+            # A record cut short: the stream loses its last byte (shapes stay consistent).
+            state[fixes[0]] = state[fixes[0]][:-1].clone()
+            save_file(state, f, metadata={"format": "oxpeft-exact-unmerge", "format_version": "2"})
+            tampered = fixes[0].removesuffix(".oxpeft_unmerge_fixes")
+            break
+    assert tampered is not None, "the sidecar holds format-2 fix-up lists"
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(ValueError, match=re.escape(tampered) + ".*corrupt sidecar fix-up list"):
+        oxpeft.unmerge_checkpoint(merged, adapter, work / "back", progress=False)
+    assert list(work.iterdir()) == []
 
 
 def test_cli_merge_and_unmerge(models, tmp_path, capsys):
