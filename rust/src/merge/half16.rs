@@ -293,6 +293,22 @@ mod x86 {
         }
     }
 
+    /// Step `c` (elements c..c + 32): W's 32 values and d's two halves, prefetching W ahead.
+    ///
+    /// # Safety
+    /// `wp` must point at 2 * (c + 32) bytes and `dp` at c + 32 floats.
+    #[inline(always)]
+    unsafe fn load_step(wp: *const u8, dp: *const f32, c: usize) -> (__m512i, __m512, __m512) {
+        prefetch(wp.wrapping_add(2 * c + PREFETCH_AHEAD));
+        unsafe {
+            (
+                _mm512_loadu_si512(wp.add(2 * c).cast()),
+                _mm512_loadu_ps(dp.add(c)),
+                _mm512_loadu_ps(dp.add(c + 16)),
+            )
+        }
+    }
+
     /// Steps whose miss masks are batched before they become entries.
     const PENDING: usize = 256;
 
@@ -441,14 +457,8 @@ mod x86 {
         let mut masks = [0u32; PENDING];
         let (mut pending, mut pending_at) = (0usize, 0usize);
         for c in (0..full).step_by(STEP) {
-            prefetch(wp.wrapping_add(2 * c + PREFETCH_AHEAD));
-            let (wv, d0, d1) = unsafe {
-                (
-                    _mm512_loadu_si512(wp.add(2 * c).cast()),
-                    _mm512_loadu_ps(dp.add(c)),
-                    _mm512_loadu_ps(dp.add(c + 16)),
-                )
-            };
+            // SAFETY: c + 32 <= full <= d.len(), and w holds 2 bytes per element of d.
+            let (wv, d0, d1) = unsafe { load_step(wp, dp, c) };
             let (x0, x1) = H::widen(wv);
             let (merged, mut special) = H::round(step::<SCALE>(x0, d0), step::<SCALE>(x1, d1));
             let mut misses = 0u32;
@@ -489,14 +499,8 @@ mod x86 {
         let full = d.len() / STEP * STEP;
         let (wp, dp, op) = (w.as_ptr(), d.as_ptr(), o.as_mut_ptr());
         for c in (0..full).step_by(STEP) {
-            prefetch(wp.wrapping_add(2 * c + PREFETCH_AHEAD));
-            let (wv, d0, d1) = unsafe {
-                (
-                    _mm512_loadu_si512(wp.add(2 * c).cast()),
-                    _mm512_loadu_ps(dp.add(c)),
-                    _mm512_loadu_ps(dp.add(c + 16)),
-                )
-            };
+            // SAFETY: c + 32 <= full <= d.len(), and w holds 2 bytes per element of d.
+            let (wv, d0, d1) = unsafe { load_step(wp, dp, c) };
             let (x0, x1) = H::widen(wv);
             let (back, special) = H::round(unstep::<SCALE>(x0, d0), unstep::<SCALE>(x1, d1));
             if special != 0 {

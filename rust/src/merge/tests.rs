@@ -363,6 +363,7 @@ fn a_format_1_sidecar_still_unmerges_exactly() {
     // Rewrite the sidecar in format 1.
     let path = out.join(SIDECAR_DIR).join("model.safetensors");
     let v2 = SafeTensorsFile::open(&path).unwrap();
+    let base = SafeTensorsFile::open(c.base.join("model.safetensors")).unwrap();
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
     for t in v2.tensors() {
         let Some(name) = t.name.strip_suffix(SUFFIX_FIXES) else {
@@ -376,7 +377,6 @@ fn a_format_1_sidecar_still_unmerges_exactly() {
             }
             continue;
         };
-        let base = SafeTensorsFile::open(c.base.join("model.safetensors")).unwrap();
         let bt = base.require(name).unwrap();
         let ft = FloatType::of(bt.dtype).unwrap();
         let seek = v2.require(&format!("{name}{SUFFIX_SEEK}")).unwrap();

@@ -80,6 +80,15 @@ fn inputs(s: &Setup, weights: &[f64]) -> Vec<AdapterInput> {
         .collect()
 }
 
+/// The message of the error that planning the merge of `s`'s one adapter (weight 1) raises.
+fn plan_error(s: &Setup) -> String {
+    let ck = Checkpoint::open(&s.base).unwrap();
+    MergePlan::build(&ck, &inputs(s, &[1.0]), false)
+        .err()
+        .expect("the plan is refused")
+        .to_string()
+}
+
 fn run_to(s: &Setup, from: &Path, name: &str, weights: &[f64], mode: Mode) -> Result<PathBuf> {
     Ok(run_report(s, from, name, weights, mode)?.0)
 }
@@ -222,11 +231,7 @@ fn ia3_conv1d_layout_and_shape_disagreeing_with_config() {
             vec![(format!("{P}ia3_l"), vec![ROWS, 1], vec![1.0; ROWS])],
         )],
     );
-    let ck = Checkpoint::open(&s.base).unwrap();
-    let e = MergePlan::build(&ck, &inputs(&s, &[1.0]), false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = plan_error(&s);
     assert!(
         e.contains("feedforward") && e.contains("[1, 20]") && e.contains(W),
         "{e}"
@@ -316,11 +321,7 @@ fn loha_adds_the_scaled_hadamard_product() {
         Dtype::F32,
         vec![(r#"{"peft_type":"LOHA","r":4,"alpha":4}"#, t)],
     );
-    let ck = Checkpoint::open(&s.base).unwrap();
-    let e = MergePlan::build(&ck, &inputs(&s, &[1.0]), false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = plan_error(&s);
     assert!(e.contains("hada_w1_a") && e.contains("r=4"), "{e}");
 }
 
@@ -372,11 +373,7 @@ fn lokr_adds_the_scaled_kronecker_product() {
         Dtype::F32,
         vec![(r#"{"peft_type":"LOKR","r":2,"alpha":3}"#, t)],
     );
-    let ck = Checkpoint::open(&s.base).unwrap();
-    let e = MergePlan::build(&ck, &inputs(&s, &[1.0]), false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = plan_error(&s);
     assert!(e.contains("lokr_w2") && e.contains("both whole"), "{e}");
     let (mut t, _) = lokr(false, false, 41);
     t[1].1 = vec![5, 4];
@@ -384,11 +381,7 @@ fn lokr_adds_the_scaled_kronecker_product() {
         Dtype::F32,
         vec![(r#"{"peft_type":"LOKR","r":2,"alpha":3}"#, t)],
     );
-    let ck = Checkpoint::open(&s.base).unwrap();
-    let e = MergePlan::build(&ck, &inputs(&s, &[1.0]), false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = plan_error(&s);
     assert!(e.contains("[15, 16]") && e.contains(W), "{e}");
 }
 
