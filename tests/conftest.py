@@ -26,6 +26,34 @@ TINY_LLAMA = dict(
 )
 
 
+def assert_saved_like_peft(ours: "os.PathLike", theirs: "os.PathLike", normalise=None) -> None:
+    """oxpeft's saved adapter folder holds what PEFT's does: the same tensor keys and shapes (safetensors
+    metadata {"format": "pt"}), the same config keys and values, except that oxpeft signs `peft_version`
+    (the release, with oxpeft's version as a local label). `normalise(config)` evens out known differences."""
+    import json
+
+    from safetensors import safe_open
+
+    import oxpeft
+
+    def tensors(folder):
+        with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert tensors(ours) == tensors(theirs)
+    configs = [json.loads(open(os.path.join(d, "adapter_config.json"), encoding="utf-8").read()) for d in (ours, theirs)]
+    for data in configs:
+        for key, value in data.items():
+            if isinstance(value, list):
+                data[key] = sorted(value, key=repr)
+        if normalise is not None:
+            normalise(data)
+    mine, peft_wrote = configs
+    assert mine.pop("peft_version") == f"{peft_wrote.pop('peft_version')}+oxpeft.{oxpeft.__version__}"
+    assert mine == peft_wrote
+
+
 def make_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

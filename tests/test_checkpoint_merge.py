@@ -261,7 +261,7 @@ def test_embedding_lora_modules_to_save_and_exact_unmerge(models, tmp_path):
         with pytest.warns(UserWarning, match="approximate"):
             no_sidecar = tmp_path / "merged-plain"
             oxpeft.merge_checkpoint(base, adapter, no_sidecar, exact_unmerge=False, progress=False)
-            oxpeft.unmerge_checkpoint(no_sidecar, adapter, tmp_path / "back2", progress=False)
+            oxpeft.unmerge_checkpoint(no_sidecar, adapter, tmp_path / "back2", progress=False, approximate=True)
     assert not (tmp_path / "back2").exists()
 
 
@@ -289,8 +289,11 @@ def test_approximate_unmerge_warns_and_is_close(models, tmp_path):
     out = tmp_path / "merged"
     report = oxpeft.merge_checkpoint(base, adapter, out, exact_unmerge=False, progress=False)
     assert report.sidecar_bytes == 0 and not (out / SIDECAR_DIR).exists()
+    with pytest.raises(ValueError, match=r"no exact-unmerge sidecar.*approximate=True"):
+        oxpeft.unmerge_checkpoint(out, adapter, tmp_path / "back", progress=False)
+    assert not (tmp_path / "back").exists()
     with pytest.warns(UserWarning, match="approximate"):
-        r = oxpeft.unmerge_checkpoint(out, adapter, tmp_path / "back", progress=False)
+        r = oxpeft.unmerge_checkpoint(out, adapter, tmp_path / "back", progress=False, approximate=True)
     assert not r.exact and "APPROXIMATE" in r.summary()
     ours, orig, merged = read_checkpoint(tmp_path / "back"), read_checkpoint(base), read_checkpoint(out)
     differing = 0

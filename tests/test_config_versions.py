@@ -271,6 +271,10 @@ def test_every_method_config_of_release_reads_and_rewrites_exactly(exchange, rel
         assert notes == [], (name, notes)
         assert json.loads(upgraded)["peft_type"] == name
         rewritten = json.loads(oxpeft._native.config_downgrade(upgraded, release))
+        if "peft_version" in raw:
+            # oxpeft signs what it writes: the release, with oxpeft's version as a local label.
+            assert rewritten.pop("peft_version") == f"{release}+oxpeft.{oxpeft.__version__}"
+            raw.pop("peft_version")
         assert rewritten == raw, f"{name} for PEFT {release}: {set(rewritten) ^ set(raw)}"
         report = json.loads(oxpeft._native.config_inspect(text))
         assert release in report["loads_as_is"], (name, report)
@@ -385,7 +389,7 @@ def test_cli_check_and_migrate(exchange, tmp_path, capsys):
     assert cli_run["rc"] == 0
     original = json.loads((cli_run["dir"] / "adapter_config.json.bak").read_text())
     migrated = json.loads((cli_run["dir"] / "adapter_config.json").read_text())
-    assert original["peft_version"] == LATEST and migrated["use_dora"] is True
+    assert original["peft_version"] == f"{LATEST}+oxpeft.{oxpeft.__version__}" and migrated["use_dora"] is True
     result = exchange["0.10.0"]["results"][str(cli_run["dir"])]
     assert "error" not in result, result
     assert set(migrated) == set(result["config"]), "exactly the fields PEFT 0.10.0 has"

@@ -3,14 +3,11 @@ merged equals unmerged; a short training run lowers the loss; bad configs get cl
 
 from __future__ import annotations
 
-import json
-import os
 
 import oxpeft
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, twin
-from safetensors import safe_open
+from conftest import MODEL_FACTORIES, assert_saved_like_peft, twin
 from torch import nn
 
 peft = pytest.importorskip("peft", reason="HF PEFT is the oracle for these tests (pip install '.[test]')")
@@ -210,21 +207,8 @@ def test_saved_files_match_peft(case, tmp_path):
     oxpeft.get_peft_model(twin(base), getattr(oxpeft, cls_name)(**kwargs)).save_pretrained(tmp_path / "ours")
     peft.get_peft_model(twin(base), getattr(peft, cls_name)(**kwargs)).save_pretrained(tmp_path / "theirs")
 
-    def tensors(d):
-        with safe_open(os.path.join(d, "adapter_model.safetensors"), "pt") as f:
-            assert f.metadata() == {"format": "pt"}
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-    assert tensors(tmp_path / "ours") == tensors(tmp_path / "theirs")
-    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    ours.pop("auto_mapping"), theirs.pop("auto_mapping")  # names the base class's module, which differs for conv
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        a, b = ours[key], theirs[key]
-        if isinstance(a, list) and isinstance(b, list):
-            a, b = sorted(a), sorted(b)
-        assert a == b, key
+    # auto_mapping names the base class's module, which differs for conv.
+    assert_saved_like_peft(tmp_path / "ours", tmp_path / "theirs", normalise=lambda config: config.pop("auto_mapping"))
 
 
 def test_ia3_unmerge_restores_weights():

@@ -26,14 +26,14 @@ def test_cli_version():
 
 def test_cli_demo_trains_saves_reloads_and_merges(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "oxpeft.cli", "demo", "--steps", "30", "--output-dir", str(tmp_path)],
+        [sys.executable, "-m", "oxpeft.cli", "demo", "--steps", "30", "--output-dir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "demo OK" in out.stdout
-    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    assert (tmp_path / "demo" / "adapter_config.json").exists() and (tmp_path / "demo" / "adapter_model.safetensors").exists()
     assert "LoRA fine-tuning" in out.stderr  # the progress bar
 
 

@@ -1,4 +1,8 @@
-"""Crash-safe file writes: write to a temporary name in the same folder, fsync, then rename into place."""
+"""Crash-safe file writes: write to a temporary name in the same folder, fsync, then rename into place.
+
+Temporary files and folders are private (mode 0600 / 0700) while they are written; what is renamed into
+place gets the mode the user's umask gives a new file or folder, as `cp` and `open` would.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode(0o666))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -36,3 +41,28 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     """Call `writer(tmp_path)` and move its output to `path` only if it succeeds."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` (0o666 for a file, 0o777 for a folder) less the umask's bits: what `open` / `mkdir` would give."""
+    return mode & ~current_umask()
+
+
+def refuse_existing(path: str | os.PathLike, force: bool) -> None:
+    """Raise FileExistsError if `path` exists and not `force` (the CLI turns `force=True` into `--force`)."""
+    if os.path.lexists(path) and not force:
+        raise FileExistsError(f"{os.fspath(path)} already exists (pass force=True to replace it)")

@@ -12,6 +12,9 @@ def config_downgrade(config_json: str, target_version: str) -> str:
 def config_inspect(config_json: str) -> str:
     """Who wrote a config, which PEFT releases load it as is, and what it uses (a JSON object)."""
     ...
+def config_version_stamp(release: str) -> str:
+    """The `peft_version` oxpeft writes for a config in PEFT `release`'s format, e.g. `0.21.2+oxpeft.0.1.0`."""
+    ...
 # --- quantisation (rust/src/python/quant.rs); 16-bit floats travel as uint16 bit patterns ---
 import numpy as np
 import numpy.typing as npt

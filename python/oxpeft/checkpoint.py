@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from oxpeft import _native
+from oxpeft._io import refuse_existing, umask_mode
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -149,18 +151,22 @@ def unmerge_checkpoint(
     *,
     force: bool = False,
     progress: bool = True,
+    approximate: bool = False,
 ) -> MergeReport:
     """Remove merged LoRA / IA3 / LoHa / LoKr adapters from the checkpoint folder ``merged``, writing folder ``out``.
 
     When ``merged`` holds the exact-unmerge sidecar written for these adapters (same files, same
     order), the result equals the original base bit for bit, and the merge's weights are used.
-    Without it the delta is subtracted (IA3: W divided by the vector) and the result is
-    approximate (a warning says so); DoRA, modules_to_save and an IA3 vector with a zero entry
-    cannot be undone without it.
+    Without it (a checkpoint merged by another tool, with ``--no-exact-unmerge``, or never merged at
+    all) subtracting the delta cannot tell a merged checkpoint from any other and rounds every
+    element, so it is refused unless ``approximate`` is true; then the delta is subtracted (IA3: W
+    divided by the vector) and a warning says the result is approximate. DoRA, modules_to_save and
+    an IA3 vector with a zero entry cannot be undone without the sidecar.
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
-        ValueError: the sidecar belongs to other adapters, or an adapter does not fit.
+        ValueError: the sidecar belongs to other adapters, an adapter does not fit, or there is no
+            sidecar and ``approximate`` is false.
     """
     explicit_weights = weights is not None
     merged_dir, out_dir, adapter_dirs, weights = _check_paths(merged, adapters, out, weights, force)
@@ -186,6 +192,13 @@ def unmerge_checkpoint(
                     f"{[fp['weight'] for fp in recorded]}, not {weights}"
                 )
             resolved = [(d, f, fp["weight"], fp) for (d, f, _, _), fp in zip(resolved, recorded)]
+        elif not approximate:
+            raise ValueError(
+                f"{merged_dir} has no exact-unmerge sidecar ({SIDECAR_DIR}/), so it was not merged by oxpeft with "
+                "these adapters, or was merged without the sidecar, or was never merged: subtracting the adapters "
+                "would write a model that is not the original base. Pass approximate=True to "
+                "subtract them anyway, knowing every element may differ from the original by rounding"
+            )
         else:
             warnings.warn(
                 f"{merged_dir} has no exact-unmerge sidecar: the unmerged weights are approximate "
@@ -227,8 +240,7 @@ def _check_paths(
     for p in [base_dir, *adapter_dirs]:
         if out_dir == p or out_dir in p.parents or p in out_dir.parents:
             raise ValueError(f"output folder {out_dir} overlaps input {p}")
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists (pass force=True / --force to replace it)")
+    refuse_existing(out_dir, force)
     return base_dir, out_dir, adapter_dirs, weights
 
 
@@ -246,6 +258,8 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, s
     A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
     unpickle) and converted to a safetensors file in ``scratch``.
     """
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such adapter folder")
     config = folder / "adapter_config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
@@ -329,6 +343,8 @@ def _copy_other_files(src: Path, dst: Path) -> None:
     for entry in src.iterdir():
         if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(entry, dst / entry.name)
+            # As `cp` does: the source's mode, less the umask's bits.
+            os.chmod(dst / entry.name, umask_mode(stat.S_IMODE(entry.stat().st_mode)))
 
 
 def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *, exact: bool) -> MergeReport:
@@ -340,6 +356,7 @@ def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *
     try:
         raw = work(tmp, bar)
         _copy_other_files(src, tmp)
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's folder is private; the result is the user's, like `cp -r`
         if out.exists():
             if not force:
                 raise FileExistsError(f"{out} appeared while writing; not replacing it")

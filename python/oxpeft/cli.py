@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from typing import Callable, Sequence
 
 import oxpeft
@@ -20,9 +21,13 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 def _config_path(target: str) -> str:
     """An adapter directory or its adapter_config.json, as the path of the JSON file."""
-    path = os.path.join(target, "adapter_config.json") if os.path.isdir(target) else target
+    if not os.path.exists(target):
+        raise FileNotFoundError(f"{target}: no such file or directory")
+    if not os.path.isdir(target):
+        return target
+    path = os.path.join(target, "adapter_config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no adapter_config.json there")
+        raise FileNotFoundError(f"{target}: no adapter_config.json in this folder (not a PEFT adapter folder)")
     return path
 
 
@@ -70,7 +75,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_migrate(args: argparse.Namespace) -> int:
-    from oxpeft._io import atomic_write_text
+    from oxpeft._io import atomic_write_text, refuse_existing
 
     source = _config_path(args.dir)
     text = _read_text(source)
@@ -91,6 +96,7 @@ def _cmd_config_migrate(args: argparse.Namespace) -> int:
         return 0
 
     out = args.output
+    refuse_existing(out, args.force)
     if out.endswith(".json"):
         atomic_write_text(out, body)
         print(f"wrote {out} for PEFT {args.to}")
@@ -127,7 +133,7 @@ def _atomic_copy(src: str, dst: str) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oxpeft.demo import print_report, run_demo
 
-    result = run_demo(steps=args.steps, output_dir=args.output_dir, seed=args.seed)
+    result = run_demo(steps=args.steps, output_dir=args.output_dir, seed=args.seed, force=args.force)
     print_report(result)
     return 0 if result.ok else 1
 
@@ -152,7 +158,13 @@ def _cmd_unmerge(args: argparse.Namespace) -> int:
     from oxpeft.checkpoint import unmerge_checkpoint
 
     report = unmerge_checkpoint(
-        args.merged, args.adapters, args.output, args.weights, force=args.force, progress=not args.quiet
+        args.merged,
+        args.adapters,
+        args.output,
+        args.weights,
+        force=args.force,
+        progress=not args.quiet,
+        approximate=args.approximate,
     )
     print(report.summary())
     return 0
@@ -160,6 +172,7 @@ def _cmd_unmerge(args: argparse.Namespace) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oxpeft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"oxpeft {oxpeft.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("version", help="print the version")
@@ -181,11 +194,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a .json file, or a directory that receives the config and a copy of the adapter's other files; "
         "without it the config is rewritten in place and the original kept as adapter_config.json.bak",
     )
+    q.add_argument("--force", action="store_true", help="replace an existing OUT")
     q.set_defaults(func=_cmd_config_migrate)
 
     p = sub.add_parser("demo", help="fine-tune a tiny built-in Llama with LoRA, save, reload and merge it")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
-    p.add_argument("--output-dir", default=None, help="where to save the adapter (default: a new temp folder)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="where to save the adapter; must not exist unless --force (default: a temporary folder, removed at the end)",
+    )
+    p.add_argument("--force", action="store_true", help="write into an existing --output-dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
@@ -205,20 +224,40 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--weights", type=float, nargs="+", help="weights used at merge time (read from the sidecar if present)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="without an exact-unmerge sidecar, subtract the adapters anyway (elements may differ from the original "
+        "base by rounding); refused otherwise",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_unmerge)
     return parser
+
+
+# The library's messages name its keywords; the command names its flags.
+_KEYWORD_FLAGS = {"force=True": "--force", "approximate=True": "--approximate"}
+
+
+def _as_flags(message: str) -> str:
+    for keyword, flag in _KEYWORD_FLAGS.items():
+        message = message.replace(keyword, flag)
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except (ValueError, OSError) as exc:
-        print(f"oxpeft {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    where = f"oxpeft {args.command}"
+    with warnings.catch_warnings():
+        # A warning reads as a message of the command, not as a line of oxpeft's source.
+        warnings.showwarning = lambda message, *_rest, **_kw: print(f"{where}: warning: {message}", file=sys.stderr)
+        try:
+            return func(args)
+        except (ValueError, OSError) as exc:
+            print(f"{where}: error: {_as_flags(str(exc))}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

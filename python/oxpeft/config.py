@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from oxpeft._io import atomic_write_text
-from oxpeft._native import config_downgrade, config_upgrade
+from oxpeft._native import config_downgrade, config_upgrade, config_version_stamp
 
 CONFIG_NAME = "adapter_config.json"
 
 # The HF PEFT release whose on-disk schema oxpeft writes by default. `peft_version` in a saved config
-# names the PEFT release that can read it, so it is this version, not oxpeft's own.
+# names that release with oxpeft's own version as a local label ("0.21.2+oxpeft.0.1.0"): PEFT reads the
+# release part, and `oxpeft config check` tells that oxpeft wrote the file.
 PEFT_SCHEMA_VERSION = "0.21.2"
+OXPEFT_PEFT_VERSION = config_version_stamp(PEFT_SCHEMA_VERSION)
 
 
 class PeftType(str, enum.Enum):
@@ -91,7 +93,7 @@ class PeftConfig:
                 known = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"unknown task_type {self.task_type!r}; expected one of {known}") from None
         if self.peft_version is None:
-            self.peft_version = PEFT_SCHEMA_VERSION
+            self.peft_version = OXPEFT_PEFT_VERSION
 
     # --- properties shared by the API -------------------------------------------------------------------------
     @property
@@ -126,6 +128,7 @@ class PeftConfig:
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
         data = self.to_dict()
+        data["peft_version"] = OXPEFT_PEFT_VERSION  # oxpeft writes this file, whoever wrote the one it was read from
         data.update({k: _to_json_value(v) for k, v in overrides.items()})
         if peft_version is not None:
             data = json.loads(config_downgrade(json.dumps(data), peft_version))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from oxpeft._io import refuse_existing
+
 DEMO_TEXT = (
     "Low-rank adapters train a small pair of matrices beside each frozen weight. The base model stays as it "
     "was, and the adapter learns the change. A rank of eight is often enough to steer a model toward a new "
@@ -30,7 +32,8 @@ class DemoResult:
     last_loss: float
     reload_max_diff: float
     merge_max_diff: float
-    adapter_dir: str
+    #: Where the adapter was saved; None when it went to a temporary folder that was removed afterwards.
+    adapter_dir: str | None
 
     @property
     def ok(self) -> bool:
@@ -60,12 +63,32 @@ def _batches(tokens: torch.Tensor, steps: int, batch: int, length: int, seed: in
         yield torch.stack([tokens[s : s + length] for s in starts.tolist()])
 
 
-def run_demo(steps: int = 60, output_dir: str | None = None, seed: int = 0, show_progress: bool = True) -> DemoResult:
-    """Train, save, reload, merge; returns the losses and the largest output differences."""
-    from oxpeft import LoraConfig, PeftModel, get_peft_model
+def run_demo(
+    steps: int = 60,
+    output_dir: str | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+    force: bool = False,
+) -> DemoResult:
+    """Train, save, reload, merge; returns the losses and the largest output differences.
 
+    The adapter is saved in `output_dir`, which must not exist unless `force`; without one it goes to a
+    temporary folder that is removed before returning.
+    """
     if steps < 10:
         raise ValueError(f"the demo needs at least 10 training steps to show the loss going down, got {steps}")
+    if output_dir is not None:
+        refuse_existing(output_dir, force)  # before training, so nothing is lost to a refusal
+        return _train_save_reload(steps, output_dir, seed, show_progress)
+    with tempfile.TemporaryDirectory(prefix="oxpeft-demo-") as scratch:
+        result = _train_save_reload(steps, scratch, seed, show_progress)
+    result.adapter_dir = None
+    return result
+
+
+def _train_save_reload(steps: int, adapter_dir: str, seed: int, show_progress: bool) -> DemoResult:
+    from oxpeft import LoraConfig, PeftModel, get_peft_model
+
     tokens = torch.tensor(list(DEMO_TEXT.encode("utf-8")), dtype=torch.long)
     model = get_peft_model(
         _tiny_llama(seed), LoraConfig(
@@ -87,7 +110,6 @@ def run_demo(steps: int = 60, output_dir: str | None = None, seed: int = 0, show
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
 
-    adapter_dir = output_dir or tempfile.mkdtemp(prefix="oxpeft-demo-")
     model.save_pretrained(adapter_dir)
     probe = tokens[:96].unsqueeze(0)
     with torch.no_grad():
@@ -107,7 +129,10 @@ def run_demo(steps: int = 60, output_dir: str | None = None, seed: int = 0, show
 
 def print_report(result: DemoResult) -> None:
     print(f"loss: {result.first_loss:.3f} (first 5 steps) -> {result.last_loss:.3f} (last 5 steps)")
-    print(f"adapter saved in PEFT format: {result.adapter_dir}")
+    if result.adapter_dir is None:
+        print("adapter saved in PEFT format to a temporary folder, now removed (--output-dir DIR keeps it)")
+    else:
+        print(f"adapter saved in PEFT format: {result.adapter_dir}")
     print(f"reloaded adapter vs trained model: max |logit diff| = {result.reload_max_diff:.2e}")
     print(f"merged model vs trained model:     max |logit diff| = {result.merge_max_diff:.2e}")
     print("demo OK" if result.ok else "demo FAILED")

@@ -115,9 +115,14 @@ class Linear4bit(nn.Module):
         copy_bias(module, linear)
         return module
 
-    def dequantize(self) -> torch.Tensor:
-        """The full (out, in) weight in `compute_dtype`."""
-        return dequantize_4bit(self.weight, self.quant_state, self.compute_dtype)
+    @property
+    def original_dtype(self) -> torch.dtype:
+        """The dtype the weight had when it was quantised (recorded in the quant state, as bitsandbytes does)."""
+        return self.quant_state.dtype
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The full (out, in) weight in `dtype` (default `compute_dtype`)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
 
     def quantized_matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """`x @ W^T + bias` with `x` and `bias` already in `compute_dtype` (no autograd through W)."""

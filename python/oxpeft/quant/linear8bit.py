@@ -98,6 +98,8 @@ class Linear8bit(nn.Module):
         self.out_features = out_features
         self.compute_dtype = compute_dtype
         self.threshold = float(threshold)
+        # The int8 format does not record the dtype the weight had; `set_weight` does, for merging back.
+        self.original_dtype = compute_dtype
         init_like_linear(self, bias, compute_dtype, device)
 
     def set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
@@ -112,6 +114,7 @@ class Linear8bit(nn.Module):
             cb, scb = quantize_int8(weight, name=name)
         self.weight = nn.Parameter(cb, requires_grad=False)
         self.SCB = scb
+        self.original_dtype = weight.dtype
 
     @classmethod
     def from_linear(
@@ -136,9 +139,9 @@ class Linear8bit(nn.Module):
         copy_bias(module, linear)
         return module
 
-    def dequantize(self) -> torch.Tensor:
-        """The full (out, in) weight in `compute_dtype`."""
-        return dequantize_int8(self.weight, self.SCB, self.compute_dtype)
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The full (out, in) weight in `dtype` (default `compute_dtype`)."""
+        return dequantize_int8(self.weight, self.SCB, dtype or self.compute_dtype)
 
     def quantized_matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """`x @ W^T + bias` with `x` and `bias` already in `compute_dtype` (no autograd through W)."""

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oxpeft.config import PeftConfig, TaskType
+from oxpeft.quant.bnb import bnb_bits, dequantize_bnb, requantize_bnb
 
 ALL_LINEAR = "all-linear"
 
@@ -178,31 +179,39 @@ class BaseTunerLayer:
     def _stored_weight(self) -> torch.Tensor:
         """The base weight in its stored layout (transposed for fan_in_fan_out), dequantised for quantised bases."""
         base = self.get_base_layer()
+        if bnb_bits(base):
+            return dequantize_bnb(base)
         if hasattr(base, "dequantize"):
-            weight = base.dequantize()
+            weight = base.dequantize(base.original_dtype)
             return weight.T if getattr(self, "fan_in_fan_out", False) else weight
         return base.weight.data
 
     def _store_weight(self, weight: torch.Tensor) -> None:
         base = self.get_base_layer()
-        if hasattr(base, "dequantize"):
+        if bnb_bits(base) or hasattr(base, "dequantize"):
             warnings.warn(
                 f"merging into the quantised {type(base).__name__} requantises its weight, which rounds the merged "
-                "weight to the quantisation grid; merge_and_unload() keeps a full-precision weight instead",
+                "weight to the quantisation grid"
+                + ("" if bnb_bits(base) else "; merge_and_unload() keeps a full-precision weight instead"),
                 stacklevel=4,
             )
+        if bnb_bits(base):
+            requantize_bnb(base, weight)
+        elif hasattr(base, "dequantize"):
             dense = weight.T if getattr(self, "fan_in_fan_out", False) else weight
-            base.set_weight(dense.to(base.compute_dtype))
+            # Requantising keeps the dtype recorded as the one the weight had before quantisation.
+            base.set_weight(dense.to(base.original_dtype))
         else:
             base.weight.data = weight.to(base.weight.dtype)
 
     def dequantize_base(self) -> None:
-        """Replace a quantised base layer by a full-precision nn.Linear holding its dequantised weight."""
+        """Replace one of oxpeft's quantised base layers by an nn.Linear holding its dequantised weight, in the
+        dtype the weight had before quantisation (so the layer fits the rest of the model)."""
         base = self.base_layer
         if not hasattr(base, "dequantize"):
             return
         dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
-        weight = base.dequantize().detach()
+        weight = base.dequantize(base.original_dtype).detach()
         dense.to(device=weight.device, dtype=weight.dtype)
         dense.weight.data = weight
         if base.bias is not None:

@@ -237,13 +237,19 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
         )));
     }
     if target >= Version(0, 18, 0) {
-        out.insert(
-            "peft_version".to_string(),
-            Value::String(target.to_string()),
-        );
+        out.insert("peft_version".to_string(), Value::String(oxpeft_stamp(target)));
     }
     Ok(Value::Object(out.into_iter().collect()))
 }
+
+/// The `peft_version` oxpeft writes for a config in `release`'s format: the release, with oxpeft's own
+/// version as a PEP 440 local label (`0.21.2+oxpeft.0.1.0`). PEFT reads the release part (it parses
+/// the field with `packaging`), and `inspect` tells that oxpeft wrote the file.
+pub fn oxpeft_stamp(release: Version) -> String {
+    format!("{release}{OXPEFT_LABEL}{}", env!("CARGO_PKG_VERSION"))
+}
+
+const OXPEFT_LABEL: &str = "+oxpeft.";
 
 /// Tells who wrote a config, which releases load it as it is, the oldest release it can be rewritten
 /// for, and which features it uses.
@@ -648,7 +654,10 @@ impl Writer {
 
     fn describe(&self) -> Option<String> {
         match self {
-            Writer::Stated(text, _) => Some(format!("PEFT {text}")),
+            Writer::Stated(text, _) => Some(match text.split_once(OXPEFT_LABEL) {
+                Some((release, ours)) => format!("oxpeft {ours} (in PEFT {release}'s format)"),
+                None => format!("PEFT {text}"),
+            }),
             Writer::Legacy => {
                 Some("PEFT 0.1/0.2 (inferred from enable_lora/merge_weights)".to_string())
             }

@@ -79,6 +79,14 @@ fn writer_is_inferred_from_fields_or_read_from_peft_version() {
     );
     let up = upgrade(&current(json!({"peft_version": "0.19.0.dev0@abc"})), true).unwrap();
     assert_eq!(up.written_by.as_deref(), Some("PEFT 0.19.0.dev0@abc"));
+    // oxpeft's stamp names oxpeft as the writer and still reads as the PEFT release it follows.
+    let stamp = oxpeft_stamp(Version(0, 21, 2));
+    let ours = inspect(&current(json!({ "peft_version": stamp }))).unwrap();
+    assert_eq!(
+        ours.written_by.as_deref(),
+        Some(format!("oxpeft {} (in PEFT 0.21.2's format)", env!("CARGO_PKG_VERSION")).as_str())
+    );
+    assert!(ours.loads_as_is.contains(&Version(0, 21, 2)));
     let hand_written =
         json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q"]});
     assert_eq!(upgrade(&hand_written, true).unwrap().written_by, None);
@@ -223,7 +231,10 @@ fn downgrade_keeps_exactly_the_fields_the_target_knows() {
     let for_0_6 = downgrade(&config, "0.6.2").unwrap();
     assert_eq!(for_0_6, written_by_0_6_2());
     let for_0_18 = downgrade(&config, "0.18").unwrap();
-    assert_eq!(for_0_18["peft_version"], json!("0.18.0"));
+    assert_eq!(
+        for_0_18["peft_version"],
+        json!(format!("0.18.0+oxpeft.{}", env!("CARGO_PKG_VERSION")))
+    );
     assert!(for_0_18.get("lora_ga_config").is_none());
     assert!(for_0_18.get("ensure_weight_tying").is_some());
 }

@@ -28,9 +28,16 @@ fn config_inspect(config_json: &str) -> PyResult<String> {
         .to_string())
 }
 
+/// The `peft_version` oxpeft writes for a config in PEFT `release`'s format (`0.21.2+oxpeft.0.1.0`).
+#[pyfunction]
+fn config_version_stamp(release: &str) -> PyResult<String> {
+    Ok(config::oxpeft_stamp(config::Version::parse(release)?))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config_upgrade, m)?)?;
     m.add_function(wrap_pyfunction!(config_downgrade, m)?)?;
     m.add_function(wrap_pyfunction!(config_inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(config_version_stamp, m)?)?;
     Ok(())
 }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
 from oxpeft.tuners.base import BaseTunerLayer, check_merged_weight
 
 
@@ -180,6 +181,8 @@ class LoraLayer(BaseTunerLayer):
     def _dense_base_weight(self) -> torch.Tensor:
         """The base weight as a dense (out, in) tensor, dequantised if the base is quantised."""
         base = self.get_base_layer()
+        if bnb_bits(base):
+            return dequantize_bnb(base)
         if hasattr(base, "dequantize"):
             return base.dequantize()
         return _transpose(base.weight, self.fan_in_fan_out)

@@ -1,0 +1,149 @@
+"""The `oxpeft` command as a user runs it: the installed console script, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import oxpeft
+from conftest import make_llama
+
+OXPEFT = shutil.which("oxpeft", path=str(Path(sys.executable).parent)) or shutil.which("oxpeft")
+
+
+def run(*args: str, umask: int | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    assert OXPEFT, "the oxpeft console script is installed with the package"
+    return subprocess.run(
+        [OXPEFT, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
+
+
+def assert_clean_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 1, one message that says what is wrong, in the command's terms."""
+    assert out.returncode == 1, out.stdout + out.stderr
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "force=True" not in out.stderr and "approximate=True" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama checkpoint and an oxpeft LoRA adapter for it."""
+    root = tmp_path_factory.mktemp("cli")
+    make_llama().save_pretrained(root / "base")
+    model = oxpeft.get_peft_model(make_llama(), oxpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(root / "adapter")
+    return {"base": root / "base", "adapter": root / "adapter"}
+
+
+def test_version_as_a_command_and_as_a_flag():
+    for args in (["version"], ["--version"]):
+        out = run(*args)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"oxpeft {oxpeft.__version__}"
+
+
+def test_unmerge_without_a_sidecar_is_refused_unless_approximate(checkpoint, tmp_path):
+    # The base was never merged: subtracting the adapter would write a wrong model.
+    out = run("unmerge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(tmp_path / "back"), "-q")
+    assert_clean_error(out, "no exact-unmerge sidecar", "--approximate")
+    assert not (tmp_path / "back").exists() and list(tmp_path.iterdir()) == []
+
+    out = run("unmerge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(tmp_path / "back"), "-q", "--approximate")
+    assert out.returncode == 0, out.stderr
+    assert "oxpeft unmerge: warning:" in out.stderr and "approximate" in out.stderr
+    assert "warnings.warn" not in out.stderr and ".py:" not in out.stderr  # no source line
+    assert "APPROXIMATE" in out.stdout and (tmp_path / "back" / "model.safetensors").is_file()
+
+
+def test_every_writing_command_refuses_an_existing_output_unless_force(checkpoint, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+
+    for args in (
+        ["merge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(existing), "-q"],
+        ["config", "migrate", str(checkpoint["adapter"]), "--to", "0.10.0", "-o", str(existing)],
+        ["demo", "--steps", "10", "--output-dir", str(existing)],
+    ):
+        out = run(*args)
+        assert_clean_error(out, f"{existing} already exists", "--force")
+        assert [p.name for p in existing.iterdir()] == ["keep.txt"], args
+
+    as_json = tmp_path / "config.json"
+    as_json.write_text("{}")
+    assert_clean_error(run("config", "migrate", str(checkpoint["adapter"]), "--to", "0.10.0", "-o", str(as_json)), "--force")
+    assert as_json.read_text() == "{}"
+
+    out = run("config", "migrate", str(checkpoint["adapter"]), "--to", "0.10.0", "-o", str(existing), "--force")
+    assert out.returncode == 0, out.stderr
+    assert "use_dora" in json.loads((existing / "adapter_config.json").read_text())
+    out = run("merge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(existing), "-q", "--force")
+    assert out.returncode == 0, out.stderr
+    assert (existing / "model.safetensors").is_file() and not (existing / "keep.txt").exists()
+
+
+def test_missing_paths_are_named_as_missing(checkpoint, tmp_path):
+    missing = tmp_path / "no-such-adapter"
+    out = run("merge", str(checkpoint["base"]), str(missing), "-o", str(tmp_path / "out"), "-q")
+    assert_clean_error(out, f"{missing}: no such adapter folder")
+    assert "adapter_config.json" not in out.stderr
+
+    assert_clean_error(run("config", "check", str(missing)), f"{missing}: no such file or directory")
+
+    out = run("config", "check", str(checkpoint["base"]))
+    assert_clean_error(out, f"{checkpoint['base']}: no adapter_config.json in this folder")
+    assert out.stderr.count("adapter_config.json") == 1  # said once, not as a path and again as a message
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_merge_output_gets_the_users_umask_like_cp(checkpoint, tmp_path, umask):
+    merged = tmp_path / "merged"
+    out = run("merge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(merged), "-q", umask=umask)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o777 & ~umask
+    for written in merged.iterdir():
+        copied = checkpoint["base"] / written.name
+        if copied.is_file() and not written.name.endswith(".safetensors"):
+            expected = stat.S_IMODE(copied.stat().st_mode) & ~umask  # cp: the source's mode less the umask
+        else:
+            expected = (0o777 if written.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(written.stat().st_mode) == expected, written
+
+
+def test_config_check_names_oxpeft_as_the_writer_and_peft_still_loads_it(checkpoint):
+    out = run("config", "check", str(checkpoint["adapter"]))
+    assert out.returncode == 0, out.stderr
+    assert f"written by:     oxpeft {oxpeft.__version__} (in PEFT 0.21.2's format)" in out.stdout
+    saved = json.loads((checkpoint["adapter"] / "adapter_config.json").read_text())
+    assert saved["peft_version"] == f"0.21.2+oxpeft.{oxpeft.__version__}"
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftConfig.from_pretrained(str(checkpoint["adapter"]))
+    assert loaded.peft_version == saved["peft_version"] and loaded.r == 4
+    theirs = peft.PeftModel.from_pretrained(make_llama(), str(checkpoint["adapter"]))
+    ours = oxpeft.PeftModel.from_pretrained(make_llama(), str(checkpoint["adapter"]))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits)
+
+
+def test_demo_removes_its_temporary_folder(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = run("demo", "--steps", "10", env={"TMPDIR": str(scratch)})
+    assert out.returncode in (0, 1), out.stderr  # 10 steps may not show the loss going down; the folder matters here
+    assert "now removed" in out.stdout
+    assert list(scratch.iterdir()) == []
