@@ -19,20 +19,25 @@ _EXPORTS: dict[str, str] = {
     "merge_checkpoint": "oxpeft.checkpoint",
     "unmerge_checkpoint": "oxpeft.checkpoint",
     "PeftConfig": "oxpeft.config",
-    "PeftType": "oxpeft.config",
-    "TaskType": "oxpeft.config",
+    "PromptLearningConfig": "oxpeft.config",
+    "PeftType": "oxpeft.utils.peft_types",
+    "TaskType": "oxpeft.utils.peft_types",
+    "PeftWarning": "oxpeft.utils.warning",
     "LoftQConfig": "oxpeft.loftq",
     "replace_lora_weights_loftq": "oxpeft.loftq",
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "oxpeft.mapping",
     "PEFT_TYPE_TO_CONFIG_MAPPING": "oxpeft.mapping",
     "PEFT_TYPE_TO_TUNER_MAPPING": "oxpeft.mapping",
-    "get_peft_model": "oxpeft.mapping",
+    "PEFT_TYPE_TO_PREFIX_MAPPING": "oxpeft.mapping",
+    "get_peft_config": "oxpeft.mapping",
+    "inject_adapter_in_model": "oxpeft.mapping",
+    "get_peft_model": "oxpeft.mapping_func",
     "Linear4bit": "oxpeft.quant",
     "Linear8bit": "oxpeft.quant",
     "QuantizationConfig": "oxpeft.quant",
     "load_quantized": "oxpeft.quant",
     "prepare_model_for_kbit_training": "oxpeft.quant",
     "quantize_model": "oxpeft.quant",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "oxpeft.peft_model",
     "PeftModel": "oxpeft.peft_model",
     "PeftModelForCausalLM": "oxpeft.peft_model",
     "PeftModelForFeatureExtraction": "oxpeft.peft_model",
@@ -40,9 +45,9 @@ _EXPORTS: dict[str, str] = {
     "PeftModelForSeq2SeqLM": "oxpeft.peft_model",
     "PeftModelForSequenceClassification": "oxpeft.peft_model",
     "PeftModelForTokenClassification": "oxpeft.peft_model",
-    "get_peft_model_state_dict": "oxpeft.save_load",
-    "load_peft_weights": "oxpeft.save_load",
-    "set_peft_model_state_dict": "oxpeft.save_load",
+    "get_peft_model_state_dict": "oxpeft.utils.save_and_load",
+    "load_peft_weights": "oxpeft.utils.save_and_load",
+    "set_peft_model_state_dict": "oxpeft.utils.save_and_load",
     "AdaLoraConfig": "oxpeft.tuners.adalora",
     "AdaLoraModel": "oxpeft.tuners.adalora",
     "IA3Config": "oxpeft.tuners.ia3",
@@ -51,14 +56,16 @@ _EXPORTS: dict[str, str] = {
     "LoHaModel": "oxpeft.tuners.loha",
     "LoKrConfig": "oxpeft.tuners.lokr",
     "LoKrModel": "oxpeft.tuners.lokr",
-    "LoraConfig": "oxpeft.tuners.lora.config",
-    "LoraModel": "oxpeft.tuners.lora.model",
-    "PrefixTuningConfig": "oxpeft.tuners.prompt",
-    "PromptEncoderConfig": "oxpeft.tuners.prompt",
-    "PromptEncoderReparameterizationType": "oxpeft.tuners.prompt",
-    "PromptLearningConfig": "oxpeft.tuners.prompt",
-    "PromptTuningConfig": "oxpeft.tuners.prompt",
-    "PromptTuningInit": "oxpeft.tuners.prompt",
+    "LoraConfig": "oxpeft.tuners.lora",
+    "LoraModel": "oxpeft.tuners.lora",
+    "PrefixEncoder": "oxpeft.tuners.prefix_tuning",
+    "PrefixTuningConfig": "oxpeft.tuners.prefix_tuning",
+    "PromptEncoder": "oxpeft.tuners.p_tuning",
+    "PromptEncoderConfig": "oxpeft.tuners.p_tuning",
+    "PromptEncoderReparameterizationType": "oxpeft.tuners.p_tuning",
+    "PromptEmbedding": "oxpeft.tuners.prompt_tuning",
+    "PromptTuningConfig": "oxpeft.tuners.prompt_tuning",
+    "PromptTuningInit": "oxpeft.tuners.prompt_tuning",
     "PeftTrainer": "oxpeft.trainer",
 }
 
@@ -80,13 +87,25 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
-    from oxpeft.config import PeftConfig, PeftType, TaskType
+    from oxpeft.config import PeftConfig, PromptLearningConfig
     from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
     from oxpeft.mapping import (
-        MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
         PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
         PEFT_TYPE_TO_TUNER_MAPPING,
-        get_peft_model,
+        get_peft_config,
+        inject_adapter_in_model,
+    )
+    from oxpeft.mapping_func import get_peft_model
+    from oxpeft.peft_model import (
+        MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+        PeftModel,
+        PeftModelForCausalLM,
+        PeftModelForFeatureExtraction,
+        PeftModelForQuestionAnswering,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
     )
     from oxpeft.quant import (
         Linear4bit,
@@ -96,28 +115,15 @@ if TYPE_CHECKING:
         prepare_model_for_kbit_training,
         quantize_model,
     )
-    from oxpeft.peft_model import (
-        PeftModel,
-        PeftModelForCausalLM,
-        PeftModelForFeatureExtraction,
-        PeftModelForQuestionAnswering,
-        PeftModelForSeq2SeqLM,
-        PeftModelForSequenceClassification,
-        PeftModelForTokenClassification,
-    )
-    from oxpeft.save_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from oxpeft.trainer import PeftTrainer
     from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
     from oxpeft.tuners.ia3 import IA3Config, IA3Model
     from oxpeft.tuners.loha import LoHaConfig, LoHaModel
     from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
-    from oxpeft.tuners.lora.config import LoraConfig
-    from oxpeft.tuners.lora.model import LoraModel
-    from oxpeft.tuners.prompt import (
-        PrefixTuningConfig,
-        PromptEncoderConfig,
-        PromptEncoderReparameterizationType,
-        PromptLearningConfig,
-        PromptTuningConfig,
-        PromptTuningInit,
-    )
-    from oxpeft.trainer import PeftTrainer
+    from oxpeft.tuners.lora import LoraConfig, LoraModel
+    from oxpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+    from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+    from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+    from oxpeft.utils.peft_types import PeftType, TaskType
+    from oxpeft.utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from oxpeft.utils.warning import PeftWarning

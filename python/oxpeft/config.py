@@ -1,8 +1,9 @@
-"""Adapter configs: the base `PeftConfig`, the `PeftType` / `TaskType` enums, and adapter_config.json I/O.
+"""Adapter configs: the base `PeftConfig`, `PromptLearningConfig`, and adapter_config.json I/O.
 
 A config is a dataclass whose JSON form is exactly HF PEFT's `adapter_config.json`: every field, keys
 sorted, indent 2, sets written as (sorted) lists. Each method's config class registers itself here by
-its `peft_type`, so `PeftConfig.from_pretrained` returns the right subclass.
+its `peft_type` (`register_peft_method`), so `PeftConfig.from_pretrained` returns the right
+subclass.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from oxpeft._io import atomic_write_text
+from oxpeft.utils.constants import CONFIG_NAME
+from oxpeft.utils.peft_types import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType, TaskType, registered_peft_type
 from oxpeft._native import config_downgrade, config_upgrade, config_version_stamp
-
-CONFIG_NAME = "adapter_config.json"
 
 # The HF PEFT release whose on-disk schema oxpeft writes by default. `peft_version` in a saved config
 # names that release with oxpeft's own version as a local label ("0.21.2+oxpeft.0.1.0"): PEFT reads the
@@ -27,36 +28,8 @@ PEFT_SCHEMA_VERSION = "0.21.2"
 OXPEFT_PEFT_VERSION = config_version_stamp(PEFT_SCHEMA_VERSION)
 
 
-class PeftType(str, enum.Enum):
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    IA3 = "IA3"
-    LOHA = "LOHA"
-    LOKR = "LOKR"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class TaskType(str, enum.Enum):
-    CAUSAL_LM = "CAUSAL_LM"
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    def __str__(self) -> str:
-        return self.value
-
-
 _ConfigT = TypeVar("_ConfigT", bound="PeftConfig")
 
-# peft_type value -> config class; filled by PeftConfig.__init_subclass__.
-_CONFIG_CLASSES: dict[str, type["PeftConfig"]] = {}
 
 
 @dataclass
@@ -72,11 +45,6 @@ class PeftConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.PEFT_TYPE is not None:
-            _CONFIG_CLASSES[cls.PEFT_TYPE.value] = cls
 
     def __post_init__(self) -> None:
         if self.PEFT_TYPE is not None:
@@ -200,13 +168,7 @@ def _class_for(data: dict[str, Any], default: type[PeftConfig]) -> type[PeftConf
         if default.PEFT_TYPE is None:
             raise ValueError("the config has no 'peft_type'; cannot tell which adapter method it is for")
         return default
-    # Importing the tuners registers their config classes.
-    import oxpeft.mapping  # noqa: F401
-
-    target = _CONFIG_CLASSES.get(peft_type)
-    if target is None:
-        known = ", ".join(sorted(_CONFIG_CLASSES))
-        raise ValueError(f"unsupported peft_type {peft_type!r}; oxpeft supports {known}")
+    target = PEFT_TYPE_TO_CONFIG_MAPPING[registered_peft_type(peft_type)]
     if default.PEFT_TYPE is not None and target is not default:
         raise ValueError(f"this is a {peft_type} config, not a {default.PEFT_TYPE.value} config")
     return target
@@ -233,3 +195,95 @@ def _to_json_value(value: Any) -> Any:
 def runtime_field(default: Any) -> Any:
     """A config field that exists at run time only and is never written to adapter_config.json."""
     return field(default=default, metadata={"runtime_only": True})
+
+
+# Tasks whose forward and generate know how to feed virtual tokens to the model.
+PROMPT_LEARNING_TASKS = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM)
+
+
+def check_positive_int(config: Any, name: str, *, required: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and not required:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        need = "is required and must be" if value is None else "must be"
+        raise ValueError(f"{type(config).__name__}: {name} {need} a positive integer, got {value!r}")
+
+
+def enum_field(config: Any, name: str, enum_cls: type[enum.Enum]) -> None:
+    value = getattr(config, name)
+    raw = value.value if isinstance(value, enum.Enum) else value
+    try:
+        setattr(config, name, enum_cls(raw))
+    except ValueError:
+        allowed = ", ".join(e.value for e in enum_cls)
+        raise ValueError(f"{type(config).__name__}: {name}={value!r} is not one of {allowed}") from None
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by the prompt-learning methods (PEFT's `PromptLearningConfig`)."""
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "num_virtual_tokens", required=True)
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            check_positive_int(self, name)
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(
+                f"{type(self).__name__}: num_transformer_submodules must be 1 (decoder-only / encoder-only) or 2 "
+                f"(encoder-decoder), got {self.num_transformer_submodules!r}"
+            )
+        if isinstance(self.modules_to_save, str):
+            raise ValueError(f"{type(self).__name__}: modules_to_save must be a list of module names, not a string")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+    @property
+    def total_virtual_tokens(self) -> int:
+        """Rows of the prompt embedding: one block of virtual tokens per transformer submodule."""
+        return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
+
+    def fill_from_model(self, model_config: Any) -> None:
+        """Set the unset model-shape fields from a transformers config, as PEFT does when wrapping a model."""
+        if model_config is None:
+            model_config = {}
+        data = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+        if isinstance(data.get("text_config"), dict):
+            data = data["text_config"]  # a vision-language model: the prompt goes to the language model
+
+        def first(*keys: str, field: str) -> int:
+            for key in keys:
+                if data.get(key) is not None:
+                    return data[key]
+            raise ValueError(
+                f"{type(self).__name__}: cannot infer {field} from the model config (none of {', '.join(keys)} is "
+                f"set); set {field} in the config"
+            )
+
+        if self.num_transformer_submodules is None:
+            self.num_transformer_submodules = 2 if self.task_type == TaskType.SEQ_2_SEQ_LM else 1
+        if self.num_layers is None:
+            layers = getattr(model_config, "num_hidden_layers", None)
+            self.num_layers = layers if layers is not None else first(
+                "num_hidden_layers", "num_layers", "n_layer", field="num_layers"
+            )
+        if self.token_dim is None:
+            self.token_dim = first("hidden_size", "n_embd", "d_model", field="token_dim")
+        if self.num_attention_heads is None:
+            self.num_attention_heads = first(
+                "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", field="num_attention_heads"
+            )
+        self._fill_method_fields(data)
+
+    def _fill_method_fields(self, model_config: dict[str, Any]) -> None:
+        """Method-specific fields derived from the model config (after the shared ones are set)."""

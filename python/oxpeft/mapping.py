@@ -1,84 +1,83 @@
-"""Registries (peft_type -> config and tuner classes, task type -> PeftModel class) and `get_peft_model`."""
+"""The method registries (peft_type -> config class, tuner class, parameter prefix), `get_peft_config` and
+`inject_adapter_in_model`.
+
+It imports no tuner. Each tuner package fills the registries (defined in `oxpeft.utils.peft_types`) through
+`register_peft_method` when it is imported, and `oxpeft.tuners` imports them all; a lookup of a method not yet
+registered imports `oxpeft.tuners` first. So configs and tuners never import upward to find each other.
+"""
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING, Any
+
 from torch import nn
 
-from oxpeft.config import PeftConfig, PeftType, TaskType
-from oxpeft.peft_model import TASK_MODEL_CLASSES, PeftModel
-from oxpeft.tuners.adalora.config import AdaLoraConfig
-from oxpeft.tuners.adalora.model import AdaLoraModel
-from oxpeft.tuners.base import BaseTuner
-from oxpeft.tuners.ia3.config import IA3Config
-from oxpeft.tuners.ia3.model import IA3Model
-from oxpeft.tuners.loha.config import LoHaConfig
-from oxpeft.tuners.loha.model import LoHaModel
-from oxpeft.tuners.lokr.config import LoKrConfig
-from oxpeft.tuners.lokr.model import LoKrModel
-from oxpeft.tuners.lora.config import LoraConfig
-from oxpeft.tuners.lora.model import LoraModel
-from oxpeft.tuners.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from oxpeft.utils.peft_types import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    PeftType,
+    registered_peft_type,
+)
 
-PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
-    PeftType.LORA: LoraConfig,
-    PeftType.IA3: IA3Config,
-    PeftType.LOHA: LoHaConfig,
-    PeftType.LOKR: LoKrConfig,
-    PeftType.ADALORA: AdaLoraConfig,
-    PeftType.PROMPT_TUNING: PromptTuningConfig,
-    PeftType.P_TUNING: PromptEncoderConfig,
-    PeftType.PREFIX_TUNING: PrefixTuningConfig,
-}
+if TYPE_CHECKING:
+    from oxpeft.config import PeftConfig
+    from oxpeft.tuners.tuners_utils import BaseTuner
 
-PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type[BaseTuner]] = {
-    PeftType.LORA: LoraModel,
-    PeftType.IA3: IA3Model,
-    PeftType.LOHA: LoHaModel,
-    PeftType.LOKR: LoKrModel,
-    PeftType.ADALORA: AdaLoraModel,
-}
+__all__ = [
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "get_peft_config",
+    "inject_adapter_in_model",
+]
 
-MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = TASK_MODEL_CLASSES
+def get_peft_config(config_dict: dict[str, Any]) -> "PeftConfig":
+    """The config object of the method named by `config_dict["peft_type"]`, built from the dict's fields."""
+    if "peft_type" not in config_dict:
+        raise ValueError("get_peft_config: the dict has no 'peft_type'")
+    return PEFT_TYPE_TO_CONFIG_MAPPING[registered_peft_type(config_dict["peft_type"])](**config_dict)
 
 
-def tuner_class_for(config: PeftConfig) -> type[BaseTuner]:
-    try:
-        return PEFT_TYPE_TO_TUNER_MAPPING[PeftType(config.peft_type)]
-    except (KeyError, ValueError):
-        raise ValueError(f"oxpeft has no tuner for peft_type {config.peft_type!r}") from None
+def tuner_class_for(config: "PeftConfig") -> type["BaseTuner"]:
+    """The tuner class of an injected method's config."""
+    peft_type = registered_peft_type(config.peft_type)
+    if config.is_prompt_learning or peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"oxpeft has no tuner that injects layers for peft_type {peft_type.value!r}")
+    return PEFT_TYPE_TO_TUNER_MAPPING[peft_type]  # type: ignore[return-value]
 
 
-def peft_model_class_for(config: PeftConfig) -> type[PeftModel]:
-    if config.task_type is None:
-        return PeftModel
-    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]
-
-
-def get_peft_model(
+def inject_adapter_in_model(
+    peft_config: "PeftConfig",
     model: nn.Module,
-    peft_config: PeftConfig,
     adapter_name: str = "default",
-    mixed: bool = False,
-    autocast_adapter_dtype: bool = True,
-    revision: str | None = None,
     low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config`; only adapter parameters stay trainable.
+    state_dict: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Inject the adapter layers of `peft_config` into `model` in place and return `model` (no PeftModel wrapper).
 
-    Every `target_modules` entry must match a module (HF PEFT ignores a typo silently; oxpeft names it and the
-    closest module names). Returns the `PeftModel` subclass of `peft_config.task_type`.
+    Prompt-learning methods inject nothing and are refused. With `state_dict` (an adapter state dict, e.g. read
+    from a file without its config) the targets are the modules its keys name, not the config's
+    `target_modules`; its values are not loaded. The new layers are small and are created on the model's device
+    whatever `low_cpu_mem_usage` says.
     """
-    if mixed:
-        raise ValueError("mixed adapter types (mixed=True) are not supported; use one method per model")
-    if isinstance(model, PeftModel):
-        raise ValueError("the model already has adapters; use model.add_adapter(name, config) instead")
-    if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
-    # transformers models built from a config have name_or_path == "", which is no model id.
-    name_or_path = model.__dict__.get("name_or_path", None) or None
-    if peft_config.base_model_name_or_path is None:
-        peft_config.base_model_name_or_path = name_or_path
-    if revision is not None:
-        peft_config.revision = revision
-    cls = peft_model_class_for(peft_config)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    if peft_config.is_prompt_learning:
+        raise ValueError(
+            f"inject_adapter_in_model: {peft_config.peft_type} is a prompt-learning method, which injects no layers; "
+            "use get_peft_model"
+        )
+    tuner_cls = tuner_class_for(peft_config)
+    if state_dict is not None:
+        peft_config = copy.copy(peft_config)
+        peft_config.target_modules = _targets_in(state_dict, PEFT_TYPE_TO_PREFIX_MAPPING[registered_peft_type(peft_config.peft_type)])
+    return tuner_cls(model, {adapter_name: peft_config}, adapter_name).model
+
+
+def _targets_in(state_dict: dict[str, Any], prefix: str) -> list[str]:
+    """The module names an adapter state dict's keys point at (`<module>.<prefix>...`), without PEFT's
+    `base_model.model.` key prefix."""
+    names = {key.split(f".{prefix}", 1)[0].removeprefix("base_model.model.") for key in state_dict if f".{prefix}" in key}
+    if not names:
+        raise ValueError(f"inject_adapter_in_model: no key of the state dict holds '.{prefix}', so it names no target module")
+    return sorted(names)

@@ -11,15 +11,17 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from oxpeft.config import PeftConfig, TaskType
-from oxpeft.save_load import (
+from oxpeft.config import PeftConfig
+from oxpeft.mapping import tuner_class_for
+from oxpeft.utils.peft_types import TaskType
+from oxpeft.utils.save_and_load import (
     get_peft_model_state_dict,
     load_peft_weights,
     save_peft_weights,
     set_peft_model_state_dict,
 )
-from oxpeft.tuners.base import BaseTuner, classifier_modules_for
-from oxpeft.tuners.prompt.model import PromptLearningMixin
+from oxpeft.tuners.tuners_utils import BaseTuner, classifier_modules_for
+from oxpeft.prompt_learning import PromptLearningMixin
 
 
 class PeftModel(PromptLearningMixin, nn.Module):
@@ -42,8 +44,6 @@ class PeftModel(PromptLearningMixin, nn.Module):
         strict_targets: bool = True,
     ) -> None:
         super().__init__()
-        from oxpeft.mapping import tuner_class_for
-
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self._is_prompt_learning = peft_config.is_prompt_learning
@@ -245,8 +245,6 @@ class PeftModel(PromptLearningMixin, nn.Module):
         If the adapter does not fit the model (wrong shapes, missing or foreign tensors), the model is restored
         and a ValueError names the tensors.
         """
-        from oxpeft.mapping import peft_model_class_for
-
         if config is None:
             config = PeftConfig.from_pretrained(
                 model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
@@ -423,7 +421,7 @@ class PeftModelForFeatureExtraction(PeftModel):
     """An encoder used for embeddings, with adapters."""
 
 
-TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
     TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
     TaskType.SEQ_CLS: PeftModelForSequenceClassification,
@@ -431,3 +429,10 @@ TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+
+def peft_model_class_for(config: PeftConfig) -> type[PeftModel]:
+    """The PeftModel class of `config.task_type` (PeftModel itself without one)."""
+    if config.task_type is None:
+        return PeftModel
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]

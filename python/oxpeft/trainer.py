@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from oxpeft.peft_model import PeftModel
-from oxpeft.save_load import load_peft_weights, set_peft_model_state_dict
+from oxpeft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
 TRAINING_ARGS_NAME = "training_args.bin"
 

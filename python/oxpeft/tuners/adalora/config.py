@@ -11,7 +11,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from oxpeft.config import PeftConfig, PeftType
+from oxpeft.config import PeftConfig
+from oxpeft.utils.peft_types import PeftType
 
 # LoRA fields that AdaLoRA does not implement, with the values that mean "off".
 _NEUTRAL_LORA_FIELDS: dict[str, Any] = {

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oxpeft.tuners.base import DeltaTunerLayer, is_linear_like
+from oxpeft.tuners.tuners_utils import DeltaTunerLayer, is_linear_like
 
 # Added to ranknum before dividing (HF PEFT does the same, so that a rank-0 adapter stays finite).
 RANKNUM_EPS = 1e-5

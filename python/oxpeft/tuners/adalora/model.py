@@ -12,31 +12,9 @@ from torch import nn
 from oxpeft.tuners.adalora.allocator import RankAllocator, rank_mask
 from oxpeft.tuners.adalora.config import AdaLoraConfig
 from oxpeft.tuners.adalora.layer import AdaLoraLayer
-from oxpeft.tuners.base import BaseTuner
+from oxpeft.tuners.tuners_utils import BaseTuner
+from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 
-# Per-architecture defaults used when target_modules is None (HF PEFT's table).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-    "gpt_bigcode": ["c_attn"],
-    "deberta": ["in_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-}
 
 
 class AdaLoraModel(BaseTuner):
@@ -64,7 +42,7 @@ class AdaLoraModel(BaseTuner):
         self._loss_hook = self.model.register_forward_hook(self._add_orthogonal_regularization)
 
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
-        return DEFAULT_TARGET_MODULES.get(model_type or "")
+        return TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING.get(model_type or "")
 
     # --- adapters ------------------------------------------------------------------------------------------------
     def _check_new_adapter_config(self, config: AdaLoraConfig) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from oxpeft.config import PeftConfig, PeftType
+from oxpeft.config import PeftConfig
+from oxpeft.utils.peft_types import PeftType
 
 
 @dataclass

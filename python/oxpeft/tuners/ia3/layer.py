@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oxpeft.tuners.base import BaseTunerLayer, check_merged_weight
+from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight
 
 
 class IA3Layer(nn.Module, BaseTunerLayer):

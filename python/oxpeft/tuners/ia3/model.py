@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from oxpeft.tuners.base import (
+from oxpeft.tuners.tuners_utils import (
     BaseTuner,
     check_adapters_to_combine,
     is_linear_like,
@@ -18,61 +18,12 @@ from oxpeft.tuners.base import (
 )
 from oxpeft.tuners.ia3.config import IA3Config
 from oxpeft.tuners.ia3.layer import Conv2d, IA3Layer, Linear
+from oxpeft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+)
 
-# Per-architecture defaults used when target_modules / feedforward_modules are None (HF PEFT's tables).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["k", "v", "wo"],
-    "mt5": ["k", "v", "wi_1"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
-    "roberta": ["key", "value", "output.dense"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "gptj": ["q_proj", "v_proj", "fc_out"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
-    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
-    "bart": ["q_proj", "v_proj", "fc2"],
-    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "mixtral": ["k_proj", "v_proj", "w2"],
-    "bert": ["key", "value", "output.dense"],
-    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "deberta": ["in_proj", "output.dense"],
-    "falcon": ["query_key_value", "dense_4h_to_h"],
-    "phi": ["q_proj", "v_proj", "fc2"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"],
-    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"],
-    "qwen3": ["q_proj", "v_proj", "down_proj"],
-}
 
-DEFAULT_FEEDFORWARD_MODULES: dict[str, list[str]] = {
-    "t5": ["wo"],
-    "mt5": [],
-    "gpt2": ["mlp.c_proj"],
-    "bloom": ["mlp.dense_4h_to_h"],
-    "roberta": ["output.dense"],
-    "opt": ["fc2"],
-    "gptj": ["fc_out"],
-    "gpt_neox": ["dense_4h_to_h"],
-    "gpt_neo": ["c_proj"],
-    "bart": ["fc2"],
-    "gpt_bigcode": ["mlp.c_proj"],
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "mixtral": ["w2"],
-    "bert": ["output.dense"],
-    "deberta-v2": ["output.dense"],
-    "deberta": ["output.dense"],
-    "falcon": ["dense_4h_to_h"],
-    "phi": ["fc2"],
-    "gemma": ["down_proj"],
-    "gemma2": ["down_proj"],
-    "gemma3_text": ["down_proj"],
-    "qwen2": ["down_proj"],
-    "qwen3": ["down_proj"],
-}
 
 
 def is_feedforward(config: IA3Config, key: str) -> bool:
@@ -94,7 +45,7 @@ class IA3Model(BaseTuner):
     _feedforward_given: bool = True
 
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
-        return DEFAULT_TARGET_MODULES.get(model_type or "")
+        return TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type or "")
 
     def inject_adapter(self, adapter_name: str, config: IA3Config, *, strict_targets: bool = True) -> None:
         self._feedforward_given = config.feedforward_modules is not None
@@ -104,7 +55,7 @@ class IA3Model(BaseTuner):
         super()._resolve_target_modules(config)
         if config.feedforward_modules is None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-            default = DEFAULT_FEEDFORWARD_MODULES.get(model_type or "")
+            default = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type or "")
             if default is None:
                 raise ValueError(
                     f"feedforward_modules is not set and oxpeft has no default for model_type {model_type!r}; "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oxpeft.tuners.lycoris import LycorisConfig, LycorisLayer, kaiming_init, rebuild_cp
+from oxpeft.tuners.lycoris_utils import LycorisConfig, LycorisLayer, kaiming_init, rebuild_cp
 
 
 class LoHaLayer(LycorisLayer):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from oxpeft.tuners.loha.layer import LoHaLayer
-from oxpeft.tuners.lycoris import LycorisTuner
+from oxpeft.tuners.lycoris_utils import LycorisTuner
 
 
 class LoHaModel(LycorisTuner):

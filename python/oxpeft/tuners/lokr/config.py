@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from oxpeft.config import PeftType
-from oxpeft.tuners.lycoris import LycorisConfig
+from oxpeft.utils.peft_types import PeftType
+from oxpeft.tuners.lycoris_utils import LycorisConfig
 
 
 @dataclass

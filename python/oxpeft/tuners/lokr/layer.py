@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from oxpeft.tuners.lycoris import LycorisConfig, LycorisLayer, kaiming_init, rebuild_cp
+from oxpeft.tuners.lycoris_utils import LycorisConfig, LycorisLayer, kaiming_init, rebuild_cp
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

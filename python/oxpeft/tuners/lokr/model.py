@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from oxpeft.tuners.lokr.layer import LoKrLayer
-from oxpeft.tuners.lycoris import LycorisTuner
+from oxpeft.tuners.lycoris_utils import LycorisTuner
 
 
 class LoKrModel(LycorisTuner):

@@ -7,7 +7,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
-from oxpeft.config import PeftConfig, PeftType
+from oxpeft.config import PeftConfig
+from oxpeft.utils.peft_types import PeftType
 
 InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "loftq"], str]
 

@@ -15,19 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
-from oxpeft.tuners.base import BaseTunerLayer, check_merged_weight
+from oxpeft.tuners.lora.dora import DoraMagnitude, dora_weight_norm
+from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight
 
 
 # The adapter name that, in a mixed batch, means "no adapter for this sample".
 BASE_ONLY = "__base__"
-
-
-class DoraMagnitude(nn.Module):
-    """DoRA's learned magnitude vector m (out,). A module so its state-dict key is PEFT's `...<adapter>.weight`."""
-
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features))
 
 
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -188,9 +181,9 @@ class LoraLayer(BaseTunerLayer):
         return _transpose(base.weight, self.fan_in_fan_out)
 
     def _dora_weight_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        lora_weight = self.lora_B[adapter_name].weight.float() @ self.lora_A[adapter_name].weight.float()
-        combined = weight.float() + self.scaling[adapter_name] * lora_weight
-        return torch.linalg.norm(combined, dim=1)
+        return dora_weight_norm(
+            weight, self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
+        )
 
     @torch.no_grad()
     def _init_dora(self, adapter_name: str) -> None:

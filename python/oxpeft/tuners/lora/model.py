@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from oxpeft.tuners.base import LOW_RANK_TARGET_MODULES, BaseTuner, pattern_key
+from oxpeft.tuners.tuners_utils import BaseTuner, pattern_key
+from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
 from oxpeft.tuners.lora.weighted import add_weighted_adapter
@@ -17,7 +18,7 @@ class LoraModel(BaseTuner):
     layer_cls = LoraLayer
 
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
-        return LOW_RANK_TARGET_MODULES.get(model_type or "")
+        return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
 
     def _create_and_replace(
         self,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from oxpeft.tuners.base import check_adapters_to_combine, union_module_names
+from oxpeft.tuners.tuners_utils import check_adapters_to_combine, union_module_names
 from oxpeft.tuners.lora.layer import Conv2d, Embedding, LoraLayer
 
 if TYPE_CHECKING:

@@ -24,45 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from oxpeft.config import PeftConfig, TaskType
+from oxpeft.config import PeftConfig
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb, requantize_bnb
-
-ALL_LINEAR = "all-linear"
-
-# Per-architecture defaults used when target_modules is None by the low-rank methods (LoRA, LoHa, LoKr):
-# the attention query/value projections. HF PEFT uses the same table for all three.
-LOW_RANK_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "phi3": ["qkv_proj"],
-    "stablelm": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "deberta": ["in_proj"],
-    "codegen": ["qkv_proj"],
-    "mpt": ["Wqkv"],
-}
+from oxpeft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from oxpeft.utils.other import ModulesToSaveWrapper, _get_submodules
+from oxpeft.utils.peft_types import TaskType
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -316,63 +282,6 @@ class DeltaTunerLayer(nn.Module, BaseTunerLayer):
             self._store_weight(self._stored_weight().float() - self.get_delta_weight(name).detach().float())
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """Keeps the original module and one trainable copy per adapter; forward uses the active adapter's copy."""
-
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
-        super().__init__()
-        self.original_module = module_to_save
-        self.modules_to_save = nn.ModuleDict()
-        self._active_adapter: list[str] = []
-        self._disable_adapters = False
-        self.update(adapter_name)
-        self.set_adapter(adapter_name)
-
-    def update(self, adapter_name: str) -> None:
-        if adapter_name not in self.modules_to_save:
-            copy_ = copy.deepcopy(self.original_module)
-            copy_.requires_grad_(True)
-            self.modules_to_save[adapter_name] = copy_
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._current().weight
-
-    def _current(self) -> nn.Module:
-        if self._disable_adapters:
-            return self.original_module
-        for name in self._active_adapter:
-            if name in self.modules_to_save:
-                return self.modules_to_save[name]
-        return self.original_module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._current()(*args, **kwargs)
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.original_module.requires_grad_(False)
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name in names)
-        self._active_adapter = [n for n in names if n in self.modules_to_save]
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self._disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
-        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
-
-    def unwrapped(self) -> nn.Module:
-        """The module that replaces this wrapper on unload: the active adapter's copy, else the original."""
-        return self._current()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Target matching
 # --------------------------------------------------------------------------------------------------------------
@@ -569,7 +478,7 @@ class BaseTuner(nn.Module, abc.ABC):
                     f"{_describe_leaves(self._linear_module_names())}"
                 )
             config.target_modules = set(default) if isinstance(default, list) else default
-        elif config.target_modules == ALL_LINEAR:
+        elif config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
             config.target_modules = self._all_linear_names()
 
     def _linear_module_names(self) -> list[str]:
@@ -666,9 +575,7 @@ class BaseTuner(nn.Module, abc.ABC):
                 )
 
     def _get_submodules(self, key: str) -> tuple[nn.Module, nn.Module, str]:
-        parent_name, _, target_name = key.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        return parent, self.model.get_submodule(key), target_name
+        return _get_submodules(self.model, key)
 
     def _mark_only_adapters_as_trainable(self, config: PeftConfig) -> None:
         for name, param in self.model.named_parameters():

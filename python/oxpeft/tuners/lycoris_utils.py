@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.config import PeftConfig
-from oxpeft.tuners.base import LOW_RANK_TARGET_MODULES, BaseTuner, DeltaTunerLayer, pattern_key
+from oxpeft.tuners.tuners_utils import BaseTuner, DeltaTunerLayer, pattern_key
+from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 
 @dataclass
@@ -192,7 +193,7 @@ class LycorisTuner(BaseTuner):
     layer_cls: ClassVar[type[LycorisLayer]]
 
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
-        return LOW_RANK_TARGET_MODULES.get(model_type or "")
+        return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
 
     def _create_and_replace(
         self,

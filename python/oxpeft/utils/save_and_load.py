@@ -17,14 +17,12 @@ from torch import nn
 
 from oxpeft._io import atomic_path
 from oxpeft.hub import resolve_file
-from oxpeft.tuners.base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, matches_targets
+from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_targets
+from oxpeft.utils.constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from oxpeft.utils.other import ModulesToSaveWrapper
 
-SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 # The one tensor of a prompt-learning adapter: its encoder's output for every virtual token.
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
-WEIGHTS_NAME = "adapter_model.bin"
-# Names PEFT treats as embedding layers when deciding whether to save full embedding weights.
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def remove_adapter_name(key: str, adapter_name: str) -> str:

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from oxpeft.config import PeftType, TaskType
-from oxpeft.tuners.base import ModulesToSaveWrapper, _closest_names, classifier_modules_for, matches_list_entry
-from oxpeft.tuners.prompt.config import PROMPT_LEARNING_TASKS, PromptLearningConfig
-from oxpeft.tuners.prompt.encoders import VirtualTokenEncoder, build_encoder
+from oxpeft.utils.peft_types import PEFT_TYPE_TO_TUNER_MAPPING, PeftType, TaskType
+from oxpeft.tuners.tuners_utils import ModulesToSaveWrapper, _closest_names, classifier_modules_for, matches_list_entry
+from oxpeft.config import PROMPT_LEARNING_TASKS, PromptLearningConfig
+from oxpeft.tuners.prompt_learning_utils import VirtualTokenEncoder
 
 PREFIX_METHODS = (PeftType.PREFIX_TUNING,)
 
@@ -78,7 +78,7 @@ class PromptLearningMixin:
         config.fill_from_model(getattr(self.base_model, "config", None))
         if config.peft_type in PREFIX_METHODS:
             self._prompt_check_prefix_support()
-        encoder = build_encoder(config, self._prompt_word_embeddings(required=False))
+        encoder = _build_encoder(config, self._prompt_word_embeddings(required=False))
         reference = next(self.base_model.parameters(), None)
         if reference is not None:
             encoder.to(reference.device)
@@ -448,6 +448,14 @@ class PromptLearningMixin:
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
+def _build_encoder(config: PromptLearningConfig, word_embeddings: nn.Module | None) -> VirtualTokenEncoder:
+    """The encoder module registered for `config`'s method (its model-shape fields must be filled)."""
+    encoder_cls = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(config.peft_type)]
+    if PeftType(config.peft_type) is PeftType.PROMPT_TUNING:
+        return encoder_cls(config, word_embeddings)  # its TEXT / SAMPLE_VOCAB inits read the word embeddings
+    return encoder_cls(config)
+
+
 def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
     if input_ids is not None:
         return input_ids.shape[0]

@@ -1,0 +1,73 @@
+"""Utilities at HF PEFT's paths (`peft.utils.*`): method and task types, constants, the `modules_to_save`
+wrapper, adapter state dicts.
+
+The names are imported on first use, so that `oxpeft.utils.peft_types` or `oxpeft.utils.constants` can be
+imported by the lowest layers without pulling in the tuners that `save_and_load` works on.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "CONFIG_NAME": "oxpeft.utils.constants",
+    "EMBEDDING_LAYER_NAMES": "oxpeft.utils.constants",
+    "INCLUDE_LINEAR_LAYERS_SHORTHAND": "oxpeft.utils.constants",
+    "SAFETENSORS_WEIGHTS_NAME": "oxpeft.utils.constants",
+    "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
+    "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING": "oxpeft.utils.constants",
+    "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
+    "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
+    "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
+    "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
+    "WEIGHTS_NAME": "oxpeft.utils.constants",
+    "ModulesToSaveWrapper": "oxpeft.utils.other",
+    "_get_submodules": "oxpeft.utils.other",
+    "infer_device": "oxpeft.utils.other",
+    "PeftType": "oxpeft.utils.peft_types",
+    "TaskType": "oxpeft.utils.peft_types",
+    "register_peft_method": "oxpeft.utils.peft_types",
+    "get_peft_model_state_dict": "oxpeft.utils.save_and_load",
+    "load_peft_weights": "oxpeft.utils.save_and_load",
+    "set_peft_model_state_dict": "oxpeft.utils.save_and_load",
+    "PeftWarning": "oxpeft.utils.warning",
+    "prepare_model_for_kbit_training": "oxpeft.quant.model",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oxpeft.utils' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from oxpeft.quant.model import prepare_model_for_kbit_training
+    from oxpeft.utils.constants import (
+        CONFIG_NAME,
+        EMBEDDING_LAYER_NAMES,
+        INCLUDE_LINEAR_LAYERS_SHORTHAND,
+        SAFETENSORS_WEIGHTS_NAME,
+        TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+        WEIGHTS_NAME,
+    )
+    from oxpeft.utils.other import ModulesToSaveWrapper, _get_submodules, infer_device
+    from oxpeft.utils.peft_types import PeftType, TaskType, register_peft_method
+    from oxpeft.utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from oxpeft.utils.warning import PeftWarning
