@@ -170,6 +170,22 @@ def _cmd_unmerge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_alias(args: argparse.Namespace) -> int:
+    from oxpeft import alias
+
+    if args.action == "install":
+        result = alias.install(args.target)
+        print(f"alias {result.describe()}")
+        if args.target is not None:
+            print(f"put {result.target} first on PYTHONPATH for `import peft` to answer with oxpeft")
+    elif args.action == "remove":
+        alias.remove(args.target)
+        print(f"alias removed from {alias.status(args.target).target}")
+    else:
+        print(f"alias {alias.status(args.target).describe()}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oxpeft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"oxpeft {oxpeft.__version__}")
@@ -207,6 +223,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into an existing --output-dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("alias", help="make `import peft` answer with oxpeft (an opt-in `peft` distribution), or undo it")
+    p.add_argument("action", choices=["install", "remove", "status"])
+    p.add_argument(
+        "--target",
+        metavar="DIR",
+        help="write into DIR instead of site-packages (put DIR first on PYTHONPATH); the real peft may stay installed",
+    )
+    p.set_defaults(func=_cmd_alias)
 
     p = sub.add_parser("merge", help="merge LoRA / IA3 / LoHa / LoKr adapters into a safetensors checkpoint folder")
     p.add_argument("base", help="base checkpoint folder (model.safetensors or sharded with an index)")
