@@ -53,6 +53,12 @@ def test_import_peft_is_oxpeft_with_the_same_objects(target):
     probe = f"""
 import importlib, importlib.metadata, importlib.util, json, sys
 import peft, oxpeft
+def _missing_deep():
+    try:
+        import peft.tuners.not_a_method.layer
+    except ModuleNotFoundError as exc:
+        return exc.name == "peft.tuners.not_a_method"
+    return False
 paths = {PEFT_MODULE_PATHS!r}
 same = [p for p in paths if importlib.import_module("peft." + p) is importlib.import_module("oxpeft." + p)]
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -68,6 +74,7 @@ print(json.dumps(dict(
              ModulesToSaveWrapper is oxpeft.utils.other.ModulesToSaveWrapper],
     found=importlib.util.find_spec("peft") is not None,
     missing=importlib.util.find_spec("peft.tuners.not_a_method") is None,
+    missing_deep=_missing_deep(),
 )))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
@@ -77,7 +84,7 @@ print(json.dumps(dict(
     assert seen["same"] == PEFT_MODULE_PATHS
     assert seen["version"] == seen["metadata"] == ALIAS_VERSION == f"0.22.0+oxpeft.{oxpeft.__version__}"
     assert seen["oxpeft"] == oxpeft.__version__
-    assert all(seen["classes"]) and seen["found"] and seen["missing"]
+    assert all(seen["classes"]) and seen["found"] and seen["missing"] and seen["missing_deep"]
 
 
 def test_transformers_sees_a_new_enough_peft(target):

@@ -60,7 +60,10 @@ class PeftAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if not fullname.startswith("peft."):
             return None
         real = "oxpeft." + fullname[len("peft.") :]
-        if importlib.util.find_spec(real) is None:
+        try:
+            if importlib.util.find_spec(real) is None:
+                return None
+        except ModuleNotFoundError:  # a parent of `real` is missing: `peft.<path>` is not there either
             return None
         return importlib.util.spec_from_loader(fullname, self, is_package=True)
 
