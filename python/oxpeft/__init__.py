@@ -6,9 +6,9 @@ tools and the CLI never load torch or transformers unless they need them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from oxpeft._lazy import lazy_exports
 from oxpeft._native import version as _native_version
 
 __version__: str = _native_version()
@@ -72,17 +72,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'oxpeft' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+lazy_exports(globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:
