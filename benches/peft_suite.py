@@ -163,7 +163,9 @@ def main() -> None:
 
         alias.install(scratch / "alias")
         helpers = os.pathsep.join(str(src / h) for h in HELPERS)
-        ours_env = _env({"PYTHONPATH": os.pathsep.join([str(scratch / "alias"), str(HERE)]), "OXPEFT_SUITE_FILES": helpers})
+        # Any PYTHONPATH given stays after the alias (e.g. a snapshot of oxpeft to measure while its tree changes).
+        path = [str(scratch / "alias"), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ours_env = _env({"PYTHONPATH": os.pathsep.join(path), "OXPEFT_SUITE_FILES": helpers})
         ours = run(src, ids, ours_env, "oxpeft", scratch, args.workers, args.case_timeout, plugins=("peft_suite_plugin",))
         if len(ours) < len(ids) // 2:
             log = (scratch / "oxpeft.log").read_text()[-3000:]

@@ -4,9 +4,9 @@ PEFT's test files import, at module level, the names of every PEFT method (`from
 without help not one case of them is even collected when `peft` is oxpeft. For each `from peft... import NAME`
 in the files named by `OXPEFT_SUITE_FILES` whose NAME (or module) oxpeft does not have, this puts a placeholder
 in its place: a class of that name (so test ids stay the same as on the real peft) that fails any case that
-checks an instance against it, reads an attribute of it or uses an instance of it, with `OxpeftLacks` naming
-the missing `peft.<module>.<name>` (calling it gives an inert instance, since test tables build configs at
-import time). Nothing of the real peft runs in this process, and no case of a
+reads an attribute of it or uses an instance of it, with `OxpeftLacks` naming the missing `peft.<module>.<name>`.
+Calling it gives an inert instance (test tables build configs at import time), and `isinstance` / `issubclass`
+against it answer False: no object oxpeft makes is of a class oxpeft lacks. Nothing of the real peft runs in this process, and no case of a
 supported method can pass through a placeholder.
 """
 
@@ -30,8 +30,13 @@ class _MissingMeta(type):
     def _fail(cls, *_args, **_kwargs):
         raise OxpeftLacks(f"oxpeft does not implement {cls.__module__}.{cls.__qualname__}")
 
-    __instancecheck__ = _fail
-    __subclasscheck__ = _fail
+    # Nothing oxpeft makes is an instance of a class it lacks: the truthful answer, and what lets the many cases
+    # that ask `isinstance(config, OSFConfig)` on their way go on to test what oxpeft has.
+    def __instancecheck__(cls, _obj):
+        return False
+
+    def __subclasscheck__(cls, _sub):
+        return False
 
     def __call__(cls, *_args, **_kwargs):
         # Test tables build configs at import time (`KasaConfig()` inside a case's kwargs): the call gives an inert
