@@ -15,6 +15,7 @@ from oxpeft.config import PeftConfig
 from oxpeft.mapping import tuner_class_for
 from oxpeft.utils.peft_types import TaskType
 from oxpeft.utils.save_and_load import (
+    IncompatibleKeys,
     get_peft_model_state_dict,
     load_peft_weights,
     save_peft_weights,
@@ -154,8 +155,21 @@ class PeftModel(PromptLearningMixin, nn.Module):
             return self.get_base_model().generate(*args, **kwargs)
 
     # --- adapters ------------------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, *, strict_targets: bool = True) -> None:
-        """Add a new, inactive adapter (call `set_adapter` to run and train it)."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        strict_targets: bool = True,
+    ) -> None:
+        """Add a new, inactive adapter (call `set_adapter` to run and train it).
+
+        `autocast_adapter_dtype`: on a float16 / bfloat16 base, keep the new adapter's weights in float32 (stable
+        training). `low_cpu_mem_usage` is accepted as in PEFT; adapter weights are small and are always created
+        directly on the base layer's device, which is what that option saves memory for.
+        """
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
                 f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters"
@@ -164,7 +178,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self._prompt_add(adapter_name, self._with_task_heads(peft_config))
             return
         active = self.active_adapters
-        self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config), strict_targets=strict_targets)
+        with self.base_model.adapter_dtype_autocast(autocast_adapter_dtype):
+            self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config), strict_targets=strict_targets)
         self.base_model.set_adapter(active)
         if not peft_config.inference_mode:
             # PEFT's most common multi-adapter surprise: a new trainable adapter that never trains.
@@ -205,24 +220,38 @@ class PeftModel(PromptLearningMixin, nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
         *,
         subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         **config_overrides: Any,
-    ) -> None:
-        """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`)."""
+    ) -> IncompatibleKeys:
+        """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`).
+
+        Returns PEFT's load result: `missing_keys` and `unexpected_keys` of this adapter's tensors, both empty,
+        since an adapter that does not fit is refused (ValueError naming the tensors, model unchanged). `ephemeral_gpu_offload` is refused: oxpeft has no such loading mode.
+        """
+        if ephemeral_gpu_offload:
+            raise ValueError("load_adapter: ephemeral_gpu_offload is not supported by oxpeft; load onto the device instead")
         config = PeftConfig.from_pretrained(
             model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
         )
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
-        self.add_adapter(adapter_name, config, strict_targets=False)
+        self.add_adapter(
+            adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
+        )
         try:
-            set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        # As PEFT: only this adapter's own tensors count as missing (none, since a missing one is refused).
+        mine = [k for k in result.missing_keys if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")]
+        return IncompatibleKeys(missing_keys=mine, unexpected_keys=result.unexpected_keys)
 
     @classmethod
     def from_pretrained(

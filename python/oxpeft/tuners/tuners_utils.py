@@ -420,6 +420,16 @@ class BaseTuner(nn.Module, abc.ABC):
             )
 
     # --- injection -----------------------------------------------------------------------------------------------
+    @contextmanager
+    def adapter_dtype_autocast(self, enabled: bool) -> Iterator[None]:
+        """Within the block, new adapters on a 16-bit base get fp32 weights if `enabled` (whatever the tuner's
+        own `autocast_adapter_dtype`)."""
+        previous, self.autocast_adapter_dtype = self.autocast_adapter_dtype, enabled
+        try:
+            yield
+        finally:
+            self.autocast_adapter_dtype = previous
+
     def inject_adapter(self, adapter_name: str, config: PeftConfig, *, strict_targets: bool = True) -> None:
         """Add adapter `adapter_name` to the model. On any error the model is left as it was."""
         if adapter_name in self.peft_config:

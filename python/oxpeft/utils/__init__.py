@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING": "oxpeft.utils.constants",
     "WEIGHTS_NAME": "oxpeft.utils.constants",
+    "AuxiliaryTrainingWrapper": "oxpeft.utils.other",
     "ModulesToSaveWrapper": "oxpeft.utils.other",
     "_get_submodules": "oxpeft.utils.other",
     "infer_device": "oxpeft.utils.other",
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
         TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
         WEIGHTS_NAME,
     )
-    from oxpeft.utils.other import ModulesToSaveWrapper, _get_submodules, infer_device
+    from oxpeft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, infer_device
     from oxpeft.utils.peft_types import PeftType, TaskType, register_peft_method
     from oxpeft.utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
     from oxpeft.utils.warning import PeftWarning

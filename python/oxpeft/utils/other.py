@@ -1,27 +1,106 @@
-"""Helpers with HF PEFT's names in `peft.utils.other`: the `modules_to_save` wrapper, submodule lookup, device."""
+"""Helpers with HF PEFT's names in `peft.utils.other`: the `modules_to_save` wrapper (and its base,
+`AuxiliaryTrainingWrapper`), submodule lookup, device."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["ModulesToSaveWrapper", "_get_submodules", "infer_device"]
+__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "infer_device"]
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """Keeps the original module and one trainable copy per adapter; forward uses the active adapter's copy."""
+class AuxiliaryTrainingWrapper(nn.Module):
+    """Base of the wrappers that train something beside the adapter layers, per adapter (PEFT's name).
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+    It wraps `original_module`, keeps which adapters are active, and hands attribute reads it does not have itself
+    (`.weight`, `.bias`, `.in_features`, ...) to the module the forward currently uses, so code that reads a wrapped
+    layer's attributes keeps working.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module_to_save
-        self.modules_to_save = nn.ModuleDict()
         self._active_adapter: list[str] = []
         self._disable_adapters = False
+        self.init_modules()
         self.update(adapter_name)
         self.set_adapter(adapter_name)
+
+    # --- what a subclass provides --------------------------------------------------------------------------------
+    def init_modules(self) -> None:
+        """Create the (empty) per-adapter containers."""
+
+    def update(self, adapter_name: str) -> None:
+        """Create what adapter `adapter_name` trains."""
+        raise NotImplementedError
+
+    def _available_adapters(self) -> set[str]:
+        raise NotImplementedError
+
+    def _current(self) -> nn.Module:
+        """The module the forward runs now."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------------------------
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of the wrapper itself
+        except AttributeError:
+            # Half-built (during __init__, copy or unpickling) there is no module to hand the read to.
+            if name.startswith("__") or "original_module" not in self.__dict__.get("_modules", {}):
+                raise
+        return getattr(self._current(), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._current()(*args, **kwargs)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_names` the active ones (trainable unless `inference_mode`); others are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapter = [n for n in names if n in self._available_adapters()]
+        self.set_requires_grad(self._available_adapters(), False)
+        self.set_requires_grad(self._active_adapter, not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        raise NotImplementedError
+
+    def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
+        raise NotImplementedError
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The module that replaces this wrapper when the adapters are unloaded."""
+        return self._current()
+
+    def unwrapped(self) -> nn.Module:
+        return self.unload_and_optionally_merge_module()
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
+    """Keeps the original module and one trainable copy per adapter (`modules_to_save`); the forward runs the
+    active adapter's copy."""
+
+    def init_modules(self) -> None:
+        self.modules_to_save = nn.ModuleDict()
 
     def update(self, adapter_name: str) -> None:
         if adapter_name not in self.modules_to_save:
@@ -29,13 +108,8 @@ class ModulesToSaveWrapper(nn.Module):
             copy_.requires_grad_(True)
             self.modules_to_save[adapter_name] = copy_
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._current().weight
+    def _available_adapters(self) -> set[str]:
+        return set(self.modules_to_save)
 
     def _current(self) -> nn.Module:
         if self._disable_adapters:
@@ -45,27 +119,18 @@ class ModulesToSaveWrapper(nn.Module):
                 return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._current()(*args, **kwargs)
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self.original_module.requires_grad_(False)
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name in names)
-        self._active_adapter = [n for n in names if n in self.modules_to_save]
+        for name in names:
+            if name in self.modules_to_save:
+                self.modules_to_save[name].requires_grad_(requires_grad)
 
-    def enable_adapters(self, enabled: bool) -> None:
-        self._disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
+    def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
-        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
-
-    def unwrapped(self) -> nn.Module:
-        """The module that replaces this wrapper on unload: the active adapter's copy, else the original."""
-        return self._current()
+        remaining = [n for n in self._active_adapter if n != adapter_name]
+        self._active_adapter = [n for n in (new_active_adapters or remaining) if n in self.modules_to_save]
 
 
 def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:

@@ -21,6 +21,9 @@ from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_target
 from oxpeft.utils.constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from oxpeft.utils.other import ModulesToSaveWrapper
 
+# What `nn.Module.load_state_dict` returns (a named tuple of missing_keys, unexpected_keys), as PEFT returns it.
+IncompatibleKeys = nn.modules.module._IncompatibleKeys
+
 # The one tensor of a prompt-learning adapter: its encoder's output for every virtual token.
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 
@@ -129,16 +132,29 @@ def _save_embeddings(model: nn.Module, config: Any, save_embedding_layers: bool 
 
 
 def set_peft_model_state_dict(
-    model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
-) -> None:
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> IncompatibleKeys:
     """Copy checkpoint tensors into adapter `adapter_name`. Every key and shape is checked before anything is
-    written, so on error the model is unchanged."""
+    written, so on error the model is unchanged.
+
+    Returns `load_state_dict`'s result as PEFT does: `missing_keys` are the model's tensors the file does not
+    set (the base model, other adapters), `unexpected_keys` is empty (a tensor that fits no module is an error).
+    With `ignore_mismatched_sizes`, tensors whose shape differs from the model's are skipped with a warning
+    instead of refused. The tensors are copied into the existing adapter weights, in place, so
+    `low_cpu_mem_usage` needs nothing more.
+    """
     key_map = adapter_key_map(model, adapter_name)
     by_ckpt = {ckpt: mk for mk, ckpt in key_map.items()}
     tensors = _model_tensors(model)
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     unexpected: list[str] = []
     problems: list[str] = []
+    skipped: list[str] = []
+    loaded: set[str] = set()
     prompt_value: torch.Tensor | None = None
     if model.peft_config[adapter_name].is_prompt_learning:
         peft_model_state_dict = dict(peft_model_state_dict)
@@ -151,14 +167,17 @@ def set_peft_model_state_dict(
             continue
         target = tensors[model_key]
         if tuple(value.shape) != tuple(target.shape):
-            problems.append(
-                f"tensor '{ckpt_key}' has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}"
-            )
+            message = f"tensor '{ckpt_key}' has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}"
+            if ignore_mismatched_sizes:
+                skipped.append(message)
+            else:
+                problems.append(message)
             continue
         if value.dtype.is_floating_point != target.dtype.is_floating_point:
             problems.append(f"tensor '{ckpt_key}' has dtype {value.dtype}, the model's is {target.dtype}")
             continue
         plan.append((target, value))
+        loaded.add(model_key)
     missing = sorted(set(by_ckpt) - set(peft_model_state_dict))
     if missing:
         problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {_first(missing)}")
@@ -174,6 +193,13 @@ def set_peft_model_state_dict(
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     if prompt_value is not None:
         model.prompt_encoder[adapter_name].load_output(prompt_value)
+    if skipped:
+        warnings.warn(
+            f"adapter '{adapter_name}': {len(skipped)} tensor(s) left as initialised because ignore_mismatched_sizes=True: "
+            + "; ".join(skipped),
+            stacklevel=2,
+        )
+    return IncompatibleKeys(missing_keys=[k for k in tensors if k not in loaded], unexpected_keys=[])
 
 
 def _prompt_problems(model: nn.Module, adapter_name: str, value: torch.Tensor | None) -> list[str]:

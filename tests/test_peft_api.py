@@ -1,0 +1,104 @@
+"""PEFT's API surface as code written for PEFT uses it: signatures, return values, attributes; HF PEFT is the oracle."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import oxpeft
+from conftest import make_llama, twin
+from oxpeft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+peft = pytest.importorskip("peft")
+
+
+def _lora(lib, **kwargs):
+    return lib.LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **kwargs})
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_add_adapter_takes_peft_positional_and_keyword_arguments(autocast):
+    """`add_adapter(name, config, low_cpu_mem_usage, autocast_adapter_dtype)`, with PEFT's effect on adapter dtypes."""
+    base = make_llama().to(torch.bfloat16)
+    ours = oxpeft.get_peft_model(twin(base), _lora(oxpeft))
+    theirs = peft.get_peft_model(twin(base), _lora(peft))
+    ours.add_adapter("second", _lora(oxpeft), False, autocast_adapter_dtype=autocast)
+    theirs.add_adapter("second", _lora(peft), False, autocast_adapter_dtype=autocast)
+
+    def dtypes(model):
+        return {n: p.dtype for n, p in model.named_parameters() if ".second." in n}
+
+    assert dtypes(ours) == dtypes(theirs)
+    assert set(dtypes(ours).values()) == {torch.float32 if autocast else torch.bfloat16}
+
+
+def test_load_adapter_returns_peft_load_result(tmp_path):
+    base = make_llama()
+    torch.manual_seed(0)
+    oxpeft.get_peft_model(twin(base), _lora(oxpeft)).save_pretrained(tmp_path / "a")
+    ours = oxpeft.get_peft_model(twin(base), _lora(oxpeft))
+    theirs = peft.get_peft_model(twin(base), _lora(peft))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = ours.load_adapter(tmp_path / "a", adapter_name="other")
+        oracle = theirs.load_adapter(str(tmp_path / "a"), adapter_name="other")
+    assert mine.unexpected_keys == oracle.unexpected_keys == []
+    assert sorted(mine.missing_keys) == sorted(oracle.missing_keys)
+    assert not [k for k in mine.missing_keys if ".other." in k]
+
+
+def test_set_peft_model_state_dict_ignore_mismatched_sizes(tmp_path):
+    model = oxpeft.get_peft_model(make_llama(), _lora(oxpeft))
+    state = oxpeft.get_peft_model_state_dict(model)
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    state[key] = torch.zeros(8, 64)  # r=8 where the model has r=4
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="has shape"):
+        oxpeft.set_peft_model_state_dict(model, state)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # unchanged on refusal
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes"):
+        result = oxpeft.set_peft_model_state_dict(model, state, ignore_mismatched_sizes=True)
+    skipped = key.replace(".lora_A.", ".lora_A.default.")
+    assert skipped in result.missing_keys and result.unexpected_keys == []
+
+
+def test_modules_to_save_wrapper_is_an_auxiliary_training_wrapper_with_attribute_passthrough():
+    base = make_llama()
+    model = oxpeft.get_peft_model(base, _lora(oxpeft, modules_to_save=["lm_head"]))
+    wrapper = model.base_model.model.lm_head
+    assert isinstance(wrapper, ModulesToSaveWrapper) and isinstance(wrapper, AuxiliaryTrainingWrapper)
+    active = wrapper.modules_to_save["default"]
+    assert wrapper.weight is active.weight and wrapper.bias is None
+    assert wrapper.in_features == 64 and wrapper.out_features == 256
+    assert wrapper.active_adapter == "default" and wrapper.active_adapters == ["default"]
+    wrapper.enable_adapters(False)
+    assert wrapper.weight is wrapper.original_module.weight and wrapper.disable_adapters
+    wrapper.enable_adapters(True)
+    clone = copy.deepcopy(wrapper)
+    assert torch.equal(clone.weight, wrapper.weight) and clone.weight is not wrapper.weight
+    with pytest.raises(AttributeError):
+        wrapper.no_such_attribute  # noqa: B018
+    wrapper.set_adapter("default", inference_mode=True)
+    assert not active.weight.requires_grad
+
+
+def test_get_peft_config_and_inject_adapter_in_model_match_peft():
+    config = oxpeft.get_peft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]})
+    assert isinstance(config, oxpeft.LoraConfig) and config.r == 4
+    with pytest.raises(ValueError, match="unsupported peft_type"):
+        oxpeft.get_peft_config({"peft_type": "NOT_A_METHOD"})
+    ours = oxpeft.inject_adapter_in_model(_lora(oxpeft), make_llama())
+    theirs = peft.inject_adapter_in_model(_lora(peft), make_llama())
+    assert type(ours).__name__ == "LlamaForCausalLM"
+    names = lambda m: sorted(n for n, _ in m.named_parameters() if "lora_" in n)  # noqa: E731
+    assert names(ours) == names(theirs)
+    # Targets from an adapter state dict instead of the config.
+    state = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(4, 128)}
+    only = oxpeft.inject_adapter_in_model(_lora(oxpeft), make_llama(), state_dict=state)
+    assert {n.split(".lora_")[0] for n, _ in only.named_parameters() if "lora_" in n} == {"model.layers.0.mlp.down_proj"}
+    with pytest.raises(ValueError, match="prompt-learning"):
+        oxpeft.inject_adapter_in_model(oxpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"), nn.Linear(2, 2))
