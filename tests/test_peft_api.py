@@ -102,3 +102,14 @@ def test_get_peft_config_and_inject_adapter_in_model_match_peft():
     assert {n.split(".lora_")[0] for n, _ in only.named_parameters() if "lora_" in n} == {"model.layers.0.mlp.down_proj"}
     with pytest.raises(ValueError, match="prompt-learning"):
         oxpeft.inject_adapter_in_model(oxpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"), nn.Linear(2, 2))
+
+
+def test_import_utils_answer_as_peft_does_here():
+    import oxpeft.import_utils as ours
+    import peft.import_utils as theirs
+
+    probes = [n for n in dir(theirs) if n.startswith("is_")]
+    assert probes and not [n for n in probes if not hasattr(ours, n)]
+    for name in probes:
+        mine, oracle = getattr(ours, name), getattr(theirs, name)
+        assert (mine() if callable(mine) else mine) == (oracle() if callable(oracle) else oracle), name
