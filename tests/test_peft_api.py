@@ -113,3 +113,33 @@ def test_import_utils_answer_as_peft_does_here():
     for name in probes:
         mine, oracle = getattr(ours, name), getattr(theirs, name)
         assert (mine() if callable(mine) else mine) == (oracle() if callable(oracle) else oracle), name
+
+
+@pytest.mark.parametrize(
+    "make_config",
+    [
+        lambda lib: _lora(lib, modules_to_save=["lm_head"]),
+        lambda lib: _lora(lib, use_dora=True),
+        lambda lib: lib.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        lambda lib: lib.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    ],
+    ids=["lora-modules-to-save", "dora", "ia3", "prompt-tuning"],
+)
+def test_base_model_state_dict_round_trip_matches_peft(make_config):
+    base = make_llama()
+    ours = oxpeft.get_peft_model(twin(base), make_config(oxpeft))
+    theirs = peft.get_peft_model(twin(base), make_config(peft))
+    mine, oracle = oxpeft.get_base_model_state_dict(ours), peft.get_base_model_state_dict(theirs)
+    assert sorted(mine) == sorted(oracle) == sorted(base.state_dict())
+    assert all(torch.equal(mine[k], oracle[k]) for k in mine)
+
+    other = make_llama(seed=7).state_dict()
+    result = oxpeft.set_base_model_state_dict(ours, other)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert all(torch.equal(v, other[k]) for k, v in oxpeft.get_base_model_state_dict(ours).items())
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        oxpeft.set_base_model_state_dict(ours, {**other, "not.a.key": torch.zeros(1)})
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())
+    loose = oxpeft.set_base_model_state_dict(ours, {"not.a.key": torch.zeros(1)}, strict=False)
+    assert loose.unexpected_keys == ["not.a.key"] and len(loose.missing_keys) == len(other)

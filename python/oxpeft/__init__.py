@@ -45,7 +45,9 @@ _EXPORTS: dict[str, str] = {
     "PeftModelForSeq2SeqLM": "oxpeft.peft_model",
     "PeftModelForSequenceClassification": "oxpeft.peft_model",
     "PeftModelForTokenClassification": "oxpeft.peft_model",
+    "get_base_model_state_dict": "oxpeft.utils.save_and_load",
     "get_peft_model_state_dict": "oxpeft.utils.save_and_load",
+    "set_base_model_state_dict": "oxpeft.utils.save_and_load",
     "load_peft_weights": "oxpeft.utils.save_and_load",
     "set_peft_model_state_dict": "oxpeft.utils.save_and_load",
     "AdaLoraConfig": "oxpeft.tuners.adalora",
@@ -115,5 +117,11 @@ if TYPE_CHECKING:
     from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
     from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
     from oxpeft.utils.peft_types import PeftType, TaskType
-    from oxpeft.utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from oxpeft.utils.save_and_load import (
+        get_base_model_state_dict,
+        get_peft_model_state_dict,
+        load_peft_weights,
+        set_base_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from oxpeft.utils.warning import PeftWarning

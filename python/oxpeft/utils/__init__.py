@@ -31,7 +31,9 @@ _EXPORTS: dict[str, str] = {
     "PeftType": "oxpeft.utils.peft_types",
     "TaskType": "oxpeft.utils.peft_types",
     "register_peft_method": "oxpeft.utils.peft_types",
+    "get_base_model_state_dict": "oxpeft.utils.save_and_load",
     "get_peft_model_state_dict": "oxpeft.utils.save_and_load",
+    "set_base_model_state_dict": "oxpeft.utils.save_and_load",
     "load_peft_weights": "oxpeft.utils.save_and_load",
     "set_peft_model_state_dict": "oxpeft.utils.save_and_load",
     "PeftWarning": "oxpeft.utils.warning",
@@ -61,5 +63,11 @@ if TYPE_CHECKING:
     )
     from oxpeft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, infer_device
     from oxpeft.utils.peft_types import PeftType, TaskType, register_peft_method
-    from oxpeft.utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from oxpeft.utils.save_and_load import (
+        get_base_model_state_dict,
+        get_peft_model_state_dict,
+        load_peft_weights,
+        set_base_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from oxpeft.utils.warning import PeftWarning

@@ -19,7 +19,7 @@ from oxpeft._io import atomic_path
 from oxpeft.hub import resolve_file
 from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_targets
 from oxpeft.utils.constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from oxpeft.utils.other import ModulesToSaveWrapper
+from oxpeft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 # What `nn.Module.load_state_dict` returns (a named tuple of missing_keys, unexpected_keys), as PEFT returns it.
 IncompatibleKeys = nn.modules.module._IncompatibleKeys
@@ -278,3 +278,73 @@ def save_peft_weights(
         with atomic_path(path) as tmp:
             torch.save(data, tmp)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The base model's own state dict, under the original model's keys
+# --------------------------------------------------------------------------------------------------------------
+def _original_key(root: nn.Module, key: str) -> str | None:
+    """The original (pre-adapter) model's key of state-dict key `key` of the adapted model `root`, or None for an
+    adapter's tensor. The module path is walked, so only real wrapper levels (`base_layer` of an adapter layer,
+    `original_module` of a modules_to_save wrapper) are dropped, whatever the model's own module names are."""
+    parts = key.split(".")
+    kept: list[str] = []
+    current: nn.Module | None = root
+    for i, part in enumerate(parts):
+        if current is None:
+            kept.extend(parts[i:])
+            break
+        if isinstance(current, BaseTunerLayer):
+            if part != "base_layer":
+                return None  # lora_A, lora_magnitude_vector, ia3_l, ...
+            current = current.base_layer
+            continue
+        if isinstance(current, AuxiliaryTrainingWrapper):
+            if part != "original_module":
+                return None  # the per-adapter copies
+            current = current.original_module
+            continue
+        kept.append(part)
+        child = current._modules.get(part)
+        current = child
+    return ".".join(kept)
+
+
+def _base_key_map(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """(the module holding the base model, {original key: adapted key}) of a PeftModel."""
+    if getattr(model, "_is_prompt_learning", False):
+        base = model.base_model
+        return base, {k: k for k in base.state_dict()}
+    root = model.base_model.model if isinstance(model.base_model, BaseTuner) else model
+    mapping = {}
+    for key in root.state_dict():
+        original = _original_key(root, key)
+        if original is not None:
+            mapping[original] = key
+    return root, mapping
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors of a PeftModel under the original model's keys (no `base_layer` /
+    `original_module` infixes, no adapter tensors): what the model's own `load_state_dict` takes."""
+    root, mapping = _base_key_map(model)
+    state = root.state_dict()
+    return {original: state[adapted] for original, adapted in mapping.items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> IncompatibleKeys:
+    """Load a state dict keyed by the original model's keys into a PeftModel's base model (the inverse of
+    `get_base_model_state_dict`); adapters are left as they are. With `strict`, a missing or unexpected key is a
+    RuntimeError naming them, and nothing is loaded."""
+    root, mapping = _base_key_map(model)
+    unexpected = [k for k in state_dict if k not in mapping]
+    missing = [k for k in mapping if k not in state_dict]
+    if strict and (missing or unexpected):
+        problems = []
+        if missing:
+            problems.append(f"Missing key(s) in state_dict: {missing}")
+        if unexpected:
+            problems.append(f"Unexpected key(s) in state_dict: {unexpected}")
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(problems))
+    root.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
+    return IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
