@@ -58,6 +58,7 @@ PEFT_PATHS: dict[str, list[str]] = {
     "utils.constants": ["CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "INCLUDE_LINEAR_LAYERS_SHORTHAND"],
     "utils.save_and_load": ["get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights"],
     "utils.warning": ["PeftWarning"],
+    "utils.error": ["PeftError", "NoMatchingPeftModuleError"],
     "utils.other": ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "infer_device"],
     "import_utils": ["is_bnb_available", "is_bnb_4bit_available", "is_transformers_ge_v5", "is_hqq_available"],
 }

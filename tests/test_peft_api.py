@@ -143,3 +143,9 @@ def test_base_model_state_dict_round_trip_matches_peft(make_config):
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())
     loose = oxpeft.set_base_model_state_dict(ours, {"not.a.key": torch.zeros(1)}, strict=False)
     assert loose.unexpected_keys == ["not.a.key"] and len(loose.missing_keys) == len(other)
+
+
+def test_a_target_that_matches_nothing_is_peft_error_type():
+    with pytest.raises(oxpeft.NoMatchingPeftModuleError, match="'q_prj' matches no module") as info:
+        oxpeft.get_peft_model(make_llama(), _lora(oxpeft, target_modules=["q_prj"]))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, oxpeft.PeftError)

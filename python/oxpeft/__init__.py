@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "PeftType": "oxpeft.utils.peft_types",
     "TaskType": "oxpeft.utils.peft_types",
     "PeftWarning": "oxpeft.utils.warning",
+    "NoMatchingPeftModuleError": "oxpeft.utils.error",
+    "PeftError": "oxpeft.utils.error",
     "LoftQConfig": "oxpeft.loftq",
     "replace_lora_weights_loftq": "oxpeft.loftq",
     "PEFT_TYPE_TO_CONFIG_MAPPING": "oxpeft.mapping",
@@ -124,4 +126,5 @@ if TYPE_CHECKING:
         set_base_model_state_dict,
         set_peft_model_state_dict,
     )
+    from oxpeft.utils.error import NoMatchingPeftModuleError, PeftError
     from oxpeft.utils.warning import PeftWarning

@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 from oxpeft.config import PeftConfig
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb, requantize_bnb
 from oxpeft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.other import ModulesToSaveWrapper, _get_submodules
 from oxpeft.utils.peft_types import TaskType
+from oxpeft.utils.warning import PeftWarning
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -567,8 +569,8 @@ class BaseTuner(nn.Module, abc.ABC):
             return
         message = "target_modules: " + "; ".join(problems)
         if strict:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=4)
+            raise NoMatchingPeftModuleError(message)
+        warnings.warn(message, PeftWarning, stacklevel=4)
 
     def _warn_tied_targets(self, targets: list[str]) -> None:
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None

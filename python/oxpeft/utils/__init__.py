@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "load_peft_weights": "oxpeft.utils.save_and_load",
     "set_peft_model_state_dict": "oxpeft.utils.save_and_load",
     "PeftWarning": "oxpeft.utils.warning",
+    "NoMatchingPeftModuleError": "oxpeft.utils.error",
+    "PeftError": "oxpeft.utils.error",
     "prepare_model_for_kbit_training": "oxpeft.quant.model",
 }
 
@@ -70,4 +72,5 @@ if TYPE_CHECKING:
         set_base_model_state_dict,
         set_peft_model_state_dict,
     )
+    from oxpeft.utils.error import NoMatchingPeftModuleError, PeftError
     from oxpeft.utils.warning import PeftWarning
