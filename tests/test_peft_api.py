@@ -149,3 +149,30 @@ def test_a_target_that_matches_nothing_is_peft_error_type():
     with pytest.raises(oxpeft.NoMatchingPeftModuleError, match="'q_prj' matches no module") as info:
         oxpeft.get_peft_model(make_llama(), _lora(oxpeft, target_modules=["q_prj"]))
     assert isinstance(info.value, ValueError) and isinstance(info.value, oxpeft.PeftError)
+
+
+def test_layer_and_model_status_match_peft():
+    base = make_llama()
+    models = []
+    for lib in (oxpeft, peft):
+        model = lib.get_peft_model(twin(base), _lora(lib, modules_to_save=["lm_head"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_adapter("other", _lora(lib, target_modules=["q_proj"]))
+        model.base_model.model.model.layers[0].self_attn.q_proj.merge(adapter_names=["other"])
+        models.append(model)
+    ours, theirs = models
+    mine, oracle = oxpeft.get_layer_status(ours), peft.get_layer_status(theirs)
+    assert [s.name for s in mine] == [s.name for s in oracle]
+    for a, b in zip(mine, oracle):
+        assert (a.module_type, a.enabled, a.active_adapters, a.merged_adapters) == (
+            b.module_type, b.enabled, b.active_adapters, b.merged_adapters
+        ), a.name  # fmt: skip
+        assert (a.requires_grad, a.available_adapters, a.devices) == (b.requires_grad, b.available_adapters, b.devices)
+    m, o = ours.get_model_status(), peft.get_model_status(theirs)
+    for field in ("base_model_type", "adapter_model_type", "peft_types", "trainable_params", "total_params",
+                  "num_adapter_layers", "enabled", "active_adapters", "merged_adapters", "requires_grad",
+                  "available_adapters", "devices"):  # fmt: skip
+        assert getattr(m, field) == getattr(o, field), field
+    with pytest.raises(ValueError, match="no adapter layers"):
+        oxpeft.get_layer_status(make_llama())

@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "PeftModelForSeq2SeqLM": "oxpeft.peft_model",
     "PeftModelForSequenceClassification": "oxpeft.peft_model",
     "PeftModelForTokenClassification": "oxpeft.peft_model",
+    "get_layer_status": "oxpeft.peft_model",
+    "get_model_status": "oxpeft.peft_model",
     "get_base_model_state_dict": "oxpeft.utils.save_and_load",
     "get_peft_model_state_dict": "oxpeft.utils.save_and_load",
     "set_base_model_state_dict": "oxpeft.utils.save_and_load",
@@ -100,6 +102,8 @@ if TYPE_CHECKING:
         PeftModelForSeq2SeqLM,
         PeftModelForSequenceClassification,
         PeftModelForTokenClassification,
+        get_layer_status,
+        get_model_status,
     )
     from oxpeft.quant import (
         Linear4bit,

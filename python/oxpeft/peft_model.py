@@ -13,7 +13,9 @@ from torch import nn
 
 from oxpeft.config import PeftConfig
 from oxpeft.mapping import tuner_class_for
+from oxpeft.utils.other import count_parameters
 from oxpeft.utils.peft_types import TaskType
+from oxpeft.tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from oxpeft.utils.save_and_load import (
     IncompatibleKeys,
     get_peft_model_state_dict,
@@ -353,20 +355,15 @@ class PeftModel(PromptLearningMixin, nn.Module):
     # --- parameters ----------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters); a quantised weight counts as its unpacked size."""
-        trainable = total = 0
-        seen: set[int] = set()
-        for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                count = param.numel()
-                if name == "weight" and hasattr(module, "dequantize") and hasattr(module, "in_features"):
-                    count = module.in_features * module.out_features
-                total += count
-                if param.requires_grad:
-                    trainable += count
-        return trainable, total
+        return count_parameters(self)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """The state of every adapter layer (see `oxpeft.peft_model.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapters' state over the whole model (see `oxpeft.peft_model.get_model_status`)."""
+        return get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "infer_device"]
+__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "count_parameters", "infer_device"]
 
 
 class AuxiliaryTrainingWrapper(nn.Module):
@@ -152,3 +152,22 @@ def infer_device() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters) of `model`, each shared parameter once; a quantised weight (of a
+    layer with `dequantize()`) counts as its unpacked size."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            count = param.numel()
+            if name == "weight" and hasattr(module, "dequantize") and hasattr(module, "in_features"):
+                count = module.in_features * module.out_features
+            total += count
+            if param.requires_grad:
+                trainable += count
+    return trainable, total
