@@ -22,7 +22,7 @@ PEFT_PATHS: dict[str, list[str]] = {
     "peft_model": ["PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "get_layer_status",
                    "get_model_status", "TunerLayerStatus", "TunerModelStatus"],
     "tuners": ["LoraConfig", "LoraModel", "IA3Config", "AdaLoraConfig", "PromptEmbedding", "PrefixEncoder"],
-    "tuners.tuners_utils": ["BaseTuner", "BaseTunerLayer"],
+    "tuners.tuners_utils": ["BaseTuner", "BaseTunerLayer", "check_target_module_exists", "_find_minimal_target_modules"],
     "tuners.lycoris_utils": ["LycorisConfig", "LycorisLayer", "LycorisTuner"],
     "tuners.lora": ["LoraConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv2d"],
     "tuners.lora.config": ["LoraConfig"],

@@ -176,3 +176,33 @@ def test_layer_and_model_status_match_peft():
         assert getattr(m, field) == getattr(o, field), field
     with pytest.raises(ValueError, match="no adapter layers"):
         oxpeft.get_layer_status(make_llama())
+
+
+def test_target_matching_helpers_answer_as_peft():
+    from peft.tuners.tuners_utils import _find_minimal_target_modules as theirs_minimal
+    from peft.tuners.tuners_utils import check_target_module_exists as theirs_check
+
+    from oxpeft.tuners.tuners_utils import _find_minimal_target_modules, check_target_module_exists
+
+    names = [n for n, _ in make_llama().named_modules() if n]
+    configs = [
+        dict(target_modules=["q_proj", "v_proj"]),
+        dict(target_modules=r".*\.(q|k)_proj"),
+        dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"),
+        dict(target_modules="all-linear", exclude_modules=["o_proj"]),
+        dict(target_modules=["proj"], exclude_modules=r".*mlp.*"),
+    ]
+    for kwargs in configs:
+        ours, peft_config = oxpeft.LoraConfig(**kwargs), peft.LoraConfig(**kwargs)
+        if kwargs["target_modules"] == "all-linear":
+            continue  # resolved by the tuner against the model, not by this helper (in both libraries)
+        for name in names:
+            assert bool(check_target_module_exists(ours, name)) == bool(theirs_check(peft_config, name)), (kwargs, name)
+
+    targets = [f"model.decoder.layers.{i}.self_attn.{p}" for i in range(12) for p in ("q_proj", "v_proj")]
+    others = [f"model.encoder.layers.{i}.self_attn.{p}" for i in range(12) for p in ("q_proj", "k_proj")]
+    others += [f"model.decoder.layers.{i}.self_attn.k_proj" for i in range(12)]
+    for t, o in [(targets, others), (targets[:5], others), (["a.b", "c.b"], ["d.b"]), (["x"], ["y.x"])]:
+        assert _find_minimal_target_modules(t, o) == theirs_minimal(t, o), (t[:2], o[:2])
+    with pytest.raises(ValueError, match="share"):
+        _find_minimal_target_modules(["a.b"], ["a.b"])

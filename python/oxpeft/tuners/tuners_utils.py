@@ -298,6 +298,55 @@ def matches_targets(targets: str | Iterable[str], key: str) -> bool:
     return any(matches_list_entry(key, t) for t in targets)
 
 
+def check_target_module_exists(config: PeftConfig, key: str) -> bool:
+    """Whether the module named `key` is a target of `config`: it matches `target_modules` (a regex matching the
+    whole name, or a list entry equal to the name or its end), is not excluded by `exclude_modules`, and lies in
+    one of `layers_to_transform` (if given, with `layers_pattern`)."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None or not matches_targets(targets, key):
+        return False
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and matches_targets(exclude, key):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is not None:
+        wanted = [layers] if isinstance(layers, int) else layers
+        return layer_index(key, getattr(config, "layers_pattern", None)) in wanted
+    return True
+
+
+def _find_minimal_target_modules(target_modules: Iterable[str], other_module_names: Iterable[str]) -> set[str]:
+    """The fewest name suffixes that match every name of `target_modules` and none of `other_module_names` (as
+    HF PEFT computes it, to shorten a long explicit list of module names, e.g. from diffusers).
+
+    Greedy: names are taken in the order of their suffix lists, and each adds its shortest suffix that no other
+    module has, unless a suffix already kept covers it. With no such suffix the names are returned as they are.
+    """
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError("target_modules should be a list or set of strings.")
+    targets = set(target_modules)
+    if "" in targets:
+        raise ValueError("target_modules should not contain an empty string.")
+    others = set(other_module_names)
+    if not targets.isdisjoint(others):
+        raise ValueError(f"target_modules and other_module_names share {sorted(targets & others)[:5]}")
+
+    def suffixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
+
+    taken_by_others = {suffix for name in others for suffix in suffixes(name)}
+    kept: set[str] = set()
+    for name, candidates in sorted(((n, suffixes(n)) for n in targets), key=lambda item: item[1]):
+        if any(name.endswith("." + suffix) for suffix in kept):
+            continue
+        for suffix in candidates:
+            if suffix not in kept and suffix not in taken_by_others:
+                kept.add(suffix)
+                break
+    return kept or targets
+
+
 def layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [None])
     for pattern in patterns:
@@ -526,25 +575,13 @@ class BaseTuner(nn.Module, abc.ABC):
         return names
 
     def _matching_targets(self, config: PeftConfig, names: list[str], modules_to_save: list[str]) -> list[str]:
-        targets = getattr(config, "target_modules", None)
-        if targets is None:
+        if getattr(config, "target_modules", None) is None:
             return []
-        exclude = getattr(config, "exclude_modules", None)
-        layers = getattr(config, "layers_to_transform", None)
-        if isinstance(layers, int):
-            layers = [layers]
-        out = []
-        for key in names:
-            if not matches_targets(targets, key):
-                continue
-            if exclude and matches_targets(exclude, key):
-                continue
-            if modules_to_save and _inside_any(key, modules_to_save):
-                continue
-            if layers is not None and layer_index(key, getattr(config, "layers_pattern", None)) not in layers:
-                continue
-            out.append(key)
-        return out
+        return [
+            key
+            for key in names
+            if check_target_module_exists(config, key) and not (modules_to_save and _inside_any(key, modules_to_save))
+        ]
 
     def _check_targets_matched(
         self, config: PeftConfig, names: list[str], targets: list[str], strict: bool
