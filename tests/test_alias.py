@@ -28,7 +28,7 @@ PEFT_MODULE_PATHS = [
     "tuners.p_tuning", "tuners.p_tuning.config", "tuners.p_tuning.model",
     "tuners.prefix_tuning", "tuners.prefix_tuning.config", "tuners.prefix_tuning.model",
     "utils", "utils.peft_types", "utils.constants", "utils.other", "utils.save_and_load", "utils.warning",
-    "utils.error", "import_utils",
+    "utils.error", "import_utils", "optimizers", "optimizers.loraplus",
 ]  # fmt: skip
 
 

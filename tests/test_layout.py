@@ -60,7 +60,10 @@ PEFT_PATHS: dict[str, list[str]] = {
     "utils.save_and_load": ["get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights"],
     "utils.warning": ["PeftWarning"],
     "utils.error": ["PeftError", "NoMatchingPeftModuleError"],
-    "utils.other": ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "infer_device"],
+    "utils.other": ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "infer_device",
+                    "cast_mixed_precision_params"],
+    "optimizers": ["create_loraplus_optimizer"],
+    "optimizers.loraplus": ["create_loraplus_optimizer"],
     "import_utils": ["is_bnb_available", "is_bnb_4bit_available", "is_transformers_ge_v5", "is_hqq_available"],
 }
 

@@ -206,3 +206,40 @@ def test_target_matching_helpers_answer_as_peft():
         assert _find_minimal_target_modules(t, o) == theirs_minimal(t, o), (t[:2], o[:2])
     with pytest.raises(ValueError, match="share"):
         _find_minimal_target_modules(["a.b"], ["a.b"])
+
+
+def test_loraplus_optimizer_groups_match_peft():
+    from peft.optimizers import create_loraplus_optimizer as theirs_create
+
+    from oxpeft.optimizers import create_loraplus_optimizer
+
+    base = make_llama()
+    kwargs = dict(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False, use_dora=False)
+    ours = oxpeft.get_peft_model(twin(base), oxpeft.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(twin(base), peft.LoraConfig(**kwargs))
+    # A DoRA adapter too: its magnitudes are 1-D, LoRA+'s B group without weight decay.
+    ours.add_adapter("dora", oxpeft.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
+    theirs.add_adapter("dora", peft.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
+    for model in (ours, theirs):
+        model.base_model.set_adapter(["default", "dora"])
+    options = dict(lr=1e-3, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.1, loraplus_lr_embedding=1e-5, betas=(0.8, 0.9))
+    mine = create_loraplus_optimizer(ours, torch.optim.AdamW, **dict(options))
+    oracle = theirs_create(theirs, torch.optim.AdamW, **dict(options))
+    names = lambda model: {id(p): n for n, p in model.named_parameters()}  # noqa: E731
+    ours_names, theirs_names = names(ours), names(theirs)
+    assert len(mine.param_groups) == len(oracle.param_groups) == 4
+    for a, b in zip(mine.param_groups, oracle.param_groups):
+        assert (a["lr"], a["weight_decay"], a["betas"]) == (b["lr"], b["weight_decay"], b["betas"])
+        assert sorted(ours_names[id(p)] for p in a["params"]) == sorted(theirs_names[id(p)] for p in b["params"])
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=0)
+
+
+def test_cast_mixed_precision_params_matches_peft():
+    ours = oxpeft.get_peft_model(make_llama(), _lora(oxpeft))
+    theirs = peft.get_peft_model(make_llama(), _lora(peft))
+    oxpeft.cast_mixed_precision_params(ours, torch.bfloat16)
+    peft.cast_mixed_precision_params(theirs, torch.bfloat16)
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    with pytest.raises(ValueError, match="float16 or torch.bfloat16"):
+        oxpeft.cast_mixed_precision_params(ours, torch.float64)

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "PeftType": "oxpeft.utils.peft_types",
     "TaskType": "oxpeft.utils.peft_types",
     "PeftWarning": "oxpeft.utils.warning",
+    "cast_mixed_precision_params": "oxpeft.utils.other",
     "NoMatchingPeftModuleError": "oxpeft.utils.error",
     "PeftError": "oxpeft.utils.error",
     "LoftQConfig": "oxpeft.loftq",
@@ -122,6 +123,7 @@ if TYPE_CHECKING:
     from oxpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
     from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
     from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+    from oxpeft.utils.other import cast_mixed_precision_params
     from oxpeft.utils.peft_types import PeftType, TaskType
     from oxpeft.utils.save_and_load import (
         get_base_model_state_dict,

@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "AuxiliaryTrainingWrapper": "oxpeft.utils.other",
     "ModulesToSaveWrapper": "oxpeft.utils.other",
     "_get_submodules": "oxpeft.utils.other",
+    "cast_mixed_precision_params": "oxpeft.utils.other",
     "infer_device": "oxpeft.utils.other",
     "PeftType": "oxpeft.utils.peft_types",
     "TaskType": "oxpeft.utils.peft_types",
@@ -63,7 +64,13 @@ if TYPE_CHECKING:
         TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
         WEIGHTS_NAME,
     )
-    from oxpeft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, infer_device
+    from oxpeft.utils.other import (
+        AuxiliaryTrainingWrapper,
+        ModulesToSaveWrapper,
+        _get_submodules,
+        cast_mixed_precision_params,
+        infer_device,
+    )
     from oxpeft.utils.peft_types import PeftType, TaskType, register_peft_method
     from oxpeft.utils.save_and_load import (
         get_base_model_state_dict,

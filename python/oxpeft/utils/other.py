@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "count_parameters", "infer_device"]
+__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "cast_mixed_precision_params", "count_parameters", "infer_device"]
 
 
 class AuxiliaryTrainingWrapper(nn.Module):
@@ -171,3 +171,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             if param.requires_grad:
                 trainable += count
     return trainable, total
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen parameters to `dtype` (float16 / bfloat16, for mixed-precision training) and the trainable
+    ones to float32, in place: half the memory for the base, full precision where the optimizer steps."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"cast_mixed_precision_params: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    for param in model.parameters():
+        param.data = param.data.to(dtype if not param.requires_grad else torch.float32)
