@@ -18,7 +18,7 @@ from oxpeft.alias import ALIAS_VERSION
 
 # Each PEFT module path item 1 of the layout names that oxpeft implements; `import peft.<path>` must resolve.
 PEFT_MODULE_PATHS = [
-    "config", "mapping", "mapping_func", "peft_model", "tuners", "tuners.tuners_utils", "tuners.lycoris_utils",
+    "config", "mapping", "mapping_func", "auto", "peft_model", "tuners", "tuners.tuners_utils", "tuners.lycoris_utils",
     "tuners.lora", "tuners.lora.config", "tuners.lora.layer", "tuners.lora.model", "tuners.lora.dora",
     "tuners.ia3", "tuners.ia3.config", "tuners.ia3.layer", "tuners.ia3.model",
     "tuners.loha", "tuners.loha.config", "tuners.loha.layer", "tuners.loha.model",

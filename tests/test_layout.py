@@ -19,6 +19,7 @@ PEFT_PATHS: dict[str, list[str]] = {
     "config": ["PeftConfig", "PromptLearningConfig"],
     "mapping": ["PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "get_peft_config", "inject_adapter_in_model"],
     "mapping_func": ["get_peft_model"],
+    "auto": ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSequenceClassification"],
     "peft_model": ["PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "get_layer_status",
                    "get_model_status", "TunerLayerStatus", "TunerModelStatus"],
     "tuners": ["LoraConfig", "LoraModel", "IA3Config", "AdaLoraConfig", "PromptEmbedding", "PrefixEncoder"],

@@ -243,3 +243,26 @@ def test_cast_mixed_precision_params_matches_peft():
     assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
     with pytest.raises(ValueError, match="float16 or torch.bfloat16"):
         oxpeft.cast_mixed_precision_params(ours, torch.float64)
+
+
+def test_auto_peft_model_loads_base_and_adapter_like_peft(tmp_path):
+    base = make_llama()
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = oxpeft.get_peft_model(make_llama(), _lora(oxpeft, task_type="CAUSAL_LM"))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    ours = oxpeft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32)
+    assert isinstance(ours, oxpeft.PeftModelForCausalLM)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="AutoPeftModelForCausalLM instead"):
+        oxpeft.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="task_type=CAUSAL_LM"):
+        oxpeft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(TypeError, match="from_pretrained"):
+        oxpeft.AutoPeftModelForCausalLM()

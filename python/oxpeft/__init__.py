@@ -15,6 +15,13 @@ __version__: str = _native_version()
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
+    "AutoPeftModel": "oxpeft.auto",
+    "AutoPeftModelForCausalLM": "oxpeft.auto",
+    "AutoPeftModelForFeatureExtraction": "oxpeft.auto",
+    "AutoPeftModelForQuestionAnswering": "oxpeft.auto",
+    "AutoPeftModelForSeq2SeqLM": "oxpeft.auto",
+    "AutoPeftModelForSequenceClassification": "oxpeft.auto",
+    "AutoPeftModelForTokenClassification": "oxpeft.auto",
     "MergeReport": "oxpeft.checkpoint",
     "merge_checkpoint": "oxpeft.checkpoint",
     "unmerge_checkpoint": "oxpeft.checkpoint",
@@ -83,6 +90,15 @@ lazy_exports(globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:
+    from oxpeft.auto import (
+        AutoPeftModel,
+        AutoPeftModelForCausalLM,
+        AutoPeftModelForFeatureExtraction,
+        AutoPeftModelForQuestionAnswering,
+        AutoPeftModelForSeq2SeqLM,
+        AutoPeftModelForSequenceClassification,
+        AutoPeftModelForTokenClassification,
+    )
     from oxpeft.checkpoint import MergeReport, merge_checkpoint, unmerge_checkpoint
     from oxpeft.config import PeftConfig, PromptLearningConfig
     from oxpeft.loftq import LoftQConfig, replace_lora_weights_loftq
