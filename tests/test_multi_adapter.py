@@ -74,7 +74,7 @@ def test_delete_adapter(two_peft_adapters, input_ids):
     assert not any(".second." in n for n, _ in ours.named_parameters())
     only_default = oxpeft.PeftModel.from_pretrained(twin(base), path)
     torch.testing.assert_close(logits(ours, input_ids), logits(only_default, input_ids))
-    with pytest.raises(ValueError, match="unknown adapter 'second'"):
+    with pytest.raises(ValueError, match="Adapter second does not exist"):
         ours.delete_adapter("second")
 
 

@@ -266,3 +266,40 @@ def test_auto_peft_model_loads_base_and_adapter_like_peft(tmp_path):
         oxpeft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
     with pytest.raises(TypeError, match="from_pretrained"):
         oxpeft.AutoPeftModelForCausalLM()
+
+
+def test_disable_adapter_restores_each_layers_state_and_nests():
+    model = oxpeft.get_peft_model(make_llama(), _lora(oxpeft))
+    layers = [m for m in model.modules() if isinstance(m, oxpeft.tuners.tuners_utils.BaseTunerLayer)]
+    assert model.has_active_enabled_adapter
+    with model.disable_adapter():
+        assert not model.has_active_enabled_adapter
+        with model.disable_adapter():
+            assert all(m.disable_adapters for m in layers)
+        assert all(m.disable_adapters for m in layers)  # the inner block does not re-enable
+    assert all(not m.disable_adapters for m in layers) and model.has_active_enabled_adapter
+    model.disable_adapter_layers()
+    with model.disable_adapter():
+        pass
+    assert all(m.disable_adapters for m in layers)  # disabled before the block: still disabled after it
+    model.enable_adapter_layers()
+    layers[0].enable_adapters(False)  # an irregular state comes back exactly (PEFT enables everything here)
+    with model.disable_adapter():
+        pass
+    assert layers[0].disable_adapters and not any(m.disable_adapters for m in layers[1:])
+
+
+def test_the_config_passed_is_the_config_kept(tmp_path):
+    config = _lora(oxpeft)
+    model = oxpeft.get_peft_model(make_llama(), config)
+    assert model.peft_config["default"] is config
+    model.save_pretrained(tmp_path)
+    loaded = oxpeft.PeftModel.from_pretrained(make_llama(), tmp_path, config=config)
+    assert loaded.peft_config["default"] is config and config.inference_mode
+    bad = _lora(oxpeft, target_modules=["nope"])
+    before = dict(vars(bad))
+    with pytest.raises(ValueError):
+        oxpeft.get_peft_model(make_llama(), bad)
+    assert vars(bad) == before  # a refused adapter leaves its config as it was
+    with pytest.raises(ValueError, match="Adapter other does not exist"):
+        model.delete_adapter("other")

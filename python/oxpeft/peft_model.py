@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from contextlib import contextmanager
@@ -105,7 +104,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         heads = classifier_modules_for(getattr(config, "task_type", None))
         if not heads or not hasattr(config, "modules_to_save"):
             return config
-        config = copy.copy(config)
+        # In the caller's config, as PEFT does (so `peft_config[name] is config`), each head once.
         existing = list(config.modules_to_save or [])
         config.modules_to_save = existing + [h for h in heads if h not in existing]
         return config

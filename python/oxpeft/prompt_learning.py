@@ -138,7 +138,7 @@ class PromptLearningMixin:
 
     def _prompt_delete(self, adapter_name: str) -> None:
         if adapter_name not in self._prompt_configs:
-            raise ValueError(f"unknown adapter '{adapter_name}'; loaded adapters: {sorted(self._prompt_configs)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; loaded adapters: {sorted(self._prompt_configs)}")
         del self.prompt_encoder[adapter_name]
         del self._prompt_configs[adapter_name]
         for key, wrapper in list(self._prompt_named_wrappers()):

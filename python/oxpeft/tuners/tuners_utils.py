@@ -487,7 +487,9 @@ class BaseTuner(nn.Module, abc.ABC):
             raise ValueError(f"an adapter named '{adapter_name}' already exists; delete it first or pick another name")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.'")
-        config = copy.copy(config)
+        # The checks and target resolution work on a copy; only a successful injection writes them into the
+        # caller's config, which is then the object stored (as PEFT keeps it), so a failure changes nothing.
+        given, config = config, copy.copy(config)
         self._check_new_adapter_config(config)
         self._resolve_target_modules(config)
 
@@ -505,6 +507,8 @@ class BaseTuner(nn.Module, abc.ABC):
             raise ValueError(f"modules_to_save entries match no module: {msg}")
         self._warn_tied_targets(targets)
 
+        given.__dict__.update(config.__dict__)
+        config = given
         self.peft_config[adapter_name] = config
         try:
             for key in targets:
@@ -693,7 +697,7 @@ class BaseTuner(nn.Module, abc.ABC):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter '{adapter_name}'; loaded adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; loaded adapters: {sorted(self.peft_config)}")
         self._remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
@@ -820,11 +824,22 @@ class BaseTuner(nn.Module, abc.ABC):
 
     @contextmanager
     def _adapters_disabled(self) -> Iterator[None]:
+        # Each layer gets back the state it had, so nested blocks and layers disabled beforehand stay as they were.
+        before = [(module, module.disable_adapters) for _, module in self._tuner_modules()]
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            for module, disabled in before:
+                module.enable_adapters(not disabled)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether any adapter layer has an active adapter and is not disabled (a forward would use an adapter)."""
+        return any(
+            isinstance(module, BaseTunerLayer) and module.active_adapters and not module.disable_adapters
+            for _, module in self._tuner_modules()
+        )
 
 
 def check_adapters_to_combine(tuner: BaseTuner, adapters: list[str], weights: list[float]) -> None:
