@@ -303,3 +303,22 @@ def test_the_config_passed_is_the_config_kept(tmp_path):
     assert vars(bad) == before  # a refused adapter leaves its config as it was
     with pytest.raises(ValueError, match="Adapter other does not exist"):
         model.delete_adapter("other")
+
+
+def test_directly_injected_model_round_trips_its_adapter_state():
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = oxpeft.inject_adapter_in_model(_lora(oxpeft), make_llama())
+    assert model.peft_config["default"].r == 4  # carried by the model, as PEFT does
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    state = oxpeft.get_peft_model_state_dict(model)
+    theirs_model = peft.inject_adapter_in_model(_lora(peft), make_llama())
+    assert sorted(state) == sorted(peft.get_peft_model_state_dict(theirs_model))
+    torch.manual_seed(5)
+    fresh = oxpeft.inject_adapter_in_model(_lora(oxpeft), make_llama())
+    result = oxpeft.set_peft_model_state_dict(fresh, state)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, before)
+    assert len(oxpeft.get_layer_status(fresh)) == 4  # q_proj, v_proj in 2 layers

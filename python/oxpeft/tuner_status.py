@@ -70,12 +70,15 @@ def _parameters(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
 
 
 def _tuner_of(model: nn.Module) -> nn.Module:
+    """The module to walk: a PeftModel's tuner, else `model` (a tuner, or a model with injected layers)."""
+    if isinstance(model, BaseTuner):
+        return model
     base = getattr(model, "base_model", None)
-    if base is None or not hasattr(model, "peft_config"):
-        return model  # a model with injected layers (inject_adapter_in_model), or a tuner itself
-    if not isinstance(base, BaseTuner):
+    if isinstance(base, BaseTuner):
+        return base
+    if getattr(model, "_is_prompt_learning", False):
         raise TypeError("get_layer_status / get_model_status: prompt-learning models have no adapter layers")
-    return base
+    return model
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
@@ -112,7 +115,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The adapters' state over the whole model; fields that differ between layers are "irregular"."""
     tuner = _tuner_of(model)
-    if tuner is not model:
+    if tuner is not model and hasattr(model, "get_base_model"):
         base_model_type = type(model.get_base_model()).__name__
         adapter_model_type = type(tuner).__name__
         peft_types = {name: str(config.peft_type) for name, config in tuner.peft_config.items()}

@@ -409,6 +409,9 @@ class BaseTuner(nn.Module, abc.ABC):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
+        # As PEFT does: the adapted model carries its adapters' configs (the same dict), so a model whose layers
+        # were injected directly (`inject_adapter_in_model`) saves and loads its adapter state too.
+        self.model.peft_config = self.peft_config
         self.active_adapter: str | list[str] = adapter_name
         self.autocast_adapter_dtype = autocast_adapter_dtype
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
@@ -778,6 +781,8 @@ class BaseTuner(nn.Module, abc.ABC):
                 setattr(parent, target_name, module.get_base_layer())
             elif isinstance(module, ModulesToSaveWrapper):
                 setattr(parent, target_name, module.unwrapped())
+        if self.model.__dict__.get("peft_config") is self.peft_config:
+            del self.model.peft_config  # no adapter is left in the model
         return self.model
 
     def _untie_targeted_embeddings(self) -> None:
