@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -322,3 +323,30 @@ def test_directly_injected_model_round_trips_its_adapter_state():
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, before)
     assert len(oxpeft.get_layer_status(fresh)) == 4  # q_proj, v_proj in 2 layers
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
+    """The Hub is not reachable here: the two HfApi calls are recorded instead, with the folder's files."""
+    from huggingface_hub import HfApi
+
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/tiny-lora"
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        calls["create"] = (repo_id, private, exist_ok)
+        return Repo()
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), kwargs)
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = oxpeft.get_peft_model(make_llama(), _lora(oxpeft))
+    assert model.push_to_hub("tiny-lora", private=True, commit_message="first") == "commit"
+    assert calls["create"] == ("tiny-lora", True, True)
+    repo, files, kwargs = calls["upload"]
+    assert repo == "someone/tiny-lora" and {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert kwargs["commit_message"] == "first" and kwargs["create_pr"] is False

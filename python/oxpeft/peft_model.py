@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal
@@ -350,6 +351,34 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 overrides.setdefault("init_lora_weights", True)
                 overrides.setdefault("loftq_config", {})
             config.save_pretrained(directory, inference_mode=True, **overrides)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload adapter",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_description: str | None = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapters (`save_pretrained(**save_kwargs)`) into a temporary folder and upload it to the Hub
+        repo `repo_id` (created if needed); returns the commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="oxpeft-push-") as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     # --- parameters ----------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
