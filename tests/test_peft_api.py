@@ -350,3 +350,22 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
     repo, files, kwargs = calls["upload"]
     assert repo == "someone/tiny-lora" and {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
     assert kwargs["commit_message"] == "first" and kwargs["create_pr"] is False
+
+
+def test_deleting_a_merged_adapter_is_refused_without_change():
+    model = oxpeft.get_peft_model(make_llama(), _lora(oxpeft), adapter_name="a0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("a1", _lora(oxpeft))
+    model.set_adapter("a1")
+    model.merge_adapter()
+    layers = [m for m in model.modules() if isinstance(m, oxpeft.tuners.tuners_utils.BaseTunerLayer)]
+    before = [(list(m.merged_adapters), set(m._all_available_adapter_names())) for m in layers]
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a1'\] while they are merged"):
+        model.delete_adapter("a1")
+    assert set(model.peft_config) == {"a0", "a1"}
+    assert [(list(m.merged_adapters), set(m._all_available_adapter_names())) for m in layers] == before
+    model.delete_adapter("a0")  # not merged: fine
+    model.unmerge_adapter()
+    model.delete_adapter("a1")
+    assert not model.peft_config

@@ -98,6 +98,10 @@ class BaseTunerLayer:
     def bias(self) -> torch.Tensor | None:
         return getattr(self.get_base_layer(), "bias", None)
 
+    def _all_available_adapter_names(self) -> list[str]:
+        """PEFT's name for `adapter_names`."""
+        return self.adapter_names()
+
     def adapter_names(self) -> list[str]:
         names: list[str] = []
         for attr in self.adapter_layer_names:
@@ -701,6 +705,15 @@ class BaseTuner(nn.Module, abc.ABC):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; loaded adapters: {sorted(self.peft_config)}")
+        merged = any(
+            isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters
+            for _, module in self._tuner_modules()
+        )
+        if merged:
+            # Its delta is in the base weights: deleting it would leave them changed for good.
+            raise ValueError(
+                f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Please unmerge them first."
+            )
         self._remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
