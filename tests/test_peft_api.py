@@ -369,3 +369,28 @@ def test_deleting_a_merged_adapter_is_refused_without_change():
     model.unmerge_adapter()
     model.delete_adapter("a1")
     assert not model.peft_config
+
+
+def _card(folder):
+    import re
+
+    import yaml
+
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    return yaml.safe_load(re.search(r"---\n(.*?)\n---", text, re.DOTALL).group(1)), text
+
+
+def test_save_pretrained_writes_peft_model_card(tmp_path):
+    base = make_llama()
+    oxpeft.get_peft_model(twin(base), _lora(oxpeft, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(twin(base), _lora(peft, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "theirs")
+    (mine, text), (oracle, _) = _card(tmp_path / "ours"), _card(tmp_path / "theirs")
+    for key in ("library_name", "tags", "base_model", "pipeline_tag"):
+        assert mine.get(key) == oracle.get(key), key
+    assert mine["library_name"] == "peft" and "lora" in mine["tags"]
+    assert f"- oxpeft {oxpeft.__version__}" in text
+    # An existing card keeps its text; saving again adds nothing twice.
+    (tmp_path / "ours" / "README.md").write_text(text.replace("## Model Details", "## Model Details\n\nMy notes."))
+    oxpeft.get_peft_model(twin(base), _lora(oxpeft, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "ours")
+    again = (tmp_path / "ours" / "README.md").read_text()
+    assert "My notes." in again and again.count(f"- oxpeft {oxpeft.__version__}") == 1

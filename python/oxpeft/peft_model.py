@@ -13,6 +13,7 @@ from torch import nn
 
 from oxpeft.config import PeftConfig
 from oxpeft.mapping import tuner_class_for
+from oxpeft.model_card import write_model_card
 from oxpeft.utils.other import count_parameters
 from oxpeft.utils.peft_types import TaskType
 from oxpeft.tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -351,6 +352,16 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 overrides.setdefault("init_lora_weights", True)
                 overrides.setdefault("loftq_config", {})
             config.save_pretrained(directory, inference_mode=True, **overrides)
+        self.create_or_update_model_card(os.fspath(save_directory))
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write (or update) `output_dir/README.md`: `library_name: peft`, the base model, tags, versions."""
+        write_model_card(
+            output_dir,
+            self.get_base_model(),
+            str(self.active_peft_config.peft_type),
+            causal_lm=isinstance(self, PeftModelForCausalLM),
+        )
 
     def push_to_hub(
         self,
