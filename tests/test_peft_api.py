@@ -394,3 +394,44 @@ def test_save_pretrained_writes_peft_model_card(tmp_path):
     oxpeft.get_peft_model(twin(base), _lora(oxpeft, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "ours")
     again = (tmp_path / "ours" / "README.md").read_text()
     assert "My notes." in again and again.count(f"- oxpeft {oxpeft.__version__}") == 1
+
+
+def test_from_pretrained_takes_peft_loading_options(tmp_path):
+    base = make_llama()
+    torch.manual_seed(2)
+    saved = oxpeft.get_peft_model(twin(base), _lora(oxpeft))
+    saved.save_pretrained(tmp_path / "a")
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = saved(input_ids=ids).logits
+    loaded = oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "a", low_cpu_mem_usage=True, device_map="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    # key_mapping renames the file's keys first: a file from a model whose layers were named differently.
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_bytes((tmp_path / "a" / "adapter_config.json").read_bytes())
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    save_file({k.replace(".self_attn.", ".attention."): v for k, v in state.items()}, tmp_path / "old" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="does not fit"):
+        oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "old")
+    renamed = oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "old", key_mapping={r"\.attention\.": ".self_attn."})
+    with torch.no_grad():
+        torch.testing.assert_close(renamed(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="ephemeral_gpu_offload"):
+        oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "a", ephemeral_gpu_offload=True)
+    result = loaded.load_adapter(tmp_path / "a", "again", low_cpu_mem_usage=True, key_mapping={})
+    assert result.unexpected_keys == [] and result.missing_keys == []
+
+
+def test_set_adapter_inference_mode_and_targeted_module_names():
+    ours = oxpeft.get_peft_model(make_llama(), _lora(oxpeft))
+    theirs = peft.get_peft_model(make_llama(), _lora(peft))
+    assert ours.targeted_module_names == theirs.targeted_module_names
+    for model in (ours, theirs):
+        model.set_adapter("default", inference_mode=True)
+    grads = lambda m: {n: p.requires_grad for n, p in m.named_parameters() if "lora_" in n}  # noqa: E731
+    assert grads(ours) == grads(theirs) and not any(grads(ours).values())
+    ours.set_adapter("default")
+    assert all(grads(ours).values())

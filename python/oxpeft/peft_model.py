@@ -19,6 +19,7 @@ from oxpeft.utils.peft_types import TaskType
 from oxpeft.tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from oxpeft.utils.save_and_load import (
     IncompatibleKeys,
+    rename_keys,
     get_peft_model_state_dict,
     load_peft_weights,
     save_peft_weights,
@@ -192,14 +193,20 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 stacklevel=2,
             )
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate adapter(s); the active ones are the trainable ones, all others are frozen."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapter(s); the active ones are the trainable ones (none with `inference_mode`), all others
+        are frozen."""
         if self._is_prompt_learning:
             if not isinstance(adapter_name, str):
                 raise ValueError("prompt-learning models run one adapter at a time; pass a single adapter name")
             self._prompt_set_adapter(adapter_name)
+            if inference_mode:
+                self.prompt_encoder[adapter_name].requires_grad_(False)
             return
         self.base_model.set_adapter(adapter_name)
+        if inference_mode:
+            for name in [adapter_name] if isinstance(adapter_name, str) else adapter_name:
+                self.base_model._freeze_adapter(name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._is_prompt_learning:
@@ -226,24 +233,27 @@ class PeftModel(PromptLearningMixin, nn.Module):
         autocast_adapter_dtype: bool = True,
         ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         *,
         subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
+        device_map: Any = None,
         **config_overrides: Any,
     ) -> IncompatibleKeys:
         """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`).
 
         Returns PEFT's load result: `missing_keys` and `unexpected_keys` of this adapter's tensors, both empty,
-        since an adapter that does not fit is refused (ValueError naming the tensors, model unchanged). `ephemeral_gpu_offload` is refused: oxpeft has no such loading mode.
+        since an adapter that does not fit is refused (ValueError naming the tensors, model unchanged). The loading
+        options are those of `from_pretrained`.
         """
-        if ephemeral_gpu_offload:
-            raise ValueError("load_adapter: ephemeral_gpu_offload is not supported by oxpeft; load onto the device instead")
+        _check_loading_options(self.get_base_model(), ephemeral_gpu_offload, device_map)
         config = PeftConfig.from_pretrained(
             model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
         )
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
+        weights = rename_keys(weights, key_mapping, self.get_base_model(), config)
         self.add_adapter(
             adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
         )
@@ -265,24 +275,33 @@ class PeftModel(PromptLearningMixin, nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         *,
         subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         torch_device: str | torch.device | None = None,
+        device_map: Any = None,
         **config_overrides: Any,
     ) -> "PeftModel":
         """Wrap `model` with the adapter saved in `model_id` (a local directory or a hub repo id).
 
         If the adapter does not fit the model (wrong shapes, missing or foreign tensors), the model is restored
-        and a ValueError names the tensors.
+        and a ValueError names the tensors. `key_mapping` ({regex: replacement}, default the model's
+        `_checkpoint_conversion_mapping`) renames the file's tensor keys first, as transformers renames
+        checkpoint keys. Adapter weights are created on each base layer's own device, so `device_map` and
+        `low_cpu_mem_usage` need nothing more; a model whose layers accelerate offloads to CPU or disk is refused.
         """
+        _check_loading_options(model, ephemeral_gpu_offload, device_map)
         if config is None:
             config = PeftConfig.from_pretrained(
                 model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
             )
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
+        weights = rename_keys(weights, key_mapping, model, config)
         target_cls = peft_model_class_for(config) if cls is PeftModel else cls
         peft_model = target_cls(
             model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
@@ -501,3 +520,15 @@ def peft_model_class_for(config: PeftConfig) -> type[PeftModel]:
     if config.task_type is None:
         return PeftModel
     return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]
+
+
+def _check_loading_options(model: nn.Module, ephemeral_gpu_offload: bool, device_map: Any) -> None:
+    """Refuse the loading modes oxpeft does not have, by name, before anything is loaded."""
+    if ephemeral_gpu_offload:
+        raise ValueError("ephemeral_gpu_offload is not supported by oxpeft: load the model onto its device instead")
+    offloaded = set((getattr(model, "hf_device_map", None) or {}).values()) & {"cpu", "disk"}
+    if offloaded and len(set(model.hf_device_map.values())) > 1:
+        raise ValueError(
+            f"the model is dispatched by accelerate with layers offloaded to {sorted(offloaded)}; oxpeft does not "
+            "re-dispatch such a model for an adapter: load the base model without offloading"
+        )

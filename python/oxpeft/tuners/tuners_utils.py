@@ -651,6 +651,11 @@ class BaseTuner(nn.Module, abc.ABC):
                 if isinstance(module, self.layer_cls) and getattr(module.get_base_layer(), "bias", None) is not None:
                     module.get_base_layer().bias.requires_grad_(True)
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the model) of the modules that adapter layers wrap, in module order."""
+        return [name for name, module in self._tuner_modules() if isinstance(module, BaseTunerLayer)]
+
     def _freeze_adapter(self, adapter_name: str) -> None:
         for module in self.model.modules():
             if isinstance(module, BaseTunerLayer):

@@ -348,3 +348,26 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(problems))
     root.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
     return IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def rename_keys(
+    weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None, model: nn.Module, config: Any
+) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors with their keys renamed by `key_mapping` ({regex: replacement}, the first
+    pattern that matches a key wins), as transformers renames checkpoint keys of models whose layout changed.
+    Without a mapping, the model's own `_checkpoint_conversion_mapping` is used (not for prompt learning, whose
+    one tensor has a fixed key). PEFT's `base_model.model.` prefix is kept out of the renaming."""
+    if key_mapping is None:
+        key_mapping = {} if config.is_prompt_learning else dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+    if not key_mapping:
+        return weights
+    prefix = "base_model.model."
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        head, body = (prefix, key[len(prefix):]) if key.startswith(prefix) else ("", key)
+        for pattern, replacement in key_mapping.items():
+            body, count = re.subn(pattern, replacement, body)
+            if count:
+                break
+        renamed[head + body] = value
+    return renamed
