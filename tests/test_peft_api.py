@@ -435,3 +435,11 @@ def test_set_adapter_inference_mode_and_targeted_module_names():
     assert grads(ours) == grads(theirs) and not any(grads(ours).values())
     ours.set_adapter("default")
     assert all(grads(ours).values())
+
+
+def test_merging_again_warns_as_peft():
+    model = oxpeft.get_peft_model(make_llama(), _lora(oxpeft))
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        model.merge_adapter()
+    assert oxpeft.LoraModel.uses_shared_state is False and oxpeft.IA3Model.uses_shared_state is False

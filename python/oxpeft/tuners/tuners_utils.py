@@ -227,11 +227,18 @@ class BaseTunerLayer:
 
     def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        if self.merged:
-            already = [n for n in names if n in self.merged_adapters]
-            if already:
-                warnings.warn(f"adapter(s) {already} are already merged; merging the others only", stacklevel=3)
-        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names()]
+        todo = [n for n in names if n not in self.merged_adapters and n in self.adapter_names()]
+        already = [n for n in names if n in self.merged_adapters]
+        # PEFT's wording, which code and tests match on.
+        if already and not todo:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        elif already:
+            warnings.warn(
+                f"Already following adapters were merged {','.join(already)}. "
+                f"You are now additionally merging {','.join(todo)}.",
+                stacklevel=3,
+            )
+        return todo
 
 
 def check_merged_weight(weight: torch.Tensor, adapter_name: str) -> None:
@@ -399,6 +406,9 @@ class BaseTuner(nn.Module, abc.ABC):
     """
 
     prefix: ClassVar[str] = ""
+    #: Whether adapters share state across layers on the tuner (PEFT's VeRA-like methods); none of oxpeft's do,
+    #: so every method can be injected directly (`inject_adapter_in_model`).
+    uses_shared_state: ClassVar[bool] = False
     layer_cls: ClassVar[type[BaseTunerLayer]] = BaseTunerLayer
 
     def __init__(
