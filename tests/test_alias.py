@@ -15,21 +15,10 @@ import pytest
 
 import oxpeft
 from oxpeft.alias import ALIAS_VERSION
+from test_layout import PEFT_PATHS
 
-# Each PEFT module path item 1 of the layout names that oxpeft implements; `import peft.<path>` must resolve.
-PEFT_MODULE_PATHS = [
-    "config", "mapping", "mapping_func", "auto", "peft_model", "tuners", "tuners.tuners_utils", "tuners.lycoris_utils",
-    "tuners.lora", "tuners.lora.config", "tuners.lora.layer", "tuners.lora.model", "tuners.lora.dora",
-    "tuners.ia3", "tuners.ia3.config", "tuners.ia3.layer", "tuners.ia3.model",
-    "tuners.loha", "tuners.loha.config", "tuners.loha.layer", "tuners.loha.model",
-    "tuners.lokr", "tuners.lokr.config", "tuners.lokr.layer", "tuners.lokr.model",
-    "tuners.adalora", "tuners.adalora.config", "tuners.adalora.layer", "tuners.adalora.model",
-    "tuners.prompt_tuning", "tuners.prompt_tuning.config", "tuners.prompt_tuning.model",
-    "tuners.p_tuning", "tuners.p_tuning.config", "tuners.p_tuning.model",
-    "tuners.prefix_tuning", "tuners.prefix_tuning.config", "tuners.prefix_tuning.model",
-    "utils", "utils.peft_types", "utils.constants", "utils.other", "utils.save_and_load", "utils.warning",
-    "utils.error", "import_utils", "optimizers", "optimizers.loraplus",
-]  # fmt: skip
+# Each PEFT module path that oxpeft implements (the layout test's list); `import peft.<path>` must resolve.
+PEFT_MODULE_PATHS = sorted(PEFT_PATHS)
 
 
 def oxpeft_cli(*args: str, python: str = sys.executable, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -247,13 +247,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
         since an adapter that does not fit is refused (ValueError naming the tensors, model unchanged). The loading
         options are those of `from_pretrained`.
         """
-        _check_loading_options(self.get_base_model(), ephemeral_gpu_offload, device_map)
-        config = PeftConfig.from_pretrained(
-            model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
-        )
-        config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
-        weights = rename_keys(weights, key_mapping, self.get_base_model(), config)
+        config, weights = _read_adapter(
+            self.get_base_model(), model_id, None, is_trainable, ephemeral_gpu_offload, device_map, key_mapping,
+            torch_device, dict(subfolder=subfolder, revision=revision, token=token), config_overrides,
+        )  # fmt: skip
         self.add_adapter(
             adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
         )
@@ -294,14 +291,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
         checkpoint keys. Adapter weights are created on each base layer's own device, so `device_map` and
         `low_cpu_mem_usage` need nothing more; a model whose layers accelerate offloads to CPU or disk is refused.
         """
-        _check_loading_options(model, ephemeral_gpu_offload, device_map)
-        if config is None:
-            config = PeftConfig.from_pretrained(
-                model_id, subfolder=subfolder, revision=revision, token=token, **config_overrides
-            )
-        config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, device=torch_device, subfolder=subfolder, revision=revision, token=token)
-        weights = rename_keys(weights, key_mapping, model, config)
+        config, weights = _read_adapter(
+            model, model_id, config, is_trainable, ephemeral_gpu_offload, device_map, key_mapping, torch_device,
+            dict(subfolder=subfolder, revision=revision, token=token), config_overrides,
+        )  # fmt: skip
         target_cls = peft_model_class_for(config) if cls is PeftModel else cls
         peft_model = target_cls(
             model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
@@ -520,6 +513,28 @@ def peft_model_class_for(config: PeftConfig) -> type[PeftModel]:
     if config.task_type is None:
         return PeftModel
     return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]
+
+
+def _read_adapter(
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    config: PeftConfig | None,
+    is_trainable: bool,
+    ephemeral_gpu_offload: bool,
+    device_map: Any,
+    key_mapping: dict[str, str] | None,
+    torch_device: str | torch.device | None,
+    hub: dict[str, Any],
+    config_overrides: dict[str, Any],
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config (read unless given) and the tensors (keys renamed by `key_mapping`) of the adapter in
+    `model_id`, for loading into `model`; the loading options are checked first."""
+    _check_loading_options(model, ephemeral_gpu_offload, device_map)
+    if config is None:
+        config = PeftConfig.from_pretrained(model_id, **hub, **config_overrides)
+    config.inference_mode = not is_trainable
+    weights = load_peft_weights(model_id, device=torch_device, **hub)
+    return config, rename_keys(weights, key_mapping, model, config)
 
 
 def _check_loading_options(model: nn.Module, ephemeral_gpu_offload: bool, device_map: Any) -> None:

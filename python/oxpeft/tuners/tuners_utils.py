@@ -160,14 +160,15 @@ class BaseTunerLayer:
 
     def _store_weight(self, weight: torch.Tensor) -> None:
         base = self.get_base_layer()
-        if bnb_bits(base) or hasattr(base, "dequantize"):
+        bnb = bnb_bits(base)
+        if bnb or hasattr(base, "dequantize"):
             warnings.warn(
                 f"merging into the quantised {type(base).__name__} requantises its weight, which rounds the merged "
                 "weight to the quantisation grid"
-                + ("" if bnb_bits(base) else "; merge_and_unload() keeps a full-precision weight instead"),
+                + ("" if bnb else "; merge_and_unload() keeps a full-precision weight instead"),
                 stacklevel=4,
             )
-        if bnb_bits(base):
+        if bnb:
             requantize_bnb(base, weight)
         elif hasattr(base, "dequantize"):
             dense = weight.T if getattr(self, "fan_in_fan_out", False) else weight
@@ -776,8 +777,8 @@ class BaseTuner(nn.Module, abc.ABC):
     ) -> nn.Module:
         """Merge the active (or named) adapters into the base weights and return the plain base model.
 
-        Quantised base layers become full-precision Linear layers (dequantised weight + delta, in their
-        compute dtype) unless `requantize=True`, which quantises the merged weight again (lossy, with a warning).
+        Quantised base layers become Linear layers (dequantised weight + delta, in the dtype the weight had
+        before quantisation) unless `requantize=True`, which quantises the merged weight again (lossy, with a warning).
         """
         return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names, requantize)
 
