@@ -443,3 +443,47 @@ def test_merging_again_warns_as_peft():
     with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
         model.merge_adapter()
     assert oxpeft.LoraModel.uses_shared_state is False and oxpeft.IA3Model.uses_shared_state is False
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.lin0(x).relu())
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_state_dict_of_an_fsdp_wrapped_model_has_peft_keys(bias):
+    """FSDP (use_orig_params) inserts `_fsdp_wrapped_module` into module names but not into state-dict keys:
+    the adapter's state dict is read through the wrapper, with PEFT's keys, and loads into a plain model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        base, x = _TwoLinear(), torch.randn(3, 10)
+        states = {}
+        for lib in (peft, oxpeft):
+            model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(target_modules=["lin0"], bias=bias, init_lora_weights=False))
+            if bias != "none":  # a trained bias, saved with the adapter
+                with torch.no_grad():
+                    model.base_model.model.lin0.base_layer.bias.fill_(1.23)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # FSDP's notes on a one-process NO_SHARD group
+                wrapped = FSDP(model.eval(), use_orig_params=True, device_id=torch.device("cpu"))
+                expected = wrapped(x)
+                states[lib.__name__] = lib.get_peft_model_state_dict(wrapped)
+            fresh = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(target_modules=["lin0"], bias=bias)).eval()
+            lib.set_peft_model_state_dict(fresh, states[lib.__name__])
+            torch.testing.assert_close(fresh(x), expected)
+        assert sorted(states["oxpeft"]) == sorted(states["peft"])
+    finally:
+        if started:
+            dist.destroy_process_group()

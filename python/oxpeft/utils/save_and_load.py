@@ -38,10 +38,28 @@ def remove_adapter_name(key: str, adapter_name: str) -> str:
     return f"{head}.{suffix}"
 
 
+# Wrappers that insert a submodule into the module tree but not into the state dict: FSDP (with
+# use_orig_params) and activation checkpointing.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def state_dict_module_name(name: str) -> str:
+    """A module's name as its state-dict keys spell it: wrapper segments removed."""
+    if not any(segment in name for segment in _WRAPPER_SEGMENTS):
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def named_modules_for_state_dict(model: nn.Module):
+    """`model.named_modules()` with each name as the state dict spells it (see `state_dict_module_name`)."""
+    for name, module in model.named_modules():
+        yield state_dict_module_name(name), module
+
+
 def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
     """Model state-dict key -> checkpoint key, for every tensor that belongs to `adapter_name`."""
     mapping: dict[str, str] = {}
-    for name, module in model.named_modules():
+    for name, module in named_modules_for_state_dict(model):
         prefix = f"{name}." if name else ""
         if isinstance(module, BaseTunerLayer):
             for attr in module.adapter_layer_names:
@@ -90,7 +108,7 @@ def get_peft_model_state_dict(
     if bias == "all":
         out.update({k: v for k, v in tensors.items() if k.endswith(".bias") and k not in out and "lora_" not in k})
     elif bias.endswith("_only"):
-        for name, module in model.named_modules():
+        for name, module in named_modules_for_state_dict(model):
             if isinstance(module, BaseTunerLayer) and adapter_name in module.adapter_names():
                 key = f"{name}.base_layer.bias"
                 if key in tensors:
@@ -98,7 +116,7 @@ def get_peft_model_state_dict(
 
     if _save_embeddings(model, config, save_embedding_layers):
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        for name, module in model.named_modules():
+        for name, module in named_modules_for_state_dict(model):
             if module is embedding and isinstance(module, BaseTunerLayer):
                 key = f"{name}.base_layer.weight"
                 out[key] = tensors[key]

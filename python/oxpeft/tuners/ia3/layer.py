@@ -1,7 +1,7 @@
 """(IA)³ layers: a learned vector per adapter rescales the layer's output, or its input for feed-forward layers.
 
-- attention-type target: ``y = base(x) * l`` with ``l`` of shape (out, 1) (Conv2d: (1, out, 1, 1));
-- feed-forward target: ``y = base(x * l)`` with ``l`` of shape (1, in) (Conv2d: (1, in, 1, 1)).
+- attention-type target: ``y = base(x) * l`` with ``l`` of shape (out, 1) (convolutions: (1, out, 1, ...));
+- feed-forward target: ``y = base(x * l)`` with ``l`` of shape (1, in) (convolutions: (1, in, 1, ...)).
 Several active adapters multiply. Merging multiplies the weight (and, for output scaling, the bias) by ``l``,
 computed in fp32 and rounded once; unmerging divides by it again.
 """
@@ -142,13 +142,16 @@ class Linear(IA3Layer):
         return scaling.reshape(-1)
 
 
-class Conv2d(IA3Layer):
-    """(IA)³ on nn.Conv2d: the vector scales output channels, or input channels for feed-forward layers.
+class _ConvNd(IA3Layer):
+    """(IA)³ on a convolution: the vector (1, channels, 1, ...) scales output channels, or input channels for
+    feed-forward layers (in a grouped convolution, each group's kernel slice by its own input channels).
     (`fan_in_fan_out` is accepted for a uniform constructor and has no meaning for convolutions.)"""
+
+    _conv_dims: int = 2
 
     def __init__(
         self,
-        base_layer: nn.Conv2d,
+        base_layer: nn.Module,
         adapter_name: str,
         is_feedforward: bool = False,
         fan_in_fan_out: bool = False,
@@ -156,20 +159,47 @@ class Conv2d(IA3Layer):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if is_feedforward and base_layer.groups != 1:
+        if base_layer.weight.dim() != self._conv_dims + 2:
             raise ValueError(
-                f"(IA)³ feed-forward scaling of a grouped convolution (groups={base_layer.groups}) is not supported"
+                f"{type(self).__name__} needs a {self._conv_dims + 2}-D kernel, got {base_layer.weight.dim()}-D"
             )
         self._init_ia3(base_layer, is_feedforward, base_layer.in_channels, base_layer.out_channels)
         self.update_layer(adapter_name, init_ia3_weights, adapter_dtype)
         self.set_adapter(adapter_name)
 
     def _vector_shape(self) -> tuple[int, ...]:
-        return (1, self.in_features if self.is_feedforward else self.out_features, 1, 1)
+        return (1, self.in_features if self.is_feedforward else self.out_features) + (1,) * self._conv_dims
 
     def _weight_factor(self, vector: torch.Tensor) -> torch.Tensor:
-        # Conv weights are (out, in, kh, kw): output scaling runs along dim 0, input scaling along dim 1.
-        return vector if self.is_feedforward else vector.transpose(0, 1)
+        # Conv weights are (out, in / groups, *k): output scaling runs along dim 0, input scaling along dim 1,
+        # where group g's slice holds input channels g * in_per_group ... (g + 1) * in_per_group - 1.
+        if not self.is_feedforward:
+            return vector.transpose(0, 1)
+        groups = self.get_base_layer().groups
+        if groups == 1:
+            return vector
+        in_per_group = self.in_features // groups
+        per_group = vector.reshape(groups, 1, in_per_group, *vector.shape[2:])
+        expanded = per_group.expand(groups, self.out_features // groups, in_per_group, *vector.shape[2:])
+        return expanded.reshape(self.out_features, in_per_group, *vector.shape[2:])
 
     def _activation_factor(self, scaling: torch.Tensor) -> torch.Tensor:
         return scaling
+
+
+class Conv1d(_ConvNd):
+    """(IA)³ on nn.Conv1d."""
+
+    _conv_dims = 1
+
+
+class Conv2d(_ConvNd):
+    """(IA)³ on nn.Conv2d."""
+
+    _conv_dims = 2
+
+
+class Conv3d(_ConvNd):
+    """(IA)³ on nn.Conv3d."""
+
+    _conv_dims = 3

@@ -17,7 +17,7 @@ from oxpeft.tuners.tuners_utils import (
     union_module_names,
 )
 from oxpeft.tuners.ia3.config import IA3Config
-from oxpeft.tuners.ia3.layer import Conv2d, IA3Layer, Linear
+from oxpeft.tuners.ia3.layer import Conv1d, Conv2d, Conv3d, IA3Layer, Linear
 from oxpeft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
@@ -138,8 +138,9 @@ def _layer_for(target: nn.Module, key: str, fan_in_fan_out: bool) -> tuple[type[
     """The (IA)³ class for a base layer and the fan_in_fan_out its weight layout requires."""
     from transformers.pytorch_utils import Conv1D
 
-    if isinstance(target, nn.Conv2d):
-        return Conv2d, False
+    for conv_type, layer_cls in ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d)):
+        if isinstance(target, conv_type):
+            return layer_cls, False
     if is_linear_like(target):
         required = isinstance(target, Conv1D)
         if required != fan_in_fan_out:
@@ -149,5 +150,5 @@ def _layer_for(target: nn.Module, key: str, fan_in_fan_out: bool) -> tuple[type[
         return Linear, required
     raise ValueError(
         f"(IA)³ does not support '{key}' of type {type(target).__name__}; supported: nn.Linear, transformers Conv1D, "
-        "oxpeft's quantised Linear layers and nn.Conv2d"
+        "oxpeft's quantised Linear layers and nn.Conv1d / Conv2d / Conv3d"
     )

@@ -1,4 +1,5 @@
-"""LoRA layers: Linear (also GPT-2 Conv1D and quantised bases), Embedding and Conv2d, with DoRA for Linear.
+"""LoRA layers: Linear (also GPT-2 Conv1D and quantised bases), Embedding and Conv1d / Conv2d / Conv3d, each
+with DoRA.
 
 Math (REFERENCE.md section 2): ``y = base(x) + B(A(dropout(x))) * scaling``; merging adds
 ``scaling * B @ A`` computed in fp32 and rounded to the weight's dtype once.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
-from oxpeft.tuners.lora.dora import DoraMagnitude, dora_weight_norm
+from oxpeft.tuners.lora.dora import DoraMagnitude, channel_norm, channel_view, dora_weight_norm
 from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight
 
 
@@ -185,15 +186,34 @@ class LoraLayer(BaseTunerLayer):
             weight, self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
         )
 
+    # The stored weight's dimension that DoRA's magnitude runs along (Linear: rows, or columns when the weight is
+    # stored (in, out); Embedding: columns; convolutions: output channels).
+    _dora_channel_dim = 0
+
+    def _dora_magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def _dora_reference(self, adapter_name: str) -> tuple[torch.Tensor, int]:
+        """W + scaling * delta in fp32 and the dimension of its channels: what DoRA's norm is taken of."""
+        return self._stored_weight().float() + self.get_delta_weight(adapter_name), self._dora_channel_dim
+
     @torch.no_grad()
     def _init_dora(self, adapter_name: str) -> None:
-        if not isinstance(self, Linear):
-            raise ValueError("DoRA (use_dora=True) is supported for Linear layers only")
-        magnitude = DoraMagnitude(self.out_features)
-        norm = self._dora_weight_norm(adapter_name, self._dense_base_weight().detach())
-        ref = self.lora_A[adapter_name].weight
-        magnitude.weight.data = norm.to(device=ref.device, dtype=ref.dtype)
+        norm = channel_norm(*self._dora_reference(adapter_name))
+        magnitude = DoraMagnitude(self._dora_magnitude_shape())
+        ref = next(p for p in self._adapter_parameters(adapter_name))
+        magnitude.weight.data = norm.reshape(self._dora_magnitude_shape()).to(device=ref.device, dtype=ref.dtype)
         self.lora_magnitude_vector[adapter_name] = magnitude
+
+    def _adapter_parameters(self, adapter_name: str):
+        for container in (self.lora_A, self.lora_embedding_A):
+            if adapter_name in container:
+                item = container[adapter_name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+    def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm as a per-channel fp32 vector."""
+        return self.lora_magnitude_vector[adapter_name].weight.float().reshape(-1) / norm
 
     # --- merge ---------------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -202,24 +222,20 @@ class LoraLayer(BaseTunerLayer):
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """The fp32 weight after merging one adapter into `weight` (in the base weight's layout)."""
-        delta = self.get_delta_weight(adapter_name)
-        merged = weight.float() + delta
+        merged = weight.float() + self.get_delta_weight(adapter_name)
         if self.use_dora.get(adapter_name, False):
-            dense = _transpose(merged, self.fan_in_fan_out)
-            norm = torch.linalg.norm(dense, dim=1)
+            dim = self._dora_channel_dim
+            norm = channel_norm(merged, dim)
             self._dora_norm_cache[adapter_name] = norm
-            factor = self.lora_magnitude_vector[adapter_name].weight.float() / norm
-            merged = _transpose(factor[:, None] * dense, self.fan_in_fan_out)
+            merged = merged * channel_view(self._dora_factor(adapter_name, norm), merged.dim(), dim)
         return merged
 
     def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self.get_delta_weight(adapter_name)
         current = weight.float()
         if self.use_dora.get(adapter_name, False):
-            norm = self._dora_norm_cache.pop(adapter_name)
-            factor = self.lora_magnitude_vector[adapter_name].weight.float() / norm
-            current = _transpose(_transpose(current, self.fan_in_fan_out) / factor[:, None], self.fan_in_fan_out)
-        return current - delta
+            factor = self._dora_factor(adapter_name, self._dora_norm_cache.pop(adapter_name))
+            current = current / channel_view(factor, current.dim(), self._dora_channel_dim)
+        return current - self.get_delta_weight(adapter_name)
 
     def _bias_delta(self, adapter_name: str) -> torch.Tensor | None:
         if not self.lora_bias.get(adapter_name, False):
@@ -309,6 +325,14 @@ class Linear(nn.Module, LoraLayer):
         a = self.lora_A[adapter_name].weight.float()
         return _transpose(b @ a, self.fan_in_fan_out) * self.scaling[adapter_name]
 
+    @property
+    def _dora_channel_dim(self) -> int:  # type: ignore[override]
+        return 1 if self.fan_in_fan_out else 0
+
+    def _dora_reference(self, adapter_name: str) -> tuple[torch.Tensor, int]:
+        a, b = self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float()
+        return self._dense_base_weight().float() + self.scaling[adapter_name] * (b @ a), 0
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x)
         result = self.base_layer(x, *args, **kwargs)
@@ -362,7 +386,13 @@ class Linear(nn.Module, LoraLayer):
 
 
 class Embedding(nn.Module, LoraLayer):
-    """LoRA on nn.Embedding: A (r, num_embeddings) is looked up, then projected by B (dim, r)."""
+    """LoRA on nn.Embedding: A (r, num_embeddings) is looked up, then projected by B (dim, r).
+
+    DoRA: the magnitude has one entry per embedding dimension (a column of the (num, dim) table), and the adapted
+    output is ``m / ||W + s * delta||_col * (base(x) + s * B(A[x]))``.
+    """
+
+    _dora_channel_dim = 1
 
     def __init__(
         self,
@@ -379,13 +409,11 @@ class Embedding(nn.Module, LoraLayer):
         **_: Any,
     ) -> None:
         super().__init__()
-        if use_dora:
-            raise ValueError("DoRA (use_dora=True) is supported for Linear layers only, not nn.Embedding")
         if lora_bias:
             raise ValueError("lora_bias is not supported on nn.Embedding")
         self._init_lora(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
         self.update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False, False, adapter_dtype
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, False, adapter_dtype
         )
         self.set_adapter(adapter_name)
 
@@ -408,11 +436,20 @@ class Embedding(nn.Module, LoraLayer):
             return self._mixed_batch_forward(x, result, self._lora_delta)
         result_dtype = result.dtype
         for name in self._active_adapter:
-            if name in self.lora_embedding_A:
+            if name not in self.lora_embedding_A:
+                continue
+            if self.use_dora[name]:
+                weight = self.get_base_layer().weight
+                norm = channel_norm(weight.detach().float() + self.get_delta_weight(name).detach(), 1)
+                factor = self.lora_magnitude_vector[name].weight / norm.to(weight.dtype)
+                result = factor * result + factor * self._lora_delta(name, x)
+            else:
                 result = result + self._lora_delta(name, x)
         return result.to(result_dtype)
 
     def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self._batch_adapter_names is not None and self.use_dora[name]:
+            raise ValueError("per-sample adapter_names is not supported for DoRA adapters")
         base = self.get_base_layer()
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
@@ -422,12 +459,19 @@ class Embedding(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-class Conv2d(nn.Module, LoraLayer):
-    """LoRA on nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv."""
+class _ConvNd(nn.Module, LoraLayer):
+    """LoRA on a convolution: A is a conv with the base's kernel, stride, padding and dilation; B a 1x..x1 conv
+    with the base's groups. Grouped convolutions (rank divisible by groups) train and run; their delta is not a
+    grouped kernel, so they cannot be merged.
+
+    DoRA: the magnitude (1, out, 1, ...) scales output channels; the norm is over each output channel's kernel.
+    """
+
+    _conv_dims: int = 2
 
     def __init__(
         self,
-        base_layer: nn.Conv2d,
+        base_layer: nn.Module,
         adapter_name: str,
         r: int = 8,
         lora_alpha: float = 8,
@@ -440,31 +484,77 @@ class Conv2d(nn.Module, LoraLayer):
         **_: Any,
     ) -> None:
         super().__init__()
-        if use_dora:
-            raise ValueError("DoRA (use_dora=True) is supported for Linear layers only, not nn.Conv2d")
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        if base_layer.weight.dim() != self._conv_dims + 2:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self._conv_dims + 2}-D kernel, got {base_layer.weight.dim()}-D"
+            )
+        if base_layer.groups > 1:
+            warnings.warn(
+                f"LoRA on a {type(base_layer).__name__} with groups={base_layer.groups}: it trains and runs, but "
+                "cannot be merged into the base weight",
+                stacklevel=4,
+            )
         self._init_lora(base_layer, base_layer.in_channels, base_layer.out_channels)
         self.update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False, lora_bias, adapter_dtype
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias, adapter_dtype
         )
         self.set_adapter(adapter_name)
 
+    def update_layer(self, adapter_name: str, r: int, *args: Any, **kwargs: Any) -> None:
+        groups = self.get_base_layer().groups
+        if r % groups:
+            raise ValueError(
+                f"LoRA on a {type(self.get_base_layer()).__name__} with groups={groups} needs a rank divisible by the "
+                f"groups, got r={r} for adapter '{adapter_name}'; choose another rank or do not target this layer"
+            )
+        super().update_layer(adapter_name, r, *args, **kwargs)
+
     def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
-        self.lora_A[adapter_name] = nn.Conv2d(
+        conv = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _CONV_BY_DIMS[self._conv_dims]
+        ones = (1,) * self._conv_dims
+        self.lora_A[adapter_name] = conv(
             self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
         )
-        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+
+    def _dora_magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.out_features) + (1,) * self._conv_dims
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        b = self.lora_B[adapter_name].weight.float()
+        """scaling * B @ A as a kernel (out, in, *k): A's kernel summed into each output channel by B."""
         a = self.lora_A[adapter_name].weight.float()
-        if a.shape[2:] == (1, 1):
-            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2))[:, :, None, None]
-        else:
-            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        b = self.lora_B[adapter_name].weight.float()
+        if self.get_base_layer().groups > 1:
+            raise ValueError(
+                f"adapter '{adapter_name}' on a grouped convolution (groups={self.get_base_layer().groups}) has no "
+                "kernel-shaped delta: LoRA on grouped convolutions cannot be merged"
+            )
+        r = a.shape[0]
+        delta = (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self.out_features, *a.shape[1:])
         return delta * self.scaling[adapter_name]
+
+    def _dora_reference(self, adapter_name: str) -> tuple[torch.Tensor, int]:
+        return self._stored_weight().float() + self._dora_delta(adapter_name), 0
+
+    def _dora_delta(self, adapter_name: str) -> torch.Tensor:
+        """The delta DoRA's norm adds: B reshaped to (-1, r) times A reshaped to (r, -1), in the kernel's shape.
+        For groups=1 it is the merge delta; for grouped convolutions it is PEFT's definition, kept so that
+        adapters trained there give the same outputs here."""
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        r = a.shape[0]
+        weight = self.get_base_layer().weight
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(weight.shape) * self.scaling[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        groups = self.get_base_layer().groups
+        if groups > 1 and self._adapters_to_merge(adapter_names):
+            raise ValueError(
+                f"LoRA on a grouped convolution (groups={groups}) cannot be merged: the adapter's delta is not a "
+                "grouped kernel. Keep the adapter unmerged."
+            )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x)
@@ -475,12 +565,56 @@ class Conv2d(nn.Module, LoraLayer):
         for name in self._active_adapter:
             if name not in self.lora_A:
                 continue
-            x_ = x.to(self.lora_A[name].weight.dtype)
-            result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x_))) * self.scaling[name]
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            dropout, scaling = self.lora_dropout[name], self.scaling[name]
+            x_ = x.to(lora_A.weight.dtype)
+            if self.use_dora[name]:
+                result = result + self._dora_forward(x_, result, name, dropout, scaling)
+            else:
+                result = result + lora_B(lora_A(dropout(x_))) * scaling
         return result.to(result_dtype)
+
+    def _dora_forward(
+        self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropout: nn.Module, scaling: float
+    ) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = base.weight.to(x.dtype)
+        norm = channel_norm(weight.detach().float() + self._dora_delta(name).detach(), 0).to(x.dtype)
+        magnitude = self.lora_magnitude_vector[name].weight
+        factor = magnitude / norm.reshape(magnitude.shape)
+        x_d = dropout(x)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = base_result.to(x.dtype)
+            if base.bias is not None:
+                base_out = base_out - base.bias.to(x.dtype).reshape((1, -1) + (1,) * self._conv_dims)
+        else:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self._conv_dims - 1]
+            base_out = conv(x_d, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        return (factor - 1) * base_out + factor * self.lora_B[name](self.lora_A[name](x_d)) * scaling
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+class Conv1d(_ConvNd):
+    """LoRA on nn.Conv1d."""
+
+    _conv_dims = 1
+
+
+class Conv2d(_ConvNd):
+    """LoRA on nn.Conv2d."""
+
+    _conv_dims = 2
+
+
+class Conv3d(_ConvNd):
+    """LoRA on nn.Conv3d."""
+
+    _conv_dims = 3
+
+
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _linear_shape(base_layer: nn.Module) -> tuple[int, int]:
@@ -500,8 +634,12 @@ def lora_layer_for(base_layer: nn.Module) -> tuple[type[LoraLayer], bool | None]
 
     if isinstance(base_layer, nn.Embedding):
         return Embedding, None
+    if isinstance(base_layer, nn.Conv1d):
+        return Conv1d, None
     if isinstance(base_layer, nn.Conv2d):
         return Conv2d, None
+    if isinstance(base_layer, nn.Conv3d):
+        return Conv3d, None
     if isinstance(base_layer, Conv1D):
         return Linear, True
     if isinstance(base_layer, nn.Linear):
@@ -510,7 +648,7 @@ def lora_layer_for(base_layer: nn.Module) -> tuple[type[LoraLayer], bool | None]
         return Linear, False
     raise ValueError(
         f"LoRA does not support target modules of type {type(base_layer).__name__}; supported: nn.Linear, "
-        "transformers Conv1D, nn.Embedding, nn.Conv2d and oxpeft's quantised Linear layers"
+        "transformers Conv1D, nn.Embedding, nn.Conv1d / Conv2d / Conv3d and oxpeft's quantised Linear layers"
     )
 
 

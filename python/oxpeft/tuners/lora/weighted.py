@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from oxpeft.tuners.tuners_utils import check_adapters_to_combine, union_module_names
-from oxpeft.tuners.lora.layer import Conv2d, Embedding, LoraLayer
+from oxpeft.tuners.lora.layer import Embedding, LoraLayer, _ConvNd
 
 if TYPE_CHECKING:
     from oxpeft.tuners.lora.model import LoraModel
@@ -194,8 +194,8 @@ def _svd_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     deltas = [layer.get_delta_weight(a) for a, _ in present]
     delta = combine(kind, deltas, torch.tensor([w for _, w in present], dtype=deltas[0].dtype), density, sign)
-    if isinstance(layer, Conv2d):
-        delta = delta.squeeze() if delta.shape[2:] == (1, 1) else delta.flatten(start_dim=1)
+    if isinstance(layer, _ConvNd):
+        delta = delta.flatten(start_dim=1)
     if layer.fan_in_fan_out or isinstance(layer, Embedding):
         delta = delta.T
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
