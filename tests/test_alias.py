@@ -90,6 +90,15 @@ def test_transformers_sees_a_new_enough_peft(target):
     assert out.stdout.split() == ["True", "True"]
 
 
+def test_transformers_trainer_imports_the_mixed_model_from_the_alias(target):
+    # transformers' trainer_utils does `from peft import PeftMixedModel, PeftModel` once peft is installed.
+    probe = "import peft, oxpeft\nfrom transformers import Trainer\nprint(peft.PeftMixedModel is oxpeft.PeftMixedModel)\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(target)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
+
+
 def test_status_and_remove_leave_nothing_behind(target):
     assert "installed in" in oxpeft_cli("alias", "status", "--target", str(target)).stdout
     out = subprocess.run([sys.executable, "-c", "import peft.tuners.lora"], env={**os.environ, "PYTHONPATH": str(target)})

@@ -284,9 +284,10 @@ def test_disable_adapter_restores_each_layers_state_and_nests():
         pass
     assert all(m.disable_adapters for m in layers)  # disabled before the block: still disabled after it
     model.enable_adapter_layers()
-    layers[0].enable_adapters(False)  # an irregular state comes back exactly (PEFT enables everything here)
-    with model.disable_adapter():
-        pass
+    layers[0].enable_adapters(False)  # an irregular state: PEFT's warning, and it comes back exactly
+    with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+        with model.disable_adapter():
+            pass
     assert layers[0].disable_adapters and not any(m.disable_adapters for m in layers[1:])
 
 
@@ -419,8 +420,12 @@ def test_from_pretrained_takes_peft_loading_options(tmp_path):
     renamed = oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "old", key_mapping={r"\.attention\.": ".self_attn."})
     with torch.no_grad():
         torch.testing.assert_close(renamed(input_ids=ids).logits, expected)
-    with pytest.raises(ValueError, match="ephemeral_gpu_offload"):
-        oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "a", ephemeral_gpu_offload=True)
+    # ephemeral_gpu_offload only moves DoRA's initial norm to a GPU (none here): accepted, same result, not saved.
+    offloaded = oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "a", ephemeral_gpu_offload=True)
+    assert offloaded.peft_config["default"].runtime_config.ephemeral_gpu_offload is True
+    assert "runtime_config" not in offloaded.peft_config["default"].to_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(input_ids=ids).logits, expected)
     result = loaded.load_adapter(tmp_path / "a", "again", low_cpu_mem_usage=True, key_mapping={})
     assert result.unexpected_keys == [] and result.missing_keys == []
 
@@ -487,3 +492,93 @@ def test_state_dict_of_an_fsdp_wrapped_model_has_peft_keys(bias):
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_orthogonal_init_matches_peft_and_keeps_the_output():
+    base = make_llama()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for lib in (peft, oxpeft):
+        torch.manual_seed(11)
+        models[lib.__name__] = lib.get_peft_model(twin(base), _lora(lib, init_lora_weights="orthogonal"))
+    ours, theirs = models["oxpeft"], models["peft"]
+    state, mine = peft.get_peft_model_state_dict(theirs), oxpeft.get_peft_model_state_dict(ours)
+    assert sorted(mine) == sorted(state)
+    for key in state:
+        torch.testing.assert_close(mine[key], state[key])
+        assert mine[key].abs().sum() > 0  # both factors are non-zero ...
+    with torch.no_grad():  # ... and B @ A = 0
+        torch.testing.assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="even rank"):
+        oxpeft.get_peft_model(twin(base), _lora(oxpeft, r=3, init_lora_weights="orthogonal"))
+    with pytest.raises(ValueError, match="Linear layers only"):
+        oxpeft.get_peft_model(twin(base), oxpeft.LoraConfig(target_modules=["embed_tokens"], init_lora_weights="orthogonal"))
+
+
+def test_ensure_weight_tying_is_refused_rather_than_ignored():
+    with pytest.raises(ValueError, match="ensure_weight_tying"):
+        oxpeft.LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True)
+
+
+@pytest.mark.parametrize("method", ["lora-dora", "ia3", "loha", "adalora"])
+def test_low_cpu_mem_usage_creates_meta_weights_that_loading_assigns(method, tmp_path):
+    """As PEFT: low_cpu_mem_usage=True injects uninitialised adapter weights on the meta device; loading a state
+    dict (from_pretrained, load_adapter, set_peft_model_state_dict) assigns the file's tensors to them."""
+    configs = {
+        "lora-dora": lambda lib: lib.LoraConfig(target_modules=["lin0"], use_dora=True, init_lora_weights=False),
+        "ia3": lambda lib: lib.IA3Config(target_modules=["lin0"], feedforward_modules=[], init_ia3_weights=False),
+        "loha": lambda lib: lib.LoHaConfig(target_modules=["lin0"], init_weights=False),
+        "adalora": lambda lib: lib.AdaLoraConfig(target_modules=["lin0"], total_step=10, init_lora_weights=False),
+    }
+    torch.manual_seed(0)
+    base, x = _TwoLinear(), torch.randn(3, 10)
+    model = oxpeft.get_peft_model(copy.deepcopy(base), configs[method](oxpeft)).eval()
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    for lib in (peft, oxpeft):
+        injected = lib.inject_adapter_in_model(configs[method](lib), copy.deepcopy(base), low_cpu_mem_usage=True)
+        assert "meta" in {p.device.type for p in injected.parameters()}, lib.__name__
+    injected = oxpeft.inject_adapter_in_model(configs[method](oxpeft), copy.deepcopy(base), low_cpu_mem_usage=True)
+    state = {k.removeprefix("base_model.model."): v for k, v in oxpeft.get_peft_model_state_dict(model).items()}
+    oxpeft.set_peft_model_state_dict(injected, state, low_cpu_mem_usage=True)
+    assert {p.device.type for p in injected.parameters()} == {"cpu"}
+    torch.testing.assert_close(injected.eval()(x), expected)
+    loaded = oxpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    loaded.load_adapter(tmp_path, "other", low_cpu_mem_usage=True)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    torch.testing.assert_close(loaded(x), expected)
+    loaded.set_adapter("other")
+    torch.testing.assert_close(loaded(x), expected)
+
+
+def test_functional_api_matches_peft_on_injected_models():
+    """`functional` (what transformers' adapter API calls): set_adapter, set_requires_grad, cast_adapter_dtype and
+    delete_adapter on models with directly injected adapters, compared with PEFT's."""
+    import peft.functional as theirs_fn
+
+    import oxpeft.functional as ours_fn
+
+    assert sorted(ours_fn.__all__) == sorted(theirs_fn.__all__)
+    torch.manual_seed(0)
+    base, x = _TwoLinear().half(), torch.randn(3, 10).half()
+    models = {}
+    for lib, fn in ((peft, theirs_fn), (oxpeft, ours_fn)):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        fn.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False), model, "a")
+        torch.manual_seed(2)
+        fn.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False), model, "b")
+        fn.cast_adapter_dtype(model, "a")
+        fn.set_adapter(model, "b")
+        fn.set_requires_grad(model, "a", requires_grad=True)
+        models[lib.__name__] = model
+    grads = lambda m: {n: (p.requires_grad, p.dtype) for n, p in m.named_parameters()}  # noqa: E731
+    assert grads(models["oxpeft"]) == grads(models["peft"])
+    for lib, fn in ((peft, theirs_fn), (oxpeft, ours_fn)):
+        assert fn.delete_adapter(models[lib.__name__], "b", prefix="lora_") == ["a"] or lib is peft
+    ours, theirs = models["oxpeft"], models["peft"]
+    assert sorted(k for k in ours.state_dict()) == sorted(k for k in theirs.state_dict())
+    assert [m.active_adapters for m in ours.modules() if hasattr(m, "lora_A")] == [
+        m.active_adapters for m in theirs.modules() if hasattr(m, "lora_A")
+    ]
+    torch.testing.assert_close(ours.float()(x.float()), theirs.float()(x.float()))

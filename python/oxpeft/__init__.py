@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "prepare_model_for_kbit_training": "oxpeft.quant",
     "quantize_model": "oxpeft.quant",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "oxpeft.peft_model",
+    "PeftMixedModel": "oxpeft.mixed_model",
     "PeftModel": "oxpeft.peft_model",
     "PeftModelForCausalLM": "oxpeft.peft_model",
     "PeftModelForFeatureExtraction": "oxpeft.peft_model",
@@ -71,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "LoKrConfig": "oxpeft.tuners.lokr",
     "LoKrModel": "oxpeft.tuners.lokr",
     "LoraConfig": "oxpeft.tuners.lora",
+    "LoraRuntimeConfig": "oxpeft.tuners.lora",
     "LoraModel": "oxpeft.tuners.lora",
     "PrefixEncoder": "oxpeft.tuners.prefix_tuning",
     "PrefixTuningConfig": "oxpeft.tuners.prefix_tuning",
@@ -110,6 +112,7 @@ if TYPE_CHECKING:
         inject_adapter_in_model,
     )
     from oxpeft.mapping_func import get_peft_model
+    from oxpeft.mixed_model import PeftMixedModel
     from oxpeft.peft_model import (
         MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
         PeftModel,
@@ -135,7 +138,7 @@ if TYPE_CHECKING:
     from oxpeft.tuners.ia3 import IA3Config, IA3Model
     from oxpeft.tuners.loha import LoHaConfig, LoHaModel
     from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
-    from oxpeft.tuners.lora import LoraConfig, LoraModel
+    from oxpeft.tuners.lora import LoraConfig, LoraModel, LoraRuntimeConfig
     from oxpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
     from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
     from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit

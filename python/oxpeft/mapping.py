@@ -59,8 +59,8 @@ def inject_adapter_in_model(
 
     Prompt-learning methods inject nothing and are refused. With `state_dict` (an adapter state dict, e.g. read
     from a file without its config) the targets are the modules its keys name, not the config's
-    `target_modules`; its values are not loaded. The new layers are small and are created on the model's device
-    whatever `low_cpu_mem_usage` says.
+    `target_modules`; its values are not loaded. With `low_cpu_mem_usage` the adapter weights are created on the
+    meta device, for `set_peft_model_state_dict(..., low_cpu_mem_usage=True)` to assign.
     """
     if peft_config.is_prompt_learning:
         raise ValueError(
@@ -71,7 +71,11 @@ def inject_adapter_in_model(
     if state_dict is not None:
         peft_config = copy.copy(peft_config)
         peft_config.target_modules = _targets_in(state_dict, PEFT_TYPE_TO_PREFIX_MAPPING[registered_peft_type(peft_config.peft_type)])
-    return tuner_cls(model, {adapter_name: peft_config}, adapter_name).model
+    # As PEFT: the adapter weights take the base layer's dtype; `functional.cast_adapter_dtype` upcasts them.
+    tuner = tuner_cls(
+        model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=False
+    )
+    return tuner.model
 
 
 def _targets_in(state_dict: dict[str, Any], prefix: str) -> list[str]:

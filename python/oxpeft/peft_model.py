@@ -45,6 +45,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         peft_config: PeftConfig,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
         *,
         strict_targets: bool = True,
     ) -> None:
@@ -57,17 +58,27 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if self._is_prompt_learning:
             self._prompt_init(model, config, adapter_name)
             return
-        tuner_cls = tuner_class_for(config)
+        tuner_cls = self._tuner_class(config)
         self.base_model: BaseTuner = tuner_cls(
             model,
             {adapter_name: config},
             adapter_name,
             strict_targets=strict_targets,
             autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
         )
         self._install_input_grad_hook()
 
     # --- plumbing ------------------------------------------------------------------------------------------------
+    def _tuner_class(self, config: PeftConfig) -> type[BaseTuner]:
+        """The tuner that injects the first adapter (and, for a plain PeftModel, every later one)."""
+        return tuner_class_for(config)
+
+    def _check_adapter_type(self, config: PeftConfig) -> None:
+        """Refuse an adapter this model cannot hold beside its others: one method per PeftModel."""
+        if config.peft_type != self.peft_type:
+            raise ValueError(f"cannot add a {config.peft_type} adapter to a model with {self.peft_type} adapters")
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -171,19 +182,21 @@ class PeftModel(PromptLearningMixin, nn.Module):
         """Add a new, inactive adapter (call `set_adapter` to run and train it).
 
         `autocast_adapter_dtype`: on a float16 / bfloat16 base, keep the new adapter's weights in float32 (stable
-        training). `low_cpu_mem_usage` is accepted as in PEFT; adapter weights are small and are always created
-        directly on the base layer's device, which is what that option saves memory for.
+        training). `low_cpu_mem_usage`: create the weights on the meta device, uninitialised, for a state dict to
+        be assigned to them (`set_peft_model_state_dict`), as PEFT does; the adapter cannot run until then.
         """
-        if peft_config.peft_type != self.peft_type:
-            raise ValueError(
-                f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters"
-            )
+        self._check_adapter_type(peft_config)
         if self._is_prompt_learning:
             self._prompt_add(adapter_name, self._with_task_heads(peft_config))
             return
         active = self.active_adapters
         with self.base_model.adapter_dtype_autocast(autocast_adapter_dtype):
-            self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config), strict_targets=strict_targets)
+            self.base_model.inject_adapter(
+                adapter_name,
+                self._with_task_heads(peft_config),
+                strict_targets=strict_targets,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         self.base_model.set_adapter(active)
         if not peft_config.inference_mode:
             # PEFT's most common multi-adapter surprise: a new trainable adapter that never trains.
@@ -255,7 +268,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
             adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
         )
         try:
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -288,8 +301,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
         If the adapter does not fit the model (wrong shapes, missing or foreign tensors), the model is restored
         and a ValueError names the tensors. `key_mapping` ({regex: replacement}, default the model's
         `_checkpoint_conversion_mapping`) renames the file's tensor keys first, as transformers renames
-        checkpoint keys. Adapter weights are created on each base layer's own device, so `device_map` and
-        `low_cpu_mem_usage` need nothing more; a model whose layers accelerate offloads to CPU or disk is refused.
+        checkpoint keys. Adapter weights are created on each base layer's own device, so `device_map` needs nothing
+        more; with `low_cpu_mem_usage` they are not created at all but take the file's tensors. A model whose layers
+        accelerate offloads to CPU or disk is refused.
         """
         config, weights = _read_adapter(
             model, model_id, config, is_trainable, ephemeral_gpu_offload, device_map, key_mapping, torch_device,
@@ -297,10 +311,15 @@ class PeftModel(PromptLearningMixin, nn.Module):
         )  # fmt: skip
         target_cls = peft_model_class_for(config) if cls is PeftModel else cls
         peft_model = target_cls(
-            model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            strict_targets=False,
         )
         try:
-            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             peft_model.delete_adapter(adapter_name)
             peft_model._remove_input_grad_hook()
@@ -529,18 +548,25 @@ def _read_adapter(
 ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """The config (read unless given) and the tensors (keys renamed by `key_mapping`) of the adapter in
     `model_id`, for loading into `model`; the loading options are checked first."""
-    _check_loading_options(model, ephemeral_gpu_offload, device_map)
+    _check_loading_options(model, device_map)
     if config is None:
         config = PeftConfig.from_pretrained(model_id, **hub, **config_overrides)
     config.inference_mode = not is_trainable
+    if hasattr(config, "runtime_config"):
+        config.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
+    elif ephemeral_gpu_offload:
+        # As PEFT: the option only concerns LoRA's DoRA initialisation.
+        warnings.warn(
+            f"ephemeral_gpu_offload has no effect on {type(config).__name__} adapters (it concerns LoRA's DoRA "
+            "initialisation); ignoring it",
+            stacklevel=3,
+        )
     weights = load_peft_weights(model_id, device=torch_device, **hub)
     return config, rename_keys(weights, key_mapping, model, config)
 
 
-def _check_loading_options(model: nn.Module, ephemeral_gpu_offload: bool, device_map: Any) -> None:
+def _check_loading_options(model: nn.Module, device_map: Any) -> None:
     """Refuse the loading modes oxpeft does not have, by name, before anything is loaded."""
-    if ephemeral_gpu_offload:
-        raise ValueError("ephemeral_gpu_offload is not supported by oxpeft: load the model onto its device instead")
     offloaded = set((getattr(model, "hf_device_map", None) or {}).values()) & {"cpu", "disk"}
     if offloaded and len(set(model.hf_device_map.values())) > 1:
         raise ValueError(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.config import PeftConfig
-from oxpeft.tuners.tuners_utils import BaseTuner, DeltaTunerLayer, pattern_key
+from oxpeft.tuners.tuners_utils import BaseTuner, DeltaTunerLayer, innermost_base, pattern_key
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 
@@ -93,15 +93,17 @@ class LycorisLayer(DeltaTunerLayer):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        # In a mixed model the base may be another method's layer; what counts is the layer it adapts.
+        inner = innermost_base(base_layer)
+        if not isinstance(inner, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             raise ValueError(
-                f"{type(self).__name__} supports nn.Linear, nn.Conv1d and nn.Conv2d, not {type(base_layer).__name__}"
+                f"{type(self).__name__} supports nn.Linear, nn.Conv1d and nn.Conv2d, not {type(inner).__name__}"
             )
         self._init_tuner_layer(base_layer)
-        if isinstance(base_layer, nn.Linear):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        if isinstance(inner, nn.Linear):
+            self.in_features, self.out_features = inner.in_features, inner.out_features
         else:
-            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+            self.in_features, self.out_features = inner.in_channels, inner.out_channels
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -208,11 +210,12 @@ class LycorisTuner(BaseTuner):
         alpha_key = pattern_key(config.alpha_pattern or {}, current_key)
         r = config.rank_pattern[rank_key] if rank_key is not None else config.r
         alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha
-        if isinstance(target, self.layer_cls):
+        layer_cls = self._layer_cls_for(config)
+        if isinstance(target, layer_cls):
             target.update_layer(adapter_name, r, alpha, config, self._adapter_dtype(target.get_base_layer()))
             return
         try:
-            new_module = self.layer_cls(target, adapter_name, r, alpha, config, self._adapter_dtype(target))
+            new_module = layer_cls(target, adapter_name, r, alpha, config, self._adapter_dtype(target))
         except ValueError as exc:
             raise ValueError(f"'{current_key}': {exc}") from None
         setattr(parent, target_name, new_module)

@@ -18,6 +18,7 @@ import difflib
 import re
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
@@ -28,7 +29,7 @@ from oxpeft.config import PeftConfig
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb, requantize_bnb
 from oxpeft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from oxpeft.utils.error import NoMatchingPeftModuleError
-from oxpeft.utils.other import ModulesToSaveWrapper, _get_submodules
+from oxpeft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules
 from oxpeft.utils.peft_types import TaskType
 from oxpeft.utils.warning import PeftWarning
 
@@ -45,6 +46,19 @@ def is_linear_like(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------------
+# While set (BaseTuner.inject_adapter(low_cpu_mem_usage=True)), new adapter weights go to the meta device:
+# nothing is initialised, and loading a state dict then assigns the file's tensors (set_peft_model_state_dict).
+_ADAPTERS_ON_META: ContextVar[bool] = ContextVar("oxpeft_adapters_on_meta", default=False)
+
+# Initialisations that read or change the base weight, which meta adapter weights cannot take part in.
+_BASE_READING_INITS = ("pissa", "olora", "loftq")
+
+
+def _meta_injection_possible(config: PeftConfig) -> bool:
+    init = getattr(config, "init_lora_weights", True)
+    return not (isinstance(init, str) and init.startswith(_BASE_READING_INITS))
+
+
 class BaseTunerLayer:
     """Mixin for a layer that wraps `base_layer` and holds per-adapter parameters.
 
@@ -134,6 +148,8 @@ class BaseTunerLayer:
         """Put a new adapter's tensors on the base weight's device, in `adapter_dtype` (default: the base's)."""
         ref = self._base_weight_ref()
         device = ref.device if ref is not None and ref.device.type != "meta" else None
+        if _ADAPTERS_ON_META.get():
+            device = torch.device("meta")
         dtype = adapter_dtype
         if dtype is None and ref is not None and ref.dtype.is_floating_point:
             dtype = ref.dtype
@@ -193,16 +209,26 @@ class BaseTunerLayer:
         self.base_layer = dense
 
     # --- switching -----------------------------------------------------------------------------------------------
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make `adapter_names` the active (and trainable) adapters of this layer; others are frozen."""
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_names` the active adapters of this layer, trainable unless `inference_mode`; the others
+        are frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         present = self.adapter_names()
         for name in present:
-            trainable = name in names
+            trainable = name in names and not inference_mode
             for p in self.adapter_parameters(name):
                 if p.requires_grad != trainable:
                     p.requires_grad_(trainable)
-        self._active_adapter = [n for n in names if n in present]
+        # As PEFT, the names are kept even where this layer holds no such adapter (its forward skips them), so
+        # every layer of a model reports the same active adapters.
+        self._active_adapter = names
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights on or off, whether active or not."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
@@ -240,6 +266,11 @@ class BaseTunerLayer:
                 stacklevel=3,
             )
         return todo
+
+
+def innermost_base(module: nn.Module) -> nn.Module:
+    """The layer an adapter layer (or a stack of them, in a mixed model) adapts; `module` itself otherwise."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 def check_merged_weight(weight: torch.Tensor, adapter_name: str) -> None:
@@ -420,6 +451,7 @@ class BaseTuner(nn.Module, abc.ABC):
         *,
         strict_targets: bool = True,
         autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -431,7 +463,7 @@ class BaseTuner(nn.Module, abc.ABC):
         self.autocast_adapter_dtype = autocast_adapter_dtype
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
-            self.inject_adapter(name, config, strict_targets=strict_targets)
+            self.inject_adapter(name, config, strict_targets=strict_targets, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -459,6 +491,10 @@ class BaseTuner(nn.Module, abc.ABC):
         current_key: str,
     ) -> None:
         """Wrap `target` (child `target_name` of `parent`) for `adapter_name`, or add the adapter to its wrapper."""
+
+    def _layer_cls_for(self, config: PeftConfig) -> type[BaseTunerLayer]:
+        """The layer class that adapters of `config` live in (a mixed model holds several kinds)."""
+        return self.layer_cls
 
     def _adapter_dtype(self, target: nn.Module) -> torch.dtype | None:
         """The dtype of new adapter weights: fp32 for half-precision bases (autocast_adapter_dtype), else the base's."""
@@ -499,8 +535,14 @@ class BaseTuner(nn.Module, abc.ABC):
         finally:
             self.autocast_adapter_dtype = previous
 
-    def inject_adapter(self, adapter_name: str, config: PeftConfig, *, strict_targets: bool = True) -> None:
-        """Add adapter `adapter_name` to the model. On any error the model is left as it was."""
+    def inject_adapter(
+        self, adapter_name: str, config: PeftConfig, *, strict_targets: bool = True, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add adapter `adapter_name` to the model. On any error the model is left as it was.
+
+        With `low_cpu_mem_usage` the adapter's weights are created on the meta device, uninitialised, for a state
+        dict to be assigned to them (`set_peft_model_state_dict`), as PEFT does; initialisations that read the base
+        weight (PiSSA, OLoRA, LoftQ) still run on real weights."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named '{adapter_name}' already exists; delete it first or pick another name")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -528,6 +570,7 @@ class BaseTuner(nn.Module, abc.ABC):
         given.__dict__.update(config.__dict__)
         config = given
         self.peft_config[adapter_name] = config
+        on_meta = _ADAPTERS_ON_META.set(low_cpu_mem_usage and _meta_injection_possible(config))
         try:
             for key in targets:
                 parent, target, target_name = self._get_submodules(key)
@@ -542,6 +585,8 @@ class BaseTuner(nn.Module, abc.ABC):
             self._remove_adapter(adapter_name)
             del self.peft_config[adapter_name]
             raise
+        finally:
+            _ADAPTERS_ON_META.reset(on_meta)
 
         self._mark_only_adapters_as_trainable(config)
         self.set_adapter(self.active_adapters if self.active_adapters else adapter_name)
@@ -648,9 +693,14 @@ class BaseTuner(nn.Module, abc.ABC):
     def _get_submodules(self, key: str) -> tuple[nn.Module, nn.Module, str]:
         return _get_submodules(self.model, key)
 
+    def _adapter_prefixes(self) -> set[str]:
+        """The parameter-name prefixes of this tuner's adapter weights."""
+        return {self.prefix}
+
     def _mark_only_adapters_as_trainable(self, config: PeftConfig) -> None:
+        prefixes = self._adapter_prefixes()
         for name, param in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if not any(p in name for p in prefixes) and ".modules_to_save." not in name:
                 param.requires_grad_(False)
         bias = getattr(config, "bias", "none")
         if bias == "all":
@@ -658,8 +708,9 @@ class BaseTuner(nn.Module, abc.ABC):
                 if name.endswith("bias"):
                     param.requires_grad_(True)
         elif bias.endswith("_only"):
+            layer_cls = self._layer_cls_for(config)
             for module in self.model.modules():
-                if isinstance(module, self.layer_cls) and getattr(module.get_base_layer(), "bias", None) is not None:
+                if isinstance(module, layer_cls) and getattr(module.get_base_layer(), "bias", None) is not None:
                     module.get_base_layer().bias.requires_grad_(True)
 
     @property
@@ -741,8 +792,10 @@ class BaseTuner(nn.Module, abc.ABC):
             self.active_adapter = []
 
     def _remove_adapter(self, adapter_name: str) -> None:
-        """Drop an adapter's weights everywhere; a layer or wrapper left with no adapter is unwrapped."""
-        for key, module in list(self._tuner_modules()):
+        """Drop an adapter's weights everywhere; a layer or wrapper left with no adapter is unwrapped (one level:
+        in a mixed model a layer may wrap another method's layer, which keeps its own adapters). Innermost first,
+        so that each unwrap replaces the layer in the parent it has at that moment."""
+        for key, module in reversed(list(self._tuner_modules())):
             module.delete_adapter(adapter_name)
             empty = (
                 not module.adapter_names()
@@ -751,7 +804,7 @@ class BaseTuner(nn.Module, abc.ABC):
             )
             if empty:
                 parent, _, target_name = self._get_submodules(key)
-                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module
+                base = module.base_layer if isinstance(module, BaseTunerLayer) else module.original_module
                 setattr(parent, target_name, base)
 
     # --- merge / unload ------------------------------------------------------------------------------------------
@@ -796,7 +849,9 @@ class BaseTuner(nn.Module, abc.ABC):
     ) -> nn.Module:
         if merge:
             self._untie_targeted_embeddings()
-        keys = [k for k, _ in self._tuner_modules()]
+        # Innermost first: in a mixed model a layer may wrap another method's layer; each merges into the shared
+        # base weight, and is then replaced by what it wraps in the parent it has at that moment.
+        keys = [k for k, _ in self._tuner_modules()][::-1]
         for key in tqdm(keys, desc="Unloading" + (" and merging" if merge else ""), disable=not progressbar):
             try:
                 parent, module, target_name = self._get_submodules(key)
@@ -807,7 +862,7 @@ class BaseTuner(nn.Module, abc.ABC):
                     if not requantize and hasattr(module, "dequantize_base"):
                         module.dequantize_base()
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, module.get_base_layer())
+                setattr(parent, target_name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 setattr(parent, target_name, module.unwrapped())
         if self.model.__dict__.get("peft_config") is self.peft_config:
@@ -860,6 +915,15 @@ class BaseTuner(nn.Module, abc.ABC):
     def _adapters_disabled(self) -> Iterator[None]:
         # Each layer gets back the state it had, so nested blocks and layers disabled beforehand stay as they were.
         before = [(module, module.disable_adapters) for _, module in self._tuner_modules()]
+        if len({disabled for module, disabled in before if isinstance(module, BaseTunerLayer)}) > 1:
+            # PEFT's wording (code matches on it); unlike PEFT, which then enables every layer, each layer gets
+            # its own state back.
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, each layer gets back the state it "
+                "had before",
+                stacklevel=4,
+            )
         self.disable_adapter_layers()
         try:
             yield
@@ -906,3 +970,66 @@ def classifier_modules_for(task_type: TaskType | str | None) -> list[str]:
     if task is TaskType.QUESTION_ANS:
         return ["qa_outputs"]
     return []
+
+
+# --- functions on a model with injected adapters (no PeftModel around it); `oxpeft.functional` exports them ------
+def set_adapter(
+    model: nn.Module,
+    adapter_name: str | list[str],
+    inference_mode: bool = False,
+    layer_cls: type[BaseTunerLayer] = BaseTunerLayer,
+) -> None:
+    """Make `adapter_name` (one or several) the active adapter(s) of every adapter layer and wrapper in `model`,
+    trainable unless `inference_mode`. A merged layer is unmerged first, with a warning (its weights cannot run
+    another adapter)."""
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            module.set_adapter(adapter_name, inference_mode=inference_mode)
+        elif isinstance(module, layer_cls):
+            if module.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+                module.unmerge()
+            module.set_adapter(adapter_name, inference_mode=inference_mode)
+
+
+def delete_adapter(
+    model: nn.Module, adapter_name: str, prefix: str, layer_cls: type[BaseTunerLayer] = BaseTunerLayer
+) -> list[str] | None:
+    """Remove adapter `adapter_name`'s weights from every adapter layer (of `layer_cls`, outside the adapters'
+    own `prefix` modules) and wrapper of `model`. The layers stay in place, even when empty; the model's
+    `peft_config` is not touched. Returns the adapters that are active afterwards (None if no layer was found)."""
+    active: list[str] | None = None
+    for name, module in model.named_modules():
+        if prefix in name:
+            continue
+        if isinstance(module, layer_cls):
+            module.delete_adapter(adapter_name)
+            if active is None:
+                active = list(module.active_adapters)
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            module.delete_adapter(adapter_name, new_active_adapters=active)
+    return active
+
+
+# Floating-point dtypes that adapter weights are upcast from (to float32) for stable training.
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Upcast adapter `adapter_name`'s float16 / bfloat16 weights in `model` to float32 (a no-op unless
+    `autocast_adapter_dtype`). The parameters are converted in place, so optimiser references stay valid."""
+    if not autocast_adapter_dtype:
+        return
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for param in module.adapter_parameters(adapter_name):
+                if param.dtype in _UPCAST_DTYPES:
+                    param.data = param.data.float()
+
+
+def set_requires_grad(model: nn.Module, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+    """Switch gradients of the named adapters' weights (adapter layers and wrappers) on or off."""
+    for module in model.modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            module.set_requires_grad(adapter_names, requires_grad)

@@ -57,6 +57,11 @@ class AuxiliaryTrainingWrapper(nn.Module):
     def active_adapter(self) -> str | list[str]:
         return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
 
+    @property
+    def _adapters(self) -> set[str]:
+        """The adapters this wrapper holds something for (PEFT's attribute)."""
+        return self._available_adapters()
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)  # parameters, buffers and submodules of the wrapper itself

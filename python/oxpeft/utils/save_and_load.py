@@ -62,6 +62,11 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
     for name, module in named_modules_for_state_dict(model):
         prefix = f"{name}." if name else ""
         if isinstance(module, BaseTunerLayer):
+            # In a mixed model a layer may sit inside another method's layer (`lin0.base_layer`); its file keys
+            # are those of the module it adapts (`lin0.lora_A...`), as a plain model writes them.
+            ckpt_prefix = prefix
+            while ckpt_prefix.endswith(".base_layer."):
+                ckpt_prefix = ckpt_prefix[: -len("base_layer.")]
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)
                 if adapter_name not in container:
@@ -72,7 +77,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 else:
                     keys = [f"{prefix}{attr}.{adapter_name}.{k}" for k in item.state_dict()]
                 for key in keys:
-                    ckpt = remove_adapter_name(key, adapter_name)
+                    ckpt = ckpt_prefix + remove_adapter_name(key, adapter_name)[len(prefix) :]
                     if attr == "lora_magnitude_vector" and ckpt.endswith(".weight"):
                         ckpt = ckpt[: -len(".weight")]  # PEFT keeps DoRA's pre-ModuleDict key
                     mapping[key] = ckpt
@@ -149,6 +154,10 @@ def _save_embeddings(model: nn.Module, config: Any, save_embedding_layers: bool 
     return targeted
 
 
+# `.base_layer` segments in front of a tuner layer's adapter attribute (lora_A, hada_w1_a, lokr_w1, ...).
+_NESTED_LAYER = re.compile(r"(?:\.base_layer)+(?=\.(?:lora_|hada_|lokr_|ia3_)[^.]*(?:\.|$))")
+
+
 def set_peft_model_state_dict(
     model: nn.Module,
     peft_model_state_dict: dict[str, torch.Tensor],
@@ -162,8 +171,8 @@ def set_peft_model_state_dict(
     Returns `load_state_dict`'s result as PEFT does: `missing_keys` are the model's tensors the file does not
     set (the base model, other adapters), `unexpected_keys` is empty (a tensor that fits no module is an error).
     With `ignore_mismatched_sizes`, tensors whose shape differs from the model's are skipped with a warning
-    instead of refused. The tensors are copied into the existing adapter weights, in place, so
-    `low_cpu_mem_usage` needs nothing more.
+    instead of refused. The tensors are copied into the existing adapter weights, in place; adapter weights on the
+    meta device (created with `low_cpu_mem_usage=True`) are replaced by the file's tensors instead.
     """
     key_map = adapter_key_map(model, adapter_name)
     by_ckpt = {ckpt: mk for mk, ckpt in key_map.items()}
@@ -180,6 +189,8 @@ def set_peft_model_state_dict(
         problems += _prompt_problems(model, adapter_name, prompt_value)
     for ckpt_key, value in peft_model_state_dict.items():
         model_key = by_ckpt.get(ckpt_key, ckpt_key if ckpt_key in tensors else None)
+        if model_key is None:  # PEFT's key for a layer nested in a mixed model: `lin0.base_layer.lora_A...`
+            model_key = by_ckpt.get(_NESTED_LAYER.sub("", ckpt_key))
         if model_key is None:
             unexpected.append(ckpt_key)
             continue
@@ -194,9 +205,9 @@ def set_peft_model_state_dict(
         if value.dtype.is_floating_point != target.dtype.is_floating_point:
             problems.append(f"tensor '{ckpt_key}' has dtype {value.dtype}, the model's is {target.dtype}")
             continue
-        plan.append((target, value))
+        plan.append((model_key, target, value))
         loaded.add(model_key)
-    missing = sorted(set(by_ckpt) - set(peft_model_state_dict))
+    missing = sorted(set(by_ckpt) - {_NESTED_LAYER.sub("", k) for k in peft_model_state_dict} - set(peft_model_state_dict))
     if missing:
         problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {_first(missing)}")
     if unexpected:
@@ -207,8 +218,11 @@ def set_peft_model_state_dict(
     if problems:
         raise ValueError(f"adapter '{adapter_name}' does not fit this model: " + "; ".join(problems))
     with torch.no_grad():
-        for target, value in plan:
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+        for model_key, target, value in plan:
+            if target.device.type == "meta":
+                _assign(model, model_key, target, value)
+            else:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
     if prompt_value is not None:
         model.prompt_encoder[adapter_name].load_output(prompt_value)
     if skipped:
@@ -218,6 +232,18 @@ def set_peft_model_state_dict(
             stacklevel=2,
         )
     return IncompatibleKeys(missing_keys=[k for k in tensors if k not in loaded], unexpected_keys=[])
+
+
+def _assign(model: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    """Put `value` in place of the meta tensor `target` (an adapter created with low_cpu_mem_usage=True), in the
+    target's dtype, on the value's device, keeping whether it trains."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    data = value.detach().to(dtype=target.dtype).clone()
+    if isinstance(target, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(data, requires_grad=target.requires_grad))
+    else:
+        setattr(owner, attr, data)
 
 
 def _prompt_problems(model: nn.Module, adapter_name: str, value: torch.Tensor | None) -> list[str]:

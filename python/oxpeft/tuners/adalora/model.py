@@ -53,8 +53,10 @@ class AdaLoraModel(BaseTuner):
                 "other adapters with inference_mode=True"
             )
 
-    def inject_adapter(self, adapter_name: str, config: AdaLoraConfig, *, strict_targets: bool = True) -> None:
-        super().inject_adapter(adapter_name, config, strict_targets=strict_targets)
+    def inject_adapter(
+        self, adapter_name: str, config: AdaLoraConfig, *, strict_targets: bool = True, low_cpu_mem_usage: bool = False
+    ) -> None:
+        super().inject_adapter(adapter_name, config, strict_targets=strict_targets, low_cpu_mem_usage=low_cpu_mem_usage)
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name
             layers = self._layers(adapter_name)

@@ -47,9 +47,11 @@ class IA3Model(BaseTuner):
     def _default_target_modules(self, model_type: str | None) -> list[str] | None:
         return TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type or "")
 
-    def inject_adapter(self, adapter_name: str, config: IA3Config, *, strict_targets: bool = True) -> None:
+    def inject_adapter(
+        self, adapter_name: str, config: IA3Config, *, strict_targets: bool = True, low_cpu_mem_usage: bool = False
+    ) -> None:
         self._feedforward_given = config.feedforward_modules is not None
-        super().inject_adapter(adapter_name, config, strict_targets=strict_targets)
+        super().inject_adapter(adapter_name, config, strict_targets=strict_targets, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def _resolve_target_modules(self, config: IA3Config) -> None:
         super()._resolve_target_modules(config)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal, Union
 from oxpeft.config import PeftConfig
 from oxpeft.utils.peft_types import PeftType
 
-InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "loftq"], str]
+InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "orthogonal", "loftq"], str]
 
 # Fields PEFT defines for methods oxpeft does not implement. They are kept so that any PEFT config loads;
 # a non-neutral value is refused with a clear error instead of being silently ignored.
@@ -28,7 +28,19 @@ _UNSUPPORTED_FEATURES = (
     "kasa_config",
     "trainable_token_indices",
     "use_bdlora",
+    "ensure_weight_tying",
 )
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """Settings that hold while the model runs and are never saved (PEFT's `LoraRuntimeConfig`).
+
+    `ephemeral_gpu_offload`: compute DoRA's initial magnitude on the GPU for base weights kept in CPU memory, and
+    move the result back (the same values, faster); without a CUDA device it is computed where the weight is.
+    """
+
+    ephemeral_gpu_offload: bool = False
 
 
 @dataclass
@@ -76,9 +88,12 @@ class LoraConfig(PeftConfig):
     arrow_config: dict | None = None
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={"runtime_only": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -111,13 +126,13 @@ class LoraConfig(PeftConfig):
 
     @staticmethod
     def _check_init(init: Any) -> None:
-        if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq"):
+        if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq", "orthogonal"):
             return
         if isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_") :].isdigit():
             return
         raise ValueError(
             f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-            "'pissa_niter_<K>', 'olora' or 'loftq'"
+            "'pissa_niter_<K>', 'olora', 'orthogonal' or 'loftq'"
         )
 
     def _refuse_unsupported(self) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
 from oxpeft.tuners.lora.dora import DoraMagnitude, channel_norm, channel_view, dora_weight_norm
-from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight
+from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight, innermost_base
 
 
 # The adapter name that, in a mixed batch, means "no adapter for this sample".
@@ -65,6 +65,7 @@ class LoraLayer(BaseTunerLayer):
         use_dora: bool = False,
         lora_bias: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        ephemeral_gpu_offload: bool = False,
     ) -> None:
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
@@ -78,7 +79,7 @@ class LoraLayer(BaseTunerLayer):
         self._move_adapter_to_base(adapter_name, adapter_dtype)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         if use_dora:
-            self._init_dora(adapter_name)
+            self._init_dora(adapter_name, ephemeral_gpu_offload)
 
     def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -87,6 +88,9 @@ class LoraLayer(BaseTunerLayer):
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Any) -> None:
         if init_lora_weights is False:
+            return
+        if init_lora_weights == "orthogonal":
+            self._init_orthogonal(adapter_name)
             return
         if adapter_name in self.lora_A:
             A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -141,6 +145,24 @@ class LoraLayer(BaseTunerLayer):
         r = self.r[adapter_name]
         q, rr = torch.linalg.qr(weight)
         self._set_principal(adapter_name, rr[:r].contiguous(), q[:, :r].contiguous())
+
+    def _init_orthogonal(self, adapter_name: str) -> None:
+        """A and B from the odd and even rows of one random orthogonal (r, r) matrix: both are non-zero, yet
+        B @ A = 0, so the model's output is unchanged at init (https://datta0.github.io/posts/rethink-lora-init/)."""
+        if adapter_name not in self.lora_A or not isinstance(self.lora_A[adapter_name], nn.Linear):
+            raise ValueError(
+                f"init_lora_weights='orthogonal' is defined for Linear layers only, not {type(self.get_base_layer()).__name__}"
+            )
+        r = self.r[adapter_name]
+        if r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        a = (torch.randn(self.in_features, r // 2) @ q[0::2]).T / 10.0
+        b = torch.randn(r // 2, self.out_features).T @ q[1::2] / 10.0
+        self.lora_A[adapter_name].weight.data.copy_(a)
+        self.lora_B[adapter_name].weight.data.copy_(b)
+        if self.lora_B[adapter_name].bias is not None:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     # --- LoftQ ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,18 +220,28 @@ class LoraLayer(BaseTunerLayer):
         return self._stored_weight().float() + self.get_delta_weight(adapter_name), self._dora_channel_dim
 
     @torch.no_grad()
-    def _init_dora(self, adapter_name: str) -> None:
-        norm = channel_norm(*self._dora_reference(adapter_name))
+    def _init_dora(self, adapter_name: str, ephemeral_gpu_offload: bool = False) -> None:
+        ref = next(iter(self.adapter_parameters(adapter_name)))
+        if ref.device.type == "meta":  # created for a state dict to be assigned: nothing to compute
+            magnitude = DoraMagnitude(self._dora_magnitude_shape())
+            magnitude.to(device="meta", dtype=ref.dtype)
+            self.lora_magnitude_vector[adapter_name] = magnitude
+            return
+        if ephemeral_gpu_offload and ref.device.type == "cpu" and torch.cuda.is_available():
+            # LoraRuntimeConfig.ephemeral_gpu_offload: the same norm, computed on the GPU and brought back.
+            moved = [(p, p.data) for p in (*self.get_base_layer().parameters(), *self.adapter_parameters(adapter_name))]
+            try:
+                for p, data in moved:
+                    p.data = data.to("cuda")
+                norm = channel_norm(*self._dora_reference(adapter_name)).cpu()
+            finally:
+                for p, data in moved:
+                    p.data = data
+        else:
+            norm = channel_norm(*self._dora_reference(adapter_name))
         magnitude = DoraMagnitude(self._dora_magnitude_shape())
-        ref = next(p for p in self._adapter_parameters(adapter_name))
         magnitude.weight.data = norm.reshape(self._dora_magnitude_shape()).to(device=ref.device, dtype=ref.dtype)
         self.lora_magnitude_vector[adapter_name] = magnitude
-
-    def _adapter_parameters(self, adapter_name: str):
-        for container in (self.lora_A, self.lora_embedding_A):
-            if adapter_name in container:
-                item = container[adapter_name]
-                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
 
     def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
         """m / norm as a per-channel fp32 vector."""
@@ -310,13 +342,15 @@ class Linear(nn.Module, LoraLayer):
         use_dora: bool = False,
         lora_bias: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        ephemeral_gpu_offload: bool = False,
     ) -> None:
         super().__init__()
-        in_features, out_features = _linear_shape(base_layer)
+        in_features, out_features = _linear_shape(innermost_base(base_layer))
         self._init_lora(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self.update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias, adapter_dtype
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias, adapter_dtype,
+            ephemeral_gpu_offload,
         )
         self.set_adapter(adapter_name)
 
@@ -406,14 +440,17 @@ class Embedding(nn.Module, LoraLayer):
         use_dora: bool = False,
         lora_bias: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        ephemeral_gpu_offload: bool = False,
         **_: Any,
     ) -> None:
         super().__init__()
         if lora_bias:
             raise ValueError("lora_bias is not supported on nn.Embedding")
-        self._init_lora(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        inner = innermost_base(base_layer)
+        self._init_lora(base_layer, inner.num_embeddings, inner.embedding_dim)
         self.update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, False, adapter_dtype
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, False, adapter_dtype,
+            ephemeral_gpu_offload,
         )
         self.set_adapter(adapter_name)
 
@@ -481,22 +518,23 @@ class _ConvNd(nn.Module, LoraLayer):
         use_dora: bool = False,
         lora_bias: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        ephemeral_gpu_offload: bool = False,
         **_: Any,
     ) -> None:
         super().__init__()
-        if base_layer.weight.dim() != self._conv_dims + 2:
-            raise ValueError(
-                f"{type(self).__name__} needs a {self._conv_dims + 2}-D kernel, got {base_layer.weight.dim()}-D"
-            )
-        if base_layer.groups > 1:
+        inner = innermost_base(base_layer)
+        if inner.weight.dim() != self._conv_dims + 2:
+            raise ValueError(f"{type(self).__name__} needs a {self._conv_dims + 2}-D kernel, got {inner.weight.dim()}-D")
+        if inner.groups > 1:
             warnings.warn(
-                f"LoRA on a {type(base_layer).__name__} with groups={base_layer.groups}: it trains and runs, but "
-                "cannot be merged into the base weight",
+                f"LoRA on a {type(inner).__name__} with groups={inner.groups}: it trains and runs, but cannot be "
+                "merged into the base weight",
                 stacklevel=4,
             )
-        self._init_lora(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self._init_lora(base_layer, inner.in_channels, inner.out_channels)
         self.update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias, adapter_dtype
+            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias, adapter_dtype,
+            ephemeral_gpu_offload,
         )
         self.set_adapter(adapter_name)
 
@@ -629,9 +667,11 @@ def _linear_shape(base_layer: nn.Module) -> tuple[int, int]:
 
 
 def lora_layer_for(base_layer: nn.Module) -> tuple[type[LoraLayer], bool | None]:
-    """The LoRA class for a base layer, and the fan_in_fan_out it requires (None: as configured)."""
+    """The LoRA class for a base layer (or for the layer another method's layer adapts, in a mixed model), and the
+    fan_in_fan_out it requires (None: as configured)."""
     from transformers.pytorch_utils import Conv1D
 
+    base_layer = innermost_base(base_layer)
     if isinstance(base_layer, nn.Embedding):
         return Embedding, None
     if isinstance(base_layer, nn.Conv1d):

@@ -41,6 +41,7 @@ class LoraModel(BaseTuner):
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
             lora_bias=config.lora_bias,
+            ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
         )
         loftq = config.init_lora_weights == "loftq"
         if loftq:
