@@ -582,3 +582,106 @@ def test_functional_api_matches_peft_on_injected_models():
         m.active_adapters for m in theirs.modules() if hasattr(m, "lora_A")
     ]
     torch.testing.assert_close(ours.float()(x.float()), theirs.float()(x.float()))
+
+
+class _DeepMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(lin0=nn.Linear(16, 16), lin1=nn.Linear(16, 16))) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer["lin1"](layer["lin0"](x).relu())
+        return x
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_trainable_loads_give_trainable_weights_as_peft(is_trainable, tmp_path):
+    """PEFT (#2759): `load_adapter(..., is_trainable=True)` gives the new, inactive adapter trainable weights;
+    `is_trainable=False` freezes it, whatever the other adapters are."""
+    torch.manual_seed(0)
+    base = _DeepMLP()
+    config = lambda lib: lib.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=["layers.1.lin1"])  # noqa: E731
+    oxpeft.get_peft_model(copy.deepcopy(base), config(oxpeft)).save_pretrained(tmp_path)
+    grads = {}
+    for lib in (peft, oxpeft):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=is_trainable)
+            model.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+            model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=not is_trainable)
+        grads[lib.__name__] = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert grads["oxpeft"] == grads["peft"]
+    assert grads["oxpeft"]["base_model.model.layers.0.lin0.lora_A.opposite.weight"] is (not is_trainable)
+
+
+def test_two_active_adapters_cannot_share_a_modules_to_save_copy():
+    torch.manual_seed(0)
+    model = oxpeft.get_peft_model(
+        _DeepMLP(), oxpeft.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=["layers.0.lin1", "layers.1.lin1"])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("other", oxpeft.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=["layers.1.lin1"]))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        model.base_model.set_adapter(["default", "other"])
+    # Nothing changed: every layer and wrapper still runs 'default' alone.
+    assert {tuple(m.active_adapters) for m in model.modules() if hasattr(m, "_active_adapter")} == {("default",)}
+
+
+def test_set_requires_grad_matches_peft():
+    torch.manual_seed(0)
+    base = _DeepMLP()
+    grads = {}
+    for lib in (peft, oxpeft):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(target_modules=["layers.0.lin0"]), "adapter0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_adapter(
+                "adapter1", lib.LoraConfig(target_modules=["layers.0.lin0", "layers.1.lin0"], modules_to_save=["layers.2.lin0"])
+            )
+        steps = [{n: p.requires_grad for n, p in model.named_parameters()}]
+        model.set_requires_grad(adapter_names="adapter1")
+        steps.append({n: p.requires_grad for n, p in model.named_parameters()})
+        model.set_requires_grad(adapter_names=["adapter0", "adapter1"], requires_grad=False)
+        steps.append({n: p.requires_grad for n, p in model.named_parameters()})
+        grads[lib.__name__] = steps
+    assert grads["oxpeft"] == grads["peft"]
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.set_requires_grad("nope")
+
+
+def test_helpers_match_peft(tmp_path):
+    import inspect
+
+    import peft.helpers as theirs_helpers
+
+    import oxpeft.helpers as ours_helpers
+
+    base = make_llama()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    ours = oxpeft.get_peft_model(twin(base), _lora(oxpeft))  # no task type: forward(*args, **kwargs) in both
+    theirs = peft.get_peft_model(twin(base), _lora(peft))
+    for model, helpers in ((ours, ours_helpers), (theirs, theirs_helpers)):
+        helpers.update_signature(model)
+    for method in ("forward", "generate"):
+        assert list(inspect.signature(getattr(ours, method)).parameters) == list(
+            inspect.signature(getattr(theirs, method)).parameters
+        )
+    assert "input_ids" in inspect.signature(ours.forward).parameters
+    causal = oxpeft.get_peft_model(twin(base), _lora(oxpeft, task_type="CAUSAL_LM"))
+    ours_helpers.update_forward_signature(causal)
+    assert "input_ids" in inspect.signature(causal.forward).parameters
+    with torch.no_grad():
+        plain = ours(input_ids=ids).logits  # the forward still runs
+        with ours_helpers.rescale_adapter_scale(ours, 0.5):
+            assert ours.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 0.5 * 8 / 4
+        torch.testing.assert_close(ours(input_ids=ids).logits, plain)
+        with ours_helpers.disable_input_dtype_casting(ours):
+            assert not any(m.cast_input_dtype_enabled for m in ours.modules() if hasattr(m, "cast_input_dtype_enabled"))
+        assert all(m.cast_input_dtype_enabled for m in ours.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    with pytest.raises(ValueError, match="only supported for models with `LoraLayer`s"):
+        with ours_helpers.rescale_adapter_scale(nn.Linear(2, 2), 0.5):
+            pass
+    ours.save_pretrained(tmp_path)
+    assert ours_helpers.check_if_peft_model(str(tmp_path)) and not ours_helpers.check_if_peft_model(str(tmp_path / "x"))

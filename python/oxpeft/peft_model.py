@@ -25,7 +25,7 @@ from oxpeft.utils.save_and_load import (
     save_peft_weights,
     set_peft_model_state_dict,
 )
-from oxpeft.tuners.tuners_utils import BaseTuner, classifier_modules_for
+from oxpeft.tuners.tuners_utils import BaseTuner, classifier_modules_for, set_requires_grad
 from oxpeft.prompt_learning import PromptLearningMixin
 
 
@@ -190,6 +190,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self._prompt_add(adapter_name, self._with_task_heads(peft_config))
             return
         active = self.active_adapters
+        # As PEFT: adding an adapter changes no existing weight's requires_grad (the new one is frozen until
+        # `set_adapter`), so weights a user froze or a trainable load unfroze stay as they are.
+        before = [(p, p.requires_grad) for p in self.base_model.model.parameters()]
         with self.base_model.adapter_dtype_autocast(autocast_adapter_dtype):
             self.base_model.inject_adapter(
                 adapter_name,
@@ -198,6 +201,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
         self.base_model.set_adapter(active)
+        for param, requires_grad in before:
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
         if not peft_config.inference_mode:
             # PEFT's most common multi-adapter surprise: a new trainable adapter that never trains.
             warnings.warn(
@@ -220,6 +226,18 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if inference_mode:
             for name in [adapter_name] if isinstance(adapter_name, str) else adapter_name:
                 self.base_model._freeze_adapter(name)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights on or off, active or not (the others are untouched)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        if self._is_prompt_learning:
+            for name in names:
+                self.prompt_encoder[name].requires_grad_(requires_grad)
+            return
+        set_requires_grad(self.base_model.model, names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._is_prompt_learning:
@@ -256,6 +274,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
     ) -> IncompatibleKeys:
         """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`).
 
+        With `is_trainable=True` its weights require grad (as in PEFT), though only active adapters run.
         Returns PEFT's load result: `missing_keys` and `unexpected_keys` of this adapter's tensors, both empty,
         since an adapter that does not fit is refused (ValueError naming the tensors, model unchanged). The loading
         options are those of `from_pretrained`.
@@ -272,6 +291,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        if is_trainable and not self._is_prompt_learning:
+            # As PEFT: a trainable load gives the adapter trainable weights, although it is not active until
+            # `set_adapter` (only active adapters get gradients in a forward).
+            set_requires_grad(self.base_model.model, adapter_name, True)
         # As PEFT: only this adapter's own tensors count as missing (none, since a missing one is refused).
         mine = [k for k in result.missing_keys if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")]
         return IncompatibleKeys(missing_keys=mine, unexpected_keys=result.unexpected_keys)

@@ -233,6 +233,15 @@ class BaseTunerLayer:
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
 
+    #: Whether the forward casts its input to the adapter weights' dtype (off inside
+    #: `helpers.disable_input_dtype_casting`, for hooks that manage dtypes themselves, e.g. diffusers' layerwise casting).
+    cast_input_dtype_enabled: bool = True
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not self.cast_input_dtype_enabled or x.dtype == dtype:
+            return x
+        return x.to(dtype)
+
     def delete_adapter(self, adapter_name: str) -> None:
         for attr in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, attr)
@@ -601,8 +610,8 @@ class BaseTuner(nn.Module, abc.ABC):
             default = self._default_target_modules(model_type)
             if default is None:
                 raise ValueError(
-                    f"target_modules is not set and oxpeft has no default for model_type {model_type!r}; "
-                    f"set target_modules (e.g. a list of module names, or 'all-linear'). Linear modules here: "
+                    f"Please specify `target_modules` in `peft_config`: oxpeft has no default for model_type "
+                    f"{model_type!r} (e.g. a list of module names, or 'all-linear'). Linear modules here: "
                     f"{_describe_leaves(self._linear_module_names())}"
                 )
             config.target_modules = set(default) if isinstance(default, list) else default
@@ -752,7 +761,11 @@ class BaseTuner(nn.Module, abc.ABC):
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}")
-        for _, module in self._tuner_modules():
+        modules = [module for _, module in self._tuner_modules()]
+        for module in modules:  # everything is checked before anything changes
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.check_set_adapter(names)
+        for module in modules:
             module.set_adapter(names)
         for name in names:
             if self.peft_config[name].inference_mode:

@@ -77,8 +77,12 @@ class AuxiliaryTrainingWrapper(nn.Module):
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
 
+    def check_set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Raise if `adapter_names` cannot be active together here (called before anything is changed)."""
+
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Make `adapter_names` the active ones (trainable unless `inference_mode`); others are frozen."""
+        self.check_set_adapter(adapter_names)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._active_adapter = [n for n in names if n in self._available_adapters()]
         self.set_requires_grad(self._available_adapters(), False)
@@ -115,6 +119,16 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
 
     def _available_adapters(self) -> set[str]:
         return set(self.modules_to_save)
+
+    def check_set_adapter(self, adapter_names: str | list[str]) -> None:
+        # A trained copy replaces the module; two copies cannot both run (unlike adapters, they do not add up).
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        held = [n for n in names if n in self.modules_to_save]
+        if len(held) > 1:
+            raise ValueError(
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {held} each hold a trained "
+                "copy of this module, and only one copy can run"
+            )
 
     def _current(self) -> nn.Module:
         if self._disable_adapters:

@@ -49,8 +49,8 @@ class AdaLoraModel(BaseTuner):
         super()._check_new_adapter_config(config)
         if not config.inference_mode and self.trainable_adapter_name is not None:
             raise ValueError(
-                f"AdaLoRA trains one adapter at a time and '{self.trainable_adapter_name}' is trainable; add the "
-                "other adapters with inference_mode=True"
+                f"AdaLoraModel supports only 1 trainable adapter and '{self.trainable_adapter_name}' is trainable; "
+                "add the other adapters with inference_mode=True"
             )
 
     def inject_adapter(

@@ -380,7 +380,7 @@ class Linear(nn.Module, LoraLayer):
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout, scaling = self.lora_dropout[name], self.scaling[name]
-            x_ = x.to(lora_A.weight.dtype)
+            x_ = self._cast_input_dtype(x, lora_A.weight.dtype)
             if self.use_dora[name]:
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
             elif lora_B.bias is None and result.dtype == lora_B.weight.dtype:
@@ -397,7 +397,7 @@ class Linear(nn.Module, LoraLayer):
         if self.use_dora[name]:
             raise ValueError("per-sample adapter_names is not supported for DoRA adapters")
         lora_A = self.lora_A[name]
-        return self.lora_B[name](lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
+        return self.lora_B[name](lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))) * self.scaling[name]
 
     def _dora_forward(
         self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropout: nn.Module, scaling: float
@@ -605,7 +605,7 @@ class _ConvNd(nn.Module, LoraLayer):
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout, scaling = self.lora_dropout[name], self.scaling[name]
-            x_ = x.to(lora_A.weight.dtype)
+            x_ = self._cast_input_dtype(x, lora_A.weight.dtype)
             if self.use_dora[name]:
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
             else:
