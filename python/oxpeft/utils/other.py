@@ -20,6 +20,9 @@ class AuxiliaryTrainingWrapper(nn.Module):
     layer's attributes keeps working.
     """
 
+    #: The attributes holding per-adapter state, as on adapter layers (PEFT's name).
+    adapter_layer_names: tuple[str, ...] = ()
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module_to_save
@@ -107,6 +110,8 @@ class AuxiliaryTrainingWrapper(nn.Module):
 class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     """Keeps the original module and one trainable copy per adapter (`modules_to_save`); the forward runs the
     active adapter's copy."""
+
+    adapter_layer_names = ("modules_to_save",)
 
     def init_modules(self) -> None:
         self.modules_to_save = nn.ModuleDict()
