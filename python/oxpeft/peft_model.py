@@ -15,7 +15,7 @@ from oxpeft.config import PeftConfig
 from oxpeft.mapping import tuner_class_for
 from oxpeft.model_card import write_model_card
 from oxpeft.utils.other import count_parameters
-from oxpeft.utils.peft_types import TaskType
+from oxpeft.utils.peft_types import TaskType, registered_peft_type
 from oxpeft.tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from oxpeft.utils.save_and_load import (
     IncompatibleKeys,
@@ -272,7 +272,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
         device_map: Any = None,
         **config_overrides: Any,
     ) -> IncompatibleKeys:
-        """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`).
+        """Load a saved adapter as `adapter_name` (inactive unless it is the first; see `set_adapter`). If an
+        adapter of that name exists, the file's weights replace its weights (as in PEFT).
 
         With `is_trainable=True` its weights require grad (as in PEFT), though only active adapters run.
         Returns PEFT's load result: `missing_keys` and `unexpected_keys` of this adapter's tensors, both empty,
@@ -283,6 +284,16 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self.get_base_model(), model_id, None, is_trainable, ephemeral_gpu_offload, device_map, key_mapping,
             torch_device, dict(subfolder=subfolder, revision=revision, token=token), config_overrides,
         )  # fmt: skip
+        if adapter_name in self.peft_config:
+            # As PEFT (transformers' Trainer resumes a checkpoint this way): the file's tensors replace the existing
+            # adapter's, in place, after every key and shape is checked; its config and trainability stay.
+            existing = self.peft_config[adapter_name]
+            if registered_peft_type(config.peft_type) != registered_peft_type(existing.peft_type):
+                raise ValueError(
+                    f"adapter '{adapter_name}' is a {existing.peft_type} adapter; {model_id} holds a {config.peft_type} "
+                    "one. Load it under another name."
+                )
+            return _own_load_result(set_peft_model_state_dict(self, weights, adapter_name=adapter_name), adapter_name)
         self.add_adapter(
             adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype, strict_targets=False
         )
@@ -295,9 +306,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
             # As PEFT: a trainable load gives the adapter trainable weights, although it is not active until
             # `set_adapter` (only active adapters get gradients in a forward).
             set_requires_grad(self.base_model.model, adapter_name, True)
-        # As PEFT: only this adapter's own tensors count as missing (none, since a missing one is refused).
-        mine = [k for k in result.missing_keys if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")]
-        return IncompatibleKeys(missing_keys=mine, unexpected_keys=result.unexpected_keys)
+        return _own_load_result(result, adapter_name)
 
     @classmethod
     def from_pretrained(
@@ -555,6 +564,12 @@ def peft_model_class_for(config: PeftConfig) -> type[PeftModel]:
     if config.task_type is None:
         return PeftModel
     return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]
+
+
+def _own_load_result(result: IncompatibleKeys, adapter_name: str) -> IncompatibleKeys:
+    """As PEFT: only the loaded adapter's own tensors count as missing (none, since a missing one is refused)."""
+    mine = [k for k in result.missing_keys if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")]
+    return IncompatibleKeys(missing_keys=mine, unexpected_keys=result.unexpected_keys)
 
 
 def _read_adapter(

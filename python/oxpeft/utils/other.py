@@ -97,6 +97,15 @@ class AuxiliaryTrainingWrapper(nn.Module):
     def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
         raise NotImplementedError
 
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """File key (relative to this wrapper) -> this wrapper's state-dict key, for every tensor adapter
+        `adapter_name` loads here (empty if it has nothing here). transformers' adapter loading renames by it."""
+        raise NotImplementedError
+
+    def adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This wrapper's tensors of `adapter_name`, keyed as in the file, from its own `state_dict`."""
+        return {file_key: state_dict[key] for file_key, key in self.adapter_state_dict_load_map(adapter_name).items()}
+
     def unload_and_optionally_merge_module(
         self, merge: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
@@ -124,6 +133,11 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
 
     def _available_adapters(self) -> set[str]:
         return set(self.modules_to_save)
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return {k: f"modules_to_save.{adapter_name}.{k}" for k in self.modules_to_save[adapter_name].state_dict()}
 
     def check_set_adapter(self, adapter_names: str | list[str]) -> None:
         # A trained copy replaces the module; two copies cannot both run (unlike adapters, they do not add up).

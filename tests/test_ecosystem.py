@@ -1,0 +1,129 @@
+"""TRL, transformers' Trainer and adapter API, accelerate and the Hub with oxpeft as `peft`.
+
+Each scenario runs a script of tests/ecosystem/ in a fresh process whose `import peft` answers with oxpeft (the
+alias installed with `--target` into a temporary folder, first on PYTHONPATH); nothing of TRL, transformers or
+accelerate is patched. The real peft stays installed and is the oracle: it loads the saved adapters in a
+separate process (tests/ecosystem/peft_oracle.py), and its logits must equal oxpeft's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="HF PEFT is the oracle for these tests (pip install '.[test]')")
+pytest.importorskip("trl", reason="TRL is tested here (pip install '.[test]')")
+
+SCRIPTS = Path(__file__).parent / "ecosystem"
+
+
+@pytest.fixture(scope="module")
+def alias(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("alias") / "site"
+    out = subprocess.run(
+        [sys.executable, "-m", "oxpeft.cli", "alias", "install", "--target", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return target
+
+
+def run(script: str, *args: str, alias: Path | None = None, timeout: int = 600) -> None:
+    """Run tests/ecosystem/`script` with `args`; with `alias`, `import peft` is oxpeft there."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # The alias goes first; anything already on PYTHONPATH (a source checkout of oxpeft) stays after it. Without
+    # the alias no PYTHONPATH entry may shadow the real peft either.
+    outer = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(([str(alias)] if alias is not None else []) + outer)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert out.returncode == 0, f"{script} {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text(encoding="utf-8"))
+
+
+ADAPTER_ONLY = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def assert_adapter_only(names: list[str]) -> None:
+    assert set(ADAPTER_ONLY) <= set(names), names
+    assert not any(n.startswith(("model", "pytorch_model", "config.json")) for n in names), names
+
+
+def assert_peft_loads_it(adapter: Path, base: Path, expected: Path, tmp_path: Path, nf4: bool = False, atol=1e-5):
+    oracle = tmp_path / "oracle.pt"
+    run("peft_oracle.py", str(adapter), str(base), str(oracle), *(["nf4"] if nf4 else []))
+    torch.testing.assert_close(torch.load(oracle), torch.load(expected), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("entry", ["config", "wrapped"])
+def test_trl_sft_trainer_trains_lora_and_saves_an_adapter_peft_loads(entry, alias, tmp_path):
+    run("sft.py", str(tmp_path), entry, "lora", alias=alias)
+    info = result(tmp_path)
+    assert info["peft"] == "oxpeft" and info["model_class"] == "oxpeft.peft_model.PeftModelForCausalLM"
+    assert info["is_peft_model"] is True  # accelerate's check, which TRL and the Trainer use
+    assert len(info["losses"]) == 3 and info["adapter_changes_output"]
+    assert_adapter_only(info["files"]["."])
+    assert_adapter_only(info["checkpoint"]["checkpoint-3"])
+    assert_peft_loads_it(tmp_path / "final", tmp_path / "base", tmp_path / "logits.pt", tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["config", "wrapped"])
+def test_trl_sft_trainer_trains_qlora_on_oxpeft_nf4(entry, alias, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes quantises the oracle's base")
+    run("sft.py", str(tmp_path), entry, "qlora", alias=alias)
+    info = result(tmp_path)
+    assert len(info["losses"]) == 3 and all(loss == loss for loss in info["losses"])
+    assert_adapter_only(info["files"]["."])
+    # The real peft on bitsandbytes' NF4 of the same base (bf16 compute in both).
+    assert_peft_loads_it(tmp_path / "final", tmp_path / "base", tmp_path / "logits.pt", tmp_path, nf4=True, atol=2e-2)
+
+
+def test_plain_trainer_with_default_arguments_saves_adapter_checkpoints_and_resumes_exactly(alias, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resume"
+    run("trainer.py", str(straight), "straight", alias=alias)
+    run("trainer.py", str(resumed), "resume", alias=alias)
+    info = result(straight)
+    assert info["peft"] == "oxpeft" and len(info["losses"]) == 4
+    # The Trainer read the columns from the base model's forward (remove_unused_columns left at True).
+    assert {"input_ids", "attention_mask", "labels"} <= set(info["signature_columns"])
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert_adapter_only(info["checkpoints"][name])
+    # Resuming from checkpoint-2 ends where the straight run ends: same losses after the resume, same adapter.
+    assert result(resumed)["losses"][-2:] == info["losses"][-2:]
+    ours, again = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (straight, resumed))
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+def test_plain_trainer_loads_the_best_adapter_at_the_end(alias, tmp_path):
+    from safetensors.torch import load_file
+
+    run("trainer.py", str(tmp_path), "best", alias=alias)
+    info = result(tmp_path)
+    best_step = min(info["eval_losses"], key=info["eval_losses"].get)
+    assert info["best"].endswith(f"checkpoint-{best_step}")
+    best = load_file(Path(info["best"]) / "adapter_model.safetensors")
+    final = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    assert_peft_loads_it(tmp_path / "adapter", _save_base(tmp_path), tmp_path / "logits.pt", tmp_path)
+
+
+def _save_base(tmp_path: Path) -> Path:
+    """The tiny Llama the scripts build, saved for the oracle (built here with the same seed)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from tiny import tiny_llama
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    tiny_llama().save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
