@@ -127,3 +127,43 @@ def _save_base(tmp_path: Path) -> Path:
         sys.path.remove(str(SCRIPTS))
     tiny_llama().save_pretrained(tmp_path / "base")
     return tmp_path / "base"
+
+
+def test_transformers_adapter_api_end_to_end(alias, tmp_path):
+    run("adapter_api.py", str(tmp_path), alias=alias)
+    info = result(tmp_path)
+    assert info["peft"] == "oxpeft"
+    failed = [step for step, ok in info["steps"].items() if not ok]
+    assert not failed, failed
+    assert set(info["saved"]["."]) >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert not any(n.startswith("model") for n in info["saved"]["."])
+    assert_peft_loads_it(tmp_path / "saved", tmp_path / "base", tmp_path / "logits.pt", tmp_path)
+
+
+PROBE = """
+import warnings
+warnings.simplefilter("always")
+import transformers.trainer
+import oxpeft
+from torch import nn
+with warnings.catch_warnings(record=True) as caught:
+    oxpeft.get_peft_model(nn.Sequential(nn.Linear(4, 4)), oxpeft.LoraConfig(target_modules=["0"]))
+    oxpeft.get_peft_model(nn.Sequential(nn.Linear(4, 4)), oxpeft.LoraConfig(target_modules=["0"]))
+import json
+print(json.dumps([str(w.message) for w in caught if "oxpeft alias install" in str(w.message)]))
+"""
+
+
+def test_without_the_alias_a_training_script_is_told_to_install_it(alias):
+    """Where `import peft` is the real peft (or none), TRL and transformers would treat an oxpeft model as a plain
+    module deep inside; oxpeft says so once, in one line, naming the command."""
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    for path, expected in ((None, 1), (alias, 0)):
+        if path is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH", "")]))
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        messages = json.loads(out.stdout.strip().splitlines()[-1])
+        assert len(messages) == expected, messages
+        if expected:
+            assert "finds the real peft" in messages[0] and "\n" not in messages[0]

@@ -685,3 +685,23 @@ def test_helpers_match_peft(tmp_path):
             pass
     ours.save_pretrained(tmp_path)
     assert ours_helpers.check_if_peft_model(str(tmp_path)) and not ours_helpers.check_if_peft_model(str(tmp_path / "x"))
+
+
+def test_fsdp_auto_wrap_policy_wraps_what_peft_wraps():
+    """transformers' FSDP setup takes `peft.utils.other.fsdp_auto_wrap_policy` for PEFT models: the same modules
+    become FSDP units (decoder layers, trainable adapter leaves) as with PEFT's policy."""
+    from peft.utils.other import fsdp_auto_wrap_policy as theirs_policy
+
+    from oxpeft.utils.other import fsdp_auto_wrap_policy as ours_policy
+
+    base = make_llama()
+    decisions = {}
+    for lib, policy in ((peft, theirs_policy), (oxpeft, ours_policy)):
+        model = lib.get_peft_model(twin(base), _lora(lib, task_type="CAUSAL_LM"))
+        wrap = policy(model)
+        decisions[lib.__name__] = [
+            name for name, module in model.named_modules() if wrap(module=module, recurse=False, nonwrapped_numel=1)
+        ]
+    assert decisions["oxpeft"] == decisions["peft"]
+    assert any(name.endswith("lora_A.default") for name in decisions["oxpeft"])
+    assert any(name.endswith("layers.0") for name in decisions["oxpeft"])

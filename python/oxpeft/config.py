@@ -135,20 +135,27 @@ class PeftConfig:
         strict: bool = True,
         **kwargs: Any,
     ) -> _ConfigT:
-        """Load adapter_config.json from a local directory or a hub repo id; `kwargs` override fields.
+        """Load adapter_config.json from a local directory or a hub repo id; `kwargs` override fields, except
+        huggingface_hub's download options (cache_dir, force_download, local_files_only, proxies, token, ...).
 
         A config written by any PEFT release (0.3 on) is read into the current schema. Unknown fields with a
         neutral value are dropped with a warning; any other unknown field is a ValueError, or with
         `strict=False` a loud warning (the adapter may then compute something different).
         """
-        from oxpeft.hub import resolve_file
+        from oxpeft.hub import HUB_DOWNLOAD_OPTIONS, resolve_file
 
+        # Download options (what transformers passes along) are not config fields.
+        download = {k: kwargs.pop(k) for k in HUB_DOWNLOAD_OPTIONS if k in kwargs}
+        kwargs.pop("resume_download", None)  # deprecated by huggingface_hub, which always resumes
+        token = kwargs.pop("token", None)
+        token = kwargs.pop("use_auth_token", None) if token is None else token
         path = resolve_file(
             pretrained_model_name_or_path,
             CONFIG_NAME,
             subfolder=subfolder,
             revision=kwargs.pop("revision", None),
-            token=kwargs.pop("token", None),
+            token=token,
+            **download,
         )
         data = cls.from_json_file(path)
         try:

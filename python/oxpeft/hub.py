@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
+
+# huggingface_hub download options that loading functions accept and pass on (transformers passes them along).
+HUB_DOWNLOAD_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "user_agent", "etag_timeout")
 
 
 def resolve_file(
@@ -13,12 +17,18 @@ def resolve_file(
     revision: str | None = None,
     token: str | bool | None = None,
     required: bool = True,
+    **download: Any,
 ) -> str | None:
     """Path of `filename` for a local adapter directory or a hub repo id.
 
     Returns None when `required` is False and the file does not exist; otherwise a missing file is a
-    FileNotFoundError that says where it looked.
+    FileNotFoundError that says where it looked. `download` takes huggingface_hub's download options
+    (`HUB_DOWNLOAD_OPTIONS`: cache_dir, force_download, local_files_only, proxies, ...), as transformers passes them.
     """
+    unknown = sorted(set(download) - set(HUB_DOWNLOAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"resolve_file: unknown download option(s) {unknown}; known: {list(HUB_DOWNLOAD_OPTIONS)}")
+    download = {k: v for k, v in download.items() if v is not None}
     model_id = os.fspath(model_id)
     local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local_dir):
@@ -38,7 +48,7 @@ def resolve_file(
 
     where = f"hub repo {model_id}" + (f" (revision {revision})" if revision else "")
     try:
-        return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, token=token)
+        return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, token=token, **download)
     except LocalEntryNotFoundError:
         # Offline (HF_HUB_OFFLINE or no network): only the local hub cache was searched.
         if not required:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from oxpeft.config import PeftConfig
+from oxpeft._ecosystem import warn_unless_peft_is_oxpeft
 from oxpeft.mapping import tuner_class_for
 from oxpeft.model_card import write_model_card
 from oxpeft.utils.other import count_parameters
@@ -50,6 +51,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         strict_targets: bool = True,
     ) -> None:
         super().__init__()
+        warn_unless_peft_is_oxpeft()
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self._is_prompt_learning = peft_config.is_prompt_learning

@@ -464,9 +464,13 @@ class BaseTuner(nn.Module, abc.ABC):
     ) -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, PeftConfig] = {}
         # As PEFT does: the adapted model carries its adapters' configs (the same dict), so a model whose layers
-        # were injected directly (`inject_adapter_in_model`) saves and loads its adapter state too.
+        # were injected directly (`inject_adapter_in_model`) saves and loads its adapter state too. A model that
+        # already carries one (an earlier injection: transformers' `add_adapter` injects each adapter so) keeps it,
+        # and the new adapters join the earlier ones.
+        existing = model.__dict__.get("peft_config")
+        carried = isinstance(existing, dict) and all(isinstance(c, PeftConfig) for c in existing.values())
+        self.peft_config: dict[str, PeftConfig] = existing if carried else {}
         self.model.peft_config = self.peft_config
         self.active_adapter: str | list[str] = adapter_name
         self.autocast_adapter_dtype = autocast_adapter_dtype

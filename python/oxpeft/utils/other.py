@@ -9,7 +9,15 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "_get_submodules", "cast_mixed_precision_params", "count_parameters", "infer_device"]
+__all__ = [
+    "AuxiliaryTrainingWrapper",
+    "ModulesToSaveWrapper",
+    "_get_submodules",
+    "cast_mixed_precision_params",
+    "count_parameters",
+    "fsdp_auto_wrap_policy",
+    "infer_device",
+]
 
 
 class AuxiliaryTrainingWrapper(nn.Module):
@@ -218,3 +226,49 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
         raise ValueError(f"cast_mixed_precision_params: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
     for param in model.parameters():
         param.data = param.data.to(dtype if not param.requires_grad else torch.float32)
+
+
+# The prompt-learning methods, whose encoders FSDP wraps as units of their own.
+_PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def _no_split_module_names(model: nn.Module) -> set[str]:
+    """The class names transformers' models list in `_no_split_modules` (their decoder layers), over all submodules."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """An FSDP auto-wrap policy for a PEFT model (PEFT's; transformers' FSDP setup asks for it): each decoder layer
+    (the model's `_no_split_modules`, or the class names in $FSDP_TRANSFORMER_CLS_TO_WRAP), each prompt encoder,
+    and each leaf module with a trainable weight (the adapter factors) become units of their own, so that the
+    trainable and frozen parameters are not flattened together."""
+    import functools
+    import os
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    from oxpeft.utils.peft_types import PEFT_TYPE_TO_TUNER_MAPPING, registered_peft_type
+
+    encoders = {PEFT_TYPE_TO_TUNER_MAPPING[registered_peft_type(name)] for name in _PROMPT_METHODS}
+    wanted = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", ",".join(sorted(_no_split_module_names(model))))
+    classes_by_name = {type(m).__name__: type(m) for m in model.modules()}
+    layer_classes = set(encoders)
+    for name in filter(None, (n.strip() for n in wanted.split(","))):
+        if name not in classes_by_name:
+            raise TypeError(f"fsdp_auto_wrap_policy: the model has no layer class named {name!r} to wrap")
+        layer_classes.add(classes_by_name[name])
+
+    def trainable_leaf(module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return not module._modules and isinstance(weight, torch.Tensor) and weight.requires_grad
+
+    return functools.partial(
+        _or_policy,
+        policies=[
+            functools.partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf),
+            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes),
+        ],
+    )
