@@ -349,7 +349,8 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
     assert model.push_to_hub("tiny-lora", private=True, commit_message="first") == "commit"
     assert calls["create"] == ("tiny-lora", True, True)
     repo, files, kwargs = calls["upload"]
-    assert repo == "someone/tiny-lora" and {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    # The adapter folder only: never the base model's weights or config.
+    assert repo == "someone/tiny-lora" and files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert kwargs["commit_message"] == "first" and kwargs["create_pr"] is False
 
 
