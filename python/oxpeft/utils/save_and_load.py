@@ -217,12 +217,17 @@ def set_peft_model_state_dict(
         )
     if problems:
         raise ValueError(f"adapter '{adapter_name}' does not fit this model: " + "; ".join(problems))
-    with torch.no_grad():
-        for model_key, target, value in plan:
-            if target.device.type == "meta":
-                _assign(model, model_key, target, value)
-            else:
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if _is_fsdp_wrapped(model):
+        # FSDP's state dict holds gathered copies, not the parameters; its load_state_dict hooks write the
+        # values into the (possibly sharded) parameters. Every key and shape was checked above.
+        model.load_state_dict({key: value.to(dtype=target.dtype) for key, target, value in plan}, strict=False)
+    else:
+        with torch.no_grad():
+            for model_key, target, value in plan:
+                if target.device.type == "meta":
+                    _assign(model, model_key, target, value)
+                else:
+                    target.copy_(value.to(device=target.device, dtype=target.dtype))
     if prompt_value is not None:
         model.prompt_encoder[adapter_name].load_output(prompt_value)
     if skipped:
@@ -232,6 +237,10 @@ def set_peft_model_state_dict(
             stacklevel=2,
         )
     return IncompatibleKeys(missing_keys=[k for k in tensors if k not in loaded], unexpected_keys=[])
+
+
+def _is_fsdp_wrapped(model: nn.Module) -> bool:
+    return any(name.endswith("_fsdp_wrapped_module") for name, _ in model.named_modules())
 
 
 def _assign(model: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor) -> None:
