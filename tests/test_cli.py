@@ -147,3 +147,13 @@ def test_demo_removes_its_temporary_folder(tmp_path):
     assert out.returncode in (0, 1), out.stderr  # 10 steps may not show the loss going down; the folder matters here
     assert "now removed" in out.stdout
     assert list(scratch.iterdir()) == []
+
+
+def test_a_refused_merge_leaves_no_new_parent_folders(checkpoint, tmp_path):
+    # An adapter for a wider model: the merge is refused (shapes) after the output's parents were needed.
+    wide = tmp_path / "wide-adapter"
+    oxpeft.get_peft_model(make_llama(hidden_size=128, intermediate_size=256), oxpeft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(wide)
+    out = run("merge", str(checkpoint["base"]), str(wide), "-o", str(tmp_path / "new1" / "new2" / "OUT"), "-q")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide-adapter"]  # no new1/, no .partial

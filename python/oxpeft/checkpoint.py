@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from oxpeft import _native
-from oxpeft._io import refuse_existing, umask_mode
+from oxpeft._io import make_parents, refuse_existing, remove_created, umask_mode
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -349,8 +349,12 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 
 def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *, exact: bool) -> MergeReport:
     total_bytes, total_tensors = _native.checkpoint_size(str(src))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    created = make_parents(out)  # removed again if the run fails: a refused run leaves no new folders
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except BaseException:
+        remove_created(created)
+        raise
     bar = _Progress(progress, desc, total_bytes, total_tensors)
     start = time.perf_counter()
     try:
@@ -368,6 +372,7 @@ def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
         raise
     finally:
         bar.close()

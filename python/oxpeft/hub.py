@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from oxpeft._io import check_subfolder
+
 # huggingface_hub download options that loading functions accept and pass on (transformers passes them along).
 HUB_DOWNLOAD_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "user_agent", "etag_timeout")
 
@@ -30,6 +32,7 @@ def resolve_file(
         raise TypeError(f"resolve_file: unknown download option(s) {unknown}; known: {list(HUB_DOWNLOAD_OPTIONS)}")
     download = {k: v for k, v in download.items() if v is not None}
     model_id = os.fspath(model_id)
+    check_subfolder(subfolder)
     local_dir = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local_dir):
         path = os.path.join(local_dir, filename)

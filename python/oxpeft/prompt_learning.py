@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from oxpeft._io import check_adapter_name
 from oxpeft.utils.peft_types import PEFT_TYPE_TO_TUNER_MAPPING, PeftType, TaskType
-from oxpeft.tuners.tuners_utils import ModulesToSaveWrapper, _closest_names, classifier_modules_for, matches_list_entry
+from oxpeft.tuners.tuners_utils import ListMatcher, ModulesToSaveWrapper, _closest_names, classifier_modules_for
 from oxpeft.config import PROMPT_LEARNING_TASKS, PromptLearningConfig
 from oxpeft.tuners.prompt_learning_utils import VirtualTokenEncoder
 
@@ -69,8 +70,7 @@ class PromptLearningMixin:
         """Create adapter `adapter_name`'s encoder; nothing changes if the config does not fit the model."""
         if adapter_name in self._prompt_configs:
             raise ValueError(f"an adapter named '{adapter_name}' already exists; delete it first or pick another name")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.'")
+        check_adapter_name(adapter_name)
         known_task = next(iter(self._prompt_configs.values()), config).task_type
         if config.task_type != known_task:
             raise ValueError(f"cannot add a {config.task_type} adapter to a model with {known_task} adapters")
@@ -109,11 +109,12 @@ class PromptLearningMixin:
             if isinstance(module, ModulesToSaveWrapper):
                 inside.append(name + ".")
         heads = classifier_modules_for(config.task_type)
-        missing = [e for e in entries if e not in heads and not any(matches_list_entry(n, e) for n in names)]
+        matcher = ListMatcher(entries)
+        missing = [e for e in matcher.unmatched(names) if e not in heads]
         if missing:
-            detail = "; ".join(f"{e!r} (closest: {_closest_names(e, names)})" for e in missing)
+            detail = "; ".join(f"{e!r} (closest: {_closest_names(e, names)})" for e in missing[:5])
             raise ValueError(f"modules_to_save entries match no module: {detail}")
-        return [n for n in names if any(matches_list_entry(n, e) for e in entries)]
+        return [n for n in names if matcher.matches(n)]
 
     def _prompt_check_prefix_support(self) -> None:
         if any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()):

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod loftq;
 pub mod merge;
+pub mod pattern;
 pub mod quant;
 
 #[cfg(feature = "python")]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
-import re
+import functools
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from oxpeft import _native
+from oxpeft._io import check_adapter_name
 from oxpeft.config import PeftConfig
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb, requantize_bnb
 from oxpeft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
@@ -343,28 +345,96 @@ def matches_list_entry(key: str, entry: str) -> bool:
     return key == entry or key.endswith("." + entry)
 
 
-def matches_targets(targets: str | Iterable[str], key: str) -> bool:
+def dot_suffixes(key: str) -> list[str]:
+    """`key` and every tail of it that starts after a '.': the names a list entry may equal to match `key`."""
+    out = [key]
+    i = key.find(".")
+    while i != -1:
+        out.append(key[i + 1 :])
+        i = key.find(".", i + 1)
+    return out
+
+
+class ListMatcher:
+    """PEFT's rule for a list of module names (an entry matches a name equal to it or ending in "." + it), in time
+    linear in the list and the names: a 300,000-entry `target_modules` costs one set, not a scan per module."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.entries = frozenset(entries)
+
+    def matches(self, key: str) -> bool:
+        return any(tail in self.entries for tail in dot_suffixes(key))
+
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        """The entries that match none of `names`, sorted."""
+        covered = {tail for name in names for tail in dot_suffixes(name)}
+        return sorted(e for e in self.entries if e not in covered)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(anchored: str) -> Any:
+    return _native.BoundedRegex(anchored)
+
+
+# How many unmatched list entries an error names (the rest are counted).
+_SHOWN_ENTRIES = 5
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """`value` for an error message: its repr, cut to `limit` characters (a 2 MB pattern is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...' ({len(value):,} characters)"
+
+
+def user_regex_match(pattern: str, key: str, *, whole: bool = True, field: str = "target_modules") -> bool:
+    """Whether the user's `pattern` matches module name `key`: the whole name (`whole`, PEFT's `re.fullmatch`), or
+    its end after a '.' (rank / alpha patterns). Matched by oxpeft's native engine in bounded time (no
+    catastrophic backtracking); a pattern it cannot compile or that backtracks too much is a ValueError naming
+    `field`."""
+    anchored = f"^(?:{pattern})$" if whole else f"^(?:.*\\.)?(?:{pattern})$"
+    try:
+        return _compiled(anchored).is_match(key)
+    except ValueError as exc:
+        raise ValueError(f"{field}: the regex {_shown(pattern)} cannot be used: {exc}") from None
+
+
+def matches_targets(targets: str | Iterable[str] | ListMatcher, key: str, field: str = "target_modules") -> bool:
     """PEFT's rule: a string is a regex that must match the whole name; a list entry matches the name or its end."""
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return user_regex_match(targets, key, field=field)
+    if isinstance(targets, ListMatcher):
+        return targets.matches(key)
     return any(matches_list_entry(key, t) for t in targets)
+
+
+class TargetRule:
+    """`check_target_module_exists` for one config, prepared once for many module names (lists become sets)."""
+
+    def __init__(self, config: PeftConfig) -> None:
+        def prepared(value: Any) -> Any:
+            return value if value is None or isinstance(value, str) else ListMatcher(value)
+
+        self.targets = prepared(getattr(config, "target_modules", None))
+        self.exclude = prepared(getattr(config, "exclude_modules", None) or None)
+        layers = getattr(config, "layers_to_transform", None)
+        self.layers = None if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+        self.layers_pattern = getattr(config, "layers_pattern", None)
+
+    def matches(self, key: str) -> bool:
+        if self.targets is None or not matches_targets(self.targets, key):
+            return False
+        if self.exclude is not None and matches_targets(self.exclude, key, field="exclude_modules"):
+            return False
+        if self.layers is not None:
+            return layer_index(key, self.layers_pattern) in self.layers
+        return True
 
 
 def check_target_module_exists(config: PeftConfig, key: str) -> bool:
     """Whether the module named `key` is a target of `config`: it matches `target_modules` (a regex matching the
     whole name, or a list entry equal to the name or its end), is not excluded by `exclude_modules`, and lies in
     one of `layers_to_transform` (if given, with `layers_pattern`)."""
-    targets = getattr(config, "target_modules", None)
-    if targets is None or not matches_targets(targets, key):
-        return False
-    exclude = getattr(config, "exclude_modules", None)
-    if exclude and matches_targets(exclude, key):
-        return False
-    layers = getattr(config, "layers_to_transform", None)
-    if layers is not None:
-        wanted = [layers] if isinstance(layers, int) else layers
-        return layer_index(key, getattr(config, "layers_pattern", None)) in wanted
-    return True
+    return TargetRule(config).matches(key)
 
 
 def _find_minimal_target_modules(target_modules: Iterable[str], other_module_names: Iterable[str]) -> set[str]:
@@ -400,27 +470,34 @@ def _find_minimal_target_modules(target_modules: Iterable[str], other_module_nam
 
 
 def layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer number in `key`: the last number part that follows a part (or dotted run of parts) matching
+    `layers_pattern` (any part if None) and is followed by a further part. `model.layers.3.mlp` -> 3."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [None])
+    parts = key.split(".")
     for pattern in patterns:
-        regex = r"(?:^|.*\.)[^.]*\.(\d+)\." if pattern is None else rf"(?:^|.*\.){pattern}\.(\d+)\."
-        m = re.match(regex, key)
-        if m:
-            return int(m.group(1))
+        for i in range(len(parts) - 3, -1, -1):  # parts[i] a name, parts[i + 1] the number, parts[i + 2] exists
+            if not parts[i + 1].isdigit():
+                continue
+            if pattern is None or any(
+                user_regex_match(pattern, ".".join(parts[j : i + 1]), field="layers_pattern") for j in range(i + 1)
+            ):
+                return int(parts[i + 1])
     return None
 
 
-def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
+def pattern_key(patterns: dict[str, Any], key: str, field: str = "rank_pattern") -> str | None:
     """The first rank/alpha pattern whose regex matches the end of the module name `key`."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if user_regex_match(pattern, key, whole=False, field=field):
             return pattern
     return None
 
 
-def _inside_any(key: str, entries: list[str]) -> bool:
+def _inside_any(key: str, entries: list[str] | ListMatcher) -> bool:
     """Whether `key` or one of its parent modules matches a list entry."""
+    matcher = entries if isinstance(entries, ListMatcher) else ListMatcher(entries)
     parts = key.split(".")
-    return any(matches_targets(entries, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+    return any(matcher.matches(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
 def _closest_names(entry: str, names: list[str]) -> str:
@@ -558,8 +635,7 @@ class BaseTuner(nn.Module, abc.ABC):
         weight (PiSSA, OLoRA, LoftQ) still run on real weights."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named '{adapter_name}' already exists; delete it first or pick another name")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.'")
+        check_adapter_name(adapter_name)
         # The checks and target resolution work on a copy; only a successful injection writes them into the
         # caller's config, which is then the object stored (as PEFT keeps it), so a failure changes nothing.
         given, config = config, copy.copy(config)
@@ -572,11 +648,9 @@ class BaseTuner(nn.Module, abc.ABC):
         self._check_targets_matched(config, all_names, targets, strict_targets)
         save_keys = [k for k in all_names if modules_to_save and matches_targets(modules_to_save, k)]
         auto_heads = classifier_modules_for(getattr(config, "task_type", None))
-        unmatched_save = [
-            e for e in modules_to_save if e not in auto_heads and not any(matches_list_entry(k, e) for k in all_names)
-        ]
+        unmatched_save = [e for e in ListMatcher(modules_to_save).unmatched(all_names) if e not in auto_heads]
         if unmatched_save:
-            msg = "; ".join(f"{e!r} (closest: {_closest_names(e, all_names)})" for e in unmatched_save)
+            msg = "; ".join(f"{_shown(e)} (closest: {_closest_names(e, all_names)})" for e in unmatched_save[:_SHOWN_ENTRIES])
             raise ValueError(f"modules_to_save entries match no module: {msg}")
         self._warn_tied_targets(targets)
 
@@ -657,11 +731,9 @@ class BaseTuner(nn.Module, abc.ABC):
     def _matching_targets(self, config: PeftConfig, names: list[str], modules_to_save: list[str]) -> list[str]:
         if getattr(config, "target_modules", None) is None:
             return []
-        return [
-            key
-            for key in names
-            if check_target_module_exists(config, key) and not (modules_to_save and _inside_any(key, modules_to_save))
-        ]
+        rule = TargetRule(config)
+        saved = ListMatcher(modules_to_save) if modules_to_save else None
+        return [key for key in names if rule.matches(key) and not (saved is not None and _inside_any(key, saved))]
 
     def _check_targets_matched(
         self, config: PeftConfig, names: list[str], targets: list[str], strict: bool
@@ -673,13 +745,15 @@ class BaseTuner(nn.Module, abc.ABC):
         if isinstance(target_modules, str):
             if not targets:
                 problems.append(
-                    f"the regex target_modules={target_modules!r} matches no module name (it must match the WHOLE "
-                    f"name, e.g. r'.*\\.q_proj'); module names end in: {_describe_leaves(names)}"
+                    f"the regex target_modules={_shown(target_modules)} matches no module name (it must match the "
+                    f"WHOLE name, e.g. r'.*\\.q_proj'); module names end in: {_describe_leaves(names)}"
                 )
         else:
-            for entry in sorted(target_modules):
-                if not any(matches_list_entry(k, entry) for k in names):
-                    problems.append(f"{entry!r} matches no module (closest: {_closest_names(entry, names)})")
+            unmatched = ListMatcher(target_modules).unmatched(names)
+            for entry in unmatched[:_SHOWN_ENTRIES]:
+                problems.append(f"{_shown(entry)} matches no module (closest: {_closest_names(entry, names)})")
+            if len(unmatched) > _SHOWN_ENTRIES:
+                problems.append(f"and {len(unmatched) - _SHOWN_ENTRIES:,} more entries that match no module")
             if not problems and not targets:
                 problems.append("no module is left after exclude_modules / layers_to_transform / modules_to_save")
         if not problems:

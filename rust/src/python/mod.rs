@@ -9,6 +9,7 @@ use crate::Error;
 mod checkpoint;
 mod config;
 mod loftq;
+mod pattern;
 mod quant;
 
 impl From<Error> for PyErr {
@@ -52,5 +53,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     loftq::register(m)?;
     checkpoint::register(m)?;
+    pattern::register(m)?;
     Ok(())
 }

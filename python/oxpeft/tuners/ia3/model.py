@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 
 import torch
@@ -14,6 +13,7 @@ from oxpeft.tuners.tuners_utils import (
     check_adapters_to_combine,
     is_linear_like,
     matches_list_entry,
+    user_regex_match,
     union_module_names,
 )
 from oxpeft.tuners.ia3.config import IA3Config
@@ -31,7 +31,7 @@ def is_feedforward(config: IA3Config, key: str) -> bool:
     so that the same config gives the same vector shapes in both libraries)."""
     ff = config.feedforward_modules
     if isinstance(ff, str):
-        return re.fullmatch(ff, key) is not None
+        return user_regex_match(ff, key, field="feedforward_modules")
     return any(key.endswith(entry) for entry in ff or ())
 
 

@@ -30,7 +30,7 @@ class LoraModel(BaseTuner):
         current_key: str,
     ) -> None:
         rank_key = pattern_key(config.rank_pattern, current_key)
-        alpha_key = pattern_key(config.alpha_pattern, current_key)
+        alpha_key = pattern_key(config.alpha_pattern, current_key, field="alpha_pattern")
         r = config.rank_pattern[rank_key] if rank_key is not None else config.r
         alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
         options = dict(
