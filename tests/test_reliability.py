@@ -114,3 +114,33 @@ def test_a_huge_target_list_is_matched_in_linear_time_and_not_echoed():
     message = str(info.value)
     assert "299,995 more entries that match no module" in message and len(message) < 3000
     assert len(accepted.targeted_module_names) == 4
+
+
+@pytest.mark.parametrize("field", ["r", "rank_pattern"])
+def test_a_config_rank_that_does_not_fit_the_file_is_refused_before_allocating(field, tmp_path):
+    """`r` edited to 10**12 in adapter_config.json: one error naming the module, nothing allocated, nothing changed."""
+    import json
+
+    base = make_llama()
+    oxpeft.get_peft_model(twin(base), _lora()).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if field == "r":
+        config["r"] = 10**12
+    else:
+        config["rank_pattern"] = {"layers.1.self_attn.q_proj": 20000}
+    path.write_text(json.dumps(config))
+    model = twin(base)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with _time_limit(30):
+        with pytest.raises(ValueError, match=r"has shape \(2, 64\), rank 2, but the config gives '.*q_proj' rank (1000000000000|20000)"):
+            oxpeft.PeftModel.from_pretrained(model, tmp_path)
+    assert {n for n, _ in model.named_parameters()} == set(before)
+    assert not any(isinstance(m, oxpeft.tuners.lora.LoraLayer) for m in model.modules())
+
+
+def test_a_huge_rank_in_a_new_adapter_is_one_clear_error():
+    model = make_llama()
+    with pytest.raises(ValueError, match=r"r=1000000000000 needs about .* GiB of adapter weights .* choose a smaller r"):
+        oxpeft.get_peft_model(model, _lora(r=10**12))
+    assert not any(isinstance(m, oxpeft.tuners.lora.LoraLayer) for m in model.modules())

@@ -11,8 +11,9 @@ import importlib.util
 import sys
 import warnings
 
-# Modules whose presence says the process trains with a library that looks for `peft`.
-_TRAINING_LIBRARIES = ("trl", "transformers.trainer", "accelerate")
+# Modules whose presence says the process trains with a library that looks for `peft` (not accelerate alone:
+# transformers imports it with every model).
+_TRAINING_LIBRARIES = ("trl", "transformers.trainer")
 
 _warned = False
 
@@ -36,8 +37,8 @@ def peft_is_oxpeft() -> bool | None:
 
 
 def warn_unless_peft_is_oxpeft() -> None:
-    """Once per process, where a training library is loaded and `import peft` is not oxpeft, say in one line what
-    will go wrong and the command that fixes it."""
+    """Once per process, where TRL or transformers' Trainer is loaded and `import peft` is not oxpeft, say in one
+    line what will go wrong and the command that fixes it."""
     global _warned
     if _warned or not any(name in sys.modules for name in _TRAINING_LIBRARIES):
         return

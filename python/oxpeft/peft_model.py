@@ -20,6 +20,7 @@ from oxpeft.utils.peft_types import TaskType, registered_peft_type
 from oxpeft.tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from oxpeft.utils.save_and_load import (
     IncompatibleKeys,
+    check_ranks_against_file,
     rename_keys,
     get_peft_model_state_dict,
     load_peft_weights,
@@ -602,6 +603,7 @@ def _read_adapter(
             stacklevel=3,
         )
     weights = load_peft_weights(model_id, device=torch_device, **hub)
+    check_ranks_against_file(config, weights, os.fspath(model_id))
     return config, rename_keys(weights, key_mapping, model, config)
 
 

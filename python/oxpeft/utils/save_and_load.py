@@ -424,3 +424,27 @@ def rename_keys(
                 break
         renamed[head + body] = value
     return renamed
+
+
+def check_ranks_against_file(config: Any, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Before any adapter weight is allocated: a LoRA config's rank for each module (`r`, `rank_pattern`) must be
+    the rank of that module's tensors in the file. A config edited to `r=10**12` is then one error naming the
+    module, not an allocation of terabytes (or of 0.75 GB for r=20000 before the shapes are compared)."""
+    from oxpeft.tuners.tuners_utils import pattern_key
+
+    from oxpeft.utils.peft_types import PeftType
+
+    if getattr(config, "peft_type", None) != PeftType.LORA:
+        return
+    for key, tensor in weights.items():
+        for marker in (".lora_A.weight", ".lora_embedding_A"):
+            if not key.endswith(marker) or tensor.dim() == 0:
+                continue
+            module = key[: -len(marker)].removeprefix("base_model.model.")
+            pattern = pattern_key(config.rank_pattern or {}, module)
+            expected = config.rank_pattern[pattern] if pattern is not None else config.r
+            if expected != tensor.shape[0]:
+                raise ValueError(
+                    f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, rank {tensor.shape[0]}, but the config "
+                    f"gives '{module}' rank {expected}; the config and the weights do not belong together"
+                )

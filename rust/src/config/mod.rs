@@ -71,6 +71,16 @@ pub fn oldest_writable_release() -> Version {
     table::RELEASES[0]
 }
 
+/// `text` for a message: itself if short, else its start and its length.
+fn shorten(text: &str) -> String {
+    const LIMIT: usize = 80;
+    if text.chars().count() <= LIMIT {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(LIMIT - 20).collect();
+    format!("{head}... ({} characters)", text.chars().count())
+}
+
 /// Reads a config written by any PEFT release or by oxpeft into the current schema.
 ///
 /// Unknown fields with a neutral value are dropped with a note. An unknown field with any other value
@@ -120,18 +130,20 @@ pub fn upgrade(config: &Value, strict: bool) -> Result<Upgraded> {
         ));
     }
 
-    for (key, value) in raw {
-        if key == "peft_type" || method.field(key).is_some() || is_legacy_key(key) {
+    for (name, raw_value) in raw {
+        if name == "peft_type" || method.field(name).is_some() || is_legacy_key(name) {
             continue;
         }
-        if key == table::RUNTIME_CONFIG {
+        // A message names the field and shows its value, cut short (a 2 MB value is not echoed).
+        let (key, value) = (shorten(name), shorten(&raw_value.to_string()));
+        if name == table::RUNTIME_CONFIG {
             notes.push(format!(
                 "dropped '{key}': a runtime-only setting that PEFT never saves; pass it when loading instead"
             ));
             continue;
         }
         let writer_text = written_by.as_deref().unwrap_or("an unknown writer");
-        if is_neutral(value, None) {
+        if is_neutral(raw_value, None) {
             notes.push(format!(
                 "dropped unknown field '{key}' = {value} (written by {writer_text}): its value is neutral, so the \
                  adapter computes the same without it"

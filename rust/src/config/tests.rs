@@ -361,3 +361,15 @@ fn inspect_reports_writer_features_and_loading_releases() {
         }]
     );
 }
+
+#[test]
+fn a_huge_unknown_field_is_named_but_not_echoed() {
+    let huge = "A".repeat(2_000_000);
+    let config = current(json!({ "future": huge }));
+    let err = upgrade(&config, true).unwrap_err().to_string();
+    assert!(err.contains("unknown field 'future'"), "{}", &err[..200.min(err.len())]);
+    assert!(err.len() < 2_000, "{} characters", err.len());
+    assert!(err.contains("(2000002 characters)"));
+    let notes = upgrade(&config, false).unwrap().notes;
+    assert!(notes.iter().all(|n| n.len() < 2_000));
+}

@@ -75,7 +75,16 @@ class LoraLayer(BaseTunerLayer):
         self.use_dora[adapter_name] = use_dora
         self.lora_bias[adapter_name] = lora_bias
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self._create_adapter_weights(adapter_name, r, lora_bias)
+        try:
+            self._create_adapter_weights(adapter_name, r, lora_bias)
+        except (RuntimeError, MemoryError) as exc:
+            if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+                raise
+            gib = r * (self.in_features + self.out_features) * 4 / 2**30
+            raise ValueError(
+                f"adapter '{adapter_name}': r={r} needs about {gib:,.1f} GiB of adapter weights for a "
+                f"{self.in_features} x {self.out_features} layer, which cannot be allocated; choose a smaller r"
+            ) from None
         self._move_adapter_to_base(adapter_name, adapter_dtype)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         if use_dora:
