@@ -157,3 +157,17 @@ def test_a_refused_merge_leaves_no_new_parent_folders(checkpoint, tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide-adapter"]  # no new1/, no .partial
+
+
+def test_an_in_place_config_migrate_keeps_the_files_mode(checkpoint, tmp_path):
+    import shutil as _shutil
+    import stat as _stat
+
+    adapter = tmp_path / "adapter"
+    _shutil.copytree(checkpoint["adapter"], adapter)
+    config = adapter / "adapter_config.json"
+    os.chmod(config, 0o640)
+    out = run("config", "migrate", str(adapter), "--to", "0.10.0")
+    assert out.returncode == 0, out.stderr
+    assert _stat.S_IMODE(config.stat().st_mode) == 0o640
+    assert _stat.S_IMODE((adapter / "adapter_config.json.bak").stat().st_mode) == 0o640

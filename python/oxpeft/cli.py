@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import shutil
 import sys
 import warnings
@@ -90,8 +91,12 @@ def _cmd_config_migrate(args: argparse.Namespace) -> int:
 
     if args.output is None:
         backup = _free_name(source + ".bak")
+        mode = stat.S_IMODE(os.stat(source).st_mode)
         atomic_write_text(backup, text)
         atomic_write_text(source, body)
+        # Rewritten in place, the file keeps its mode (and so does the copy of the original), as an edit would.
+        os.chmod(source, mode)
+        os.chmod(backup, mode)
         print(f"rewrote {source} for PEFT {args.to} (the original is in {backup})")
         return 0
 
