@@ -171,3 +171,26 @@ def test_an_in_place_config_migrate_keeps_the_files_mode(checkpoint, tmp_path):
     assert out.returncode == 0, out.stderr
     assert _stat.S_IMODE(config.stat().st_mode) == 0o640
     assert _stat.S_IMODE((adapter / "adapter_config.json.bak").stat().st_mode) == 0o640
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("content", ["object", "garbage"])
+def test_a_pickle_adapter_that_is_not_plain_tensors_is_one_clear_error(content, checkpoint, tmp_path):
+    import shutil as _shutil
+
+    adapter = tmp_path / "adapter"
+    _shutil.copytree(checkpoint["adapter"], adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    if content == "object":
+        torch.save({"base_model.model.x": _Pickled()}, adapter / "adapter_model.bin")
+    else:
+        (adapter / "adapter_model.bin").write_bytes(b"not a pickle at all")
+    out = run("merge", str(checkpoint["base"]), str(adapter), "-o", str(tmp_path / "out"), "-q")
+    assert_clean_error(out, f"{adapter / 'adapter_model.bin'}: not a plain tensor file")
+    assert "weights_only" not in out.stderr and "this must never run" not in out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

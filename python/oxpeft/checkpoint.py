@@ -269,12 +269,11 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, s
         raise FileNotFoundError(f"{folder}: neither adapter_model.safetensors nor adapter_model.bin")
     weights_file = st
     if source != st:
-        import torch
         from safetensors.torch import save_file
 
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{source}: not a state dict of tensors")
+        from oxpeft.utils.save_and_load import load_pickled_tensors
+
+        state = load_pickled_tensors(source)
         weights_file = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
     return str(folder), str(weights_file), weight, partial(_fingerprint, config, source, weight)

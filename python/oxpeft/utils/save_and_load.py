@@ -305,12 +305,27 @@ def load_peft_weights(
     if path is None:
         where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
         raise FileNotFoundError(f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}")
+    return load_pickled_tensors(path, device)
+
+
+def load_pickled_tensors(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> dict[str, torch.Tensor]:
+    """A legacy `adapter_model.bin`: a dict of tensors read with `torch.load(weights_only=True)`, which never runs
+    pickled code. Anything else is one ValueError naming the file (not torch's traceback and its advice to turn
+    the safety off)."""
     try:
         weights = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"{path}: not a plain tensor file ({type(exc).__name__}: {exc})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        if "Weights only load failed" in text:
+            reason = "it holds pickled objects other than tensors"
+        else:
+            reason = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:160]
+        raise ValueError(
+            f"{os.fspath(path)}: not a plain tensor file ({reason}); oxpeft reads .bin adapters without running "
+            "pickled code. Convert a file you trust to adapter_model.safetensors"
+        ) from None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{path}: expected a dict of tensors")
+        raise ValueError(f"{os.fspath(path)}: expected a dict of tensors")
     return weights
 
 
