@@ -194,3 +194,23 @@ def test_a_pickle_adapter_that_is_not_plain_tensors_is_one_clear_error(content, 
     assert "weights_only" not in out.stderr and "this must never run" not in out.stdout + out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "manifest, field",
+    [
+        ("not json at all", "not a valid manifest"),
+        ("[1, 2]", "a JSON object is expected"),
+        ('{"format": 1, "adapters": 3}', "field 'adapters' must be a list"),
+        ('{"format": 1, "adapters": [{"weight": "x"}]}', "field 'adapters[0].weight' must be a finite number"),
+    ],
+)
+def test_a_damaged_manifest_is_one_error_naming_it(manifest, field, checkpoint, tmp_path):
+    merged = tmp_path / "merged"
+    assert run("merge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(merged), "-q").returncode == 0
+    path = merged / "oxpeft-unmerge" / "manifest.json"
+    assert path.is_file()
+    path.write_text(manifest)
+    out = run("unmerge", str(merged), str(checkpoint["adapter"]), "-o", str(tmp_path / "back"), "-q")
+    assert_clean_error(out, f"{path}: ", field)
+    assert not (tmp_path / "back").exists()

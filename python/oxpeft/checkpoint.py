@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -176,8 +177,8 @@ def unmerge_checkpoint(
         manifest_path = sidecar / _MANIFEST
         exact = manifest_path.is_file()
         if exact:
-            manifest = json.loads(manifest_path.read_text())
-            recorded = manifest.get("adapters", [])
+            manifest = _read_manifest(manifest_path)
+            recorded = manifest["adapters"]
             given = [r[3]() for r in resolved]
             strip = lambda fps: [{k: v for k, v in fp.items() if k != "weight"} for fp in fps]  # noqa: E731
             if manifest.get("format") != _MANIFEST_FORMAT or strip(recorded) != strip(given):
@@ -335,6 +336,26 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _read_manifest(path: Path) -> dict:
+    """The exact-unmerge sidecar's manifest, checked field by field: anything malformed is one error naming the
+    file and the field (never a raw JSON / Type / Key error)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ValueError(f"{path}: not a valid manifest ({reason}); the sidecar is damaged") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a valid manifest (a JSON object is expected); the sidecar is damaged")
+    adapters = manifest.get("adapters")
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+        raise ValueError(f"{path}: field 'adapters' must be a list of objects; the sidecar is damaged")
+    for i, adapter in enumerate(adapters):
+        weight = adapter.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"{path}: field 'adapters[{i}].weight' must be a finite number; the sidecar is damaged")
+    return manifest
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:
