@@ -214,3 +214,20 @@ def test_a_damaged_manifest_is_one_error_naming_it(manifest, field, checkpoint, 
     out = run("unmerge", str(merged), str(checkpoint["adapter"]), "-o", str(tmp_path / "back"), "-q")
     assert_clean_error(out, f"{path}: ", field)
     assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_among_the_inputs_is_refused_at_once(kind, checkpoint, tmp_path):
+    import shutil as _shutil
+
+    base = tmp_path / "base"
+    _shutil.copytree(checkpoint["base"], base)
+    shard = base / "model.safetensors"
+    shard.unlink()
+    if kind == "fifo":
+        os.mkfifo(shard)
+    else:
+        os.symlink("/dev/zero", shard)
+    out = run("merge", str(base), str(checkpoint["adapter"]), "-o", str(tmp_path / "out"), "-q", timeout=60)
+    assert_clean_error(out, f"{shard}: a {'FIFO' if kind == 'fifo' else 'device'}, not a regular file")
+    assert not (tmp_path / "out").exists()

@@ -238,11 +238,29 @@ def _check_paths(
         raise ValueError(f"{len(weights)} weights given for {len(adapter_dirs)} adapters")
     if not base_dir.is_dir():
         raise FileNotFoundError(f"{base_dir}: no such checkpoint folder")
+    for folder in [base_dir, *adapter_dirs, base_dir / SIDECAR_DIR]:
+        _refuse_special_files(folder)
     for p in [base_dir, *adapter_dirs]:
         if out_dir == p or out_dir in p.parents or p in out_dir.parents:
             raise ValueError(f"output folder {out_dir} overlaps input {p}")
     refuse_existing(out_dir, force)
     return base_dir, out_dir, adapter_dirs, weights
+
+
+def _refuse_special_files(folder: Path) -> None:
+    """Every file a merge or unmerge may read in `folder` must be a regular file (after symlinks): a FIFO would
+    block the run forever and a device (a link to /dev/zero) would feed it endless bytes. Checked with stat,
+    which opens nothing."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:  # a dangling symlink, say
+            raise ValueError(f"{entry}: cannot be read ({exc.strerror})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+            raise ValueError(f"{entry}: {kind}, not a regular file; refusing to read it")
 
 
 def _sha256(path: Path) -> str:
