@@ -231,3 +231,29 @@ def test_a_fifo_or_device_among_the_inputs_is_refused_at_once(kind, checkpoint, 
     out = run("merge", str(base), str(checkpoint["adapter"]), "-o", str(tmp_path / "out"), "-q", timeout=60)
     assert_clean_error(out, f"{shard}: a {'FIFO' if kind == 'fifo' else 'device'}, not a regular file")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_an_adapter_declaring_a_huge_tensor_is_refused_before_it_is_read(command, checkpoint, tmp_path):
+    """A sparse adapter file whose header declares a 512 GiB lora_A: refused at once by its size (it used to be
+    hashed whole first, minutes of reading), leaving nothing."""
+    import json as _json
+    import shutil as _shutil
+    import struct
+
+    adapter = tmp_path / "adapter"
+    _shutil.copytree(checkpoint["adapter"], adapter)
+    n = 512 << 30
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    header = _json.dumps({key: {"dtype": "F32", "shape": [n // 4 // 64, 64], "data_offsets": [0, n]}}).encode()
+    weights = adapter / "adapter_model.safetensors"
+    with open(weights, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+    os.truncate(weights, 8 + len(header) + n)  # sparse: no disk space used
+    source = checkpoint["base"]
+    if command == "unmerge":
+        source = tmp_path / "merged"
+        assert run("merge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(source), "-q").returncode == 0
+    out = run(command, str(source), str(adapter), "-o", str(tmp_path / "out"), "-q", timeout=60)
+    assert_clean_error(out, f"{weights}: 512.0 GiB, more than twice the whole base checkpoint")
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -125,17 +126,23 @@ def merge_checkpoint(
     """
     base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
-        resolved = [_resolve_adapter(d, w, Path(scratch)) for d, w in zip(adapter_dirs, weights)]
+        base_bytes = _native.checkpoint_size(str(base_dir))[0]
+        resolved = [_resolve_adapter(d, w, Path(scratch), base_bytes) for d, w in zip(adapter_dirs, weights)]
         _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
 
         def work(tmp: Path, bar: _Progress) -> dict:
             # The adapters' sha256 (for the sidecar's manifest) is computed on a thread while the
             # merge runs (hashlib releases the GIL), rather than before it.
+            stop = threading.Event()  # a failed merge does not wait for the hashing of what it refused
             with ThreadPoolExecutor(max_workers=1) as pool:
-                fingerprints = [pool.submit(r[3]) for r in resolved] if exact_unmerge else []
-                report = _native.merge_checkpoint(
-                    str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.hook
-                )
+                fingerprints = [pool.submit(r[3], stop) for r in resolved] if exact_unmerge else []
+                try:
+                    report = _native.merge_checkpoint(
+                        str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.hook
+                    )
+                except BaseException:
+                    stop.set()
+                    raise
                 if exact_unmerge and (tmp / SIDECAR_DIR).is_dir():
                     manifest = {"format": _MANIFEST_FORMAT, "adapters": [f.result() for f in fingerprints]}
                     (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -173,7 +180,8 @@ def unmerge_checkpoint(
     merged_dir, out_dir, adapter_dirs, weights = _check_paths(merged, adapters, out, weights, force)
     sidecar = merged_dir / SIDECAR_DIR
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
-        resolved = [_resolve_adapter(d, w, Path(scratch)) for d, w in zip(adapter_dirs, weights)]
+        base_bytes = _native.checkpoint_size(str(merged_dir))[0]
+        resolved = [_resolve_adapter(d, w, Path(scratch), base_bytes) for d, w in zip(adapter_dirs, weights)]
         manifest_path = sidecar / _MANIFEST
         exact = manifest_path.is_file()
         if exact:
@@ -263,15 +271,18 @@ def _refuse_special_files(folder: Path) -> None:
             raise ValueError(f"{entry}: {kind}, not a regular file; refusing to read it")
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, stop: threading.Event | None = None) -> str:
+    """The file's sha256; with `stop`, abandoned (InterruptedError) as soon as `stop` is set."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"hashing {path} was stopped")
             h.update(chunk)
     return h.hexdigest()
 
 
-def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, str, float, dict]:
+def _resolve_adapter(folder: Path, weight: float, scratch: Path, base_bytes: int) -> tuple[str, str, float, dict]:
     """(folder, safetensors weights file, weight, fingerprint function) of an adapter folder.
 
     A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
@@ -286,6 +297,7 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, s
     source = st if st.is_file() else folder / "adapter_model.bin"
     if not source.is_file():
         raise FileNotFoundError(f"{folder}: neither adapter_model.safetensors nor adapter_model.bin")
+    _refuse_oversized_adapters(base_bytes, [str(source)])
     weights_file = st
     if source != st:
         from safetensors.torch import save_file
@@ -298,9 +310,21 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path) -> tuple[str, s
     return str(folder), str(weights_file), weight, partial(_fingerprint, config, source, weight)
 
 
-def _fingerprint(config: Path, weights: Path, weight: float) -> dict:
+def _fingerprint(config: Path, weights: Path, weight: float, stop: threading.Event | None = None) -> dict:
     """What the exact-unmerge manifest records of an adapter: its files' sha256 and its weight."""
-    return {"config_sha256": _sha256(config), "weights_sha256": _sha256(weights), "weight": weight}
+    return {"config_sha256": _sha256(config, stop), "weights_sha256": _sha256(weights, stop), "weight": weight}
+
+
+def _refuse_oversized_adapters(base_bytes: int, weight_files: list[str]) -> None:
+    """An adapter file larger than twice its base checkpoint cannot be an adapter for it (a sparse file declaring a
+    512 GiB tensor, say); refused before it is hashed or read, naming its size."""
+    for path in weight_files:
+        size = os.path.getsize(path)
+        if size > 2 * base_bytes + (64 << 20):
+            raise ValueError(
+                f"{path}: {size / 2**30:,.1f} GiB, more than twice the whole base checkpoint "
+                f"({base_bytes / 2**30:,.2f} GiB): not an adapter for it"
+            )
 
 
 def _warn_if_tied_embedding_changes(base: Path, weight_files: list[str]) -> None:
