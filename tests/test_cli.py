@@ -257,3 +257,58 @@ def test_an_adapter_declaring_a_huge_tensor_is_refused_before_it_is_read(command
     out = run(command, str(source), str(adapter), "-o", str(tmp_path / "out"), "-q", timeout=60)
     assert_clean_error(out, f"{weights}: 512.0 GiB, more than twice the whole base checkpoint")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory) -> dict[str, Path]:
+    """A 768 MiB base (48 Linear weights of 2048 x 2048) and a LoRA for it: a merge that runs long enough to be
+    stopped while it writes."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("big")
+    (root / "base").mkdir()
+    (root / "adapter").mkdir()
+    n, layers = 2048, 48
+    gen = torch.Generator().manual_seed(0)
+    save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(n, n, generator=gen) for i in range(layers)},
+              str(root / "base" / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    lora = {}
+    for i in range(layers):
+        lora[f"base_model.model.model.layers.{i}.mlp.up_proj.lora_A.weight"] = torch.randn(8, n, generator=gen) * 0.01
+        lora[f"base_model.model.model.layers.{i}.mlp.up_proj.lora_B.weight"] = torch.randn(n, 8, generator=gen) * 0.01
+    save_file(lora, str(root / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["up_proj"]}
+    (root / "adapter" / "adapter_config.json").write_text(_json.dumps(config))
+    return {"base": root / "base", "adapter": root / "adapter"}
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_merge_and_removes_what_it_created(signum, big_checkpoint, tmp_path):
+    """What `kill`, `timeout`, systemd and docker send (SIGTERM) stops a merge like Ctrl-C does: within a second,
+    with the partial output folder and the adapters' scratch folder removed."""
+    import signal as _signal
+    import time as _time
+
+    work = tmp_path / "work"
+    scratch = tmp_path / "tmp"
+    work.mkdir()
+    scratch.mkdir()
+    proc = subprocess.Popen(
+        [OXPEFT, "merge", str(big_checkpoint["base"]), str(big_checkpoint["adapter"]), "-o", str(work / "OUT"), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)},
+    )  # fmt: skip
+    deadline = _time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in work.iterdir()):  # the merge is writing
+        assert proc.poll() is None and _time.monotonic() < deadline, "the merge ended before it could be stopped"
+        _time.sleep(0.001)
+    sent = _time.monotonic()
+    proc.send_signal(getattr(_signal, signum))
+    _, err = proc.communicate(timeout=30)
+    if proc.returncode == 0:
+        pytest.skip("the merge finished before the signal arrived (a very fast disk)")
+    assert _time.monotonic() - sent < 5
+    assert proc.returncode == 128 + getattr(_signal, signum), err
+    assert f"stopped by {signum}" in err and "Traceback" not in err
+    assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []

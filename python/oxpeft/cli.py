@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import shutil
+import signal
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -275,11 +276,27 @@ def _as_flags(message: str) -> str:
     return message
 
 
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP arrived (what `kill`, `timeout`, systemd and docker send): unwinds like Ctrl-C, so that a
+    merge, unmerge or quantisation removes what it created."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     where = f"oxpeft {args.command}"
+    # The long runs check for signals several times a second (the native code hands them to Python), so these
+    # stop a run within a second; its partial output is removed on the way out.
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     with warnings.catch_warnings():
         # A warning reads as a message of the command, not as a line of oxpeft's source.
         warnings.showwarning = lambda message, *_rest, **_kw: print(f"{where}: warning: {message}", file=sys.stderr)
@@ -288,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"{where}: error: {_as_flags(str(exc))}", file=sys.stderr)
             return 1
+        except (Terminated, KeyboardInterrupt) as exc:
+            name = exc.args[0] if isinstance(exc, Terminated) else "SIGINT"
+            print(f"{where}: stopped by {name}", file=sys.stderr)
+            return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
