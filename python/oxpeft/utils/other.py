@@ -28,8 +28,9 @@ class AuxiliaryTrainingWrapper(nn.Module):
     layer's attributes keeps working.
     """
 
-    #: The attributes holding per-adapter state, as on adapter layers (PEFT's name).
+    #: The attributes holding per-adapter state, as on adapter layers (PEFT's names).
     adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
 
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
