@@ -312,3 +312,19 @@ def test_a_signal_stops_a_merge_and_removes_what_it_created(signum, big_checkpoi
     assert proc.returncode == 128 + getattr(_signal, signum), err
     assert f"stopped by {signum}" in err and "Traceback" not in err
     assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+def test_a_dead_runs_partial_output_is_removed_by_the_next_run(checkpoint, tmp_path):
+    """After a kill -9 the `.OUT.<pid>.*.partial` folder stays; the next run on OUT removes it if that process is
+    gone, and leaves a live process's folder alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".OUT.{dead_pid}.abc123.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f".OUT.{os.getpid()}.def456.partial"  # this test's own process: alive
+    alive.mkdir()
+    out = run("merge", str(checkpoint["base"]), str(checkpoint["adapter"]), "-o", str(tmp_path / "OUT"), "-q")
+    assert out.returncode == 0, out.stderr
+    assert not stale.exists() and alive.is_dir()
+    assert (tmp_path / "OUT" / "model.safetensors").is_file()

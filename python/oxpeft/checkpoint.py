@@ -400,6 +400,32 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _remove_stale_partials(out: Path) -> None:
+    """Remove `.OUT.<pid>.*.partial` folders that a run killed beyond cleaning up (kill -9, a power cut) left next
+    to OUT. Only those whose process is gone: a live pid's folder belongs to a run still writing."""
+    prefix = f".{out.name}."
+    for entry in out.parent.iterdir() if out.parent.is_dir() else ():
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".partial") and entry.is_dir() and not entry.is_symlink()):
+            continue
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid this code writes: leave the folder alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def _copy_other_files(src: Path, dst: Path) -> None:
     """Copies config, generation config, tokenizer and other non-weight top-level files."""
     for entry in src.iterdir():
@@ -412,8 +438,10 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *, exact: bool) -> MergeReport:
     total_bytes, total_tensors = _native.checkpoint_size(str(src))
     created = make_parents(out)  # removed again if the run fails: a refused run leaves no new folders
+    _remove_stale_partials(out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        # The writing process's pid is in the name, so that a later run can tell a dead run's leftovers.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     except BaseException:
         remove_created(created)
         raise
