@@ -126,8 +126,8 @@ def merge_checkpoint(
     """
     base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
-        base_bytes = _native.checkpoint_size(str(base_dir))[0]
-        resolved = [_resolve_adapter(d, w, Path(scratch), base_bytes) for d, w in zip(adapter_dirs, weights)]
+        size = _native.checkpoint_size(str(base_dir))  # (bytes, tensors): read once, for the checks and the bar
+        resolved = [_resolve_adapter(d, w, Path(scratch), size[0]) for d, w in zip(adapter_dirs, weights)]
         _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
 
         def work(tmp: Path, bar: _Progress) -> dict:
@@ -148,7 +148,7 @@ def merge_checkpoint(
                     (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             return report
 
-        return _build(base_dir, out_dir, force, progress, "merge", work, exact=exact_unmerge)
+        return _build(base_dir, size, out_dir, force, progress, "merge", work, exact=exact_unmerge)
 
 
 def unmerge_checkpoint(
@@ -180,8 +180,8 @@ def unmerge_checkpoint(
     merged_dir, out_dir, adapter_dirs, weights = _check_paths(merged, adapters, out, weights, force)
     sidecar = merged_dir / SIDECAR_DIR
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
-        base_bytes = _native.checkpoint_size(str(merged_dir))[0]
-        resolved = [_resolve_adapter(d, w, Path(scratch), base_bytes) for d, w in zip(adapter_dirs, weights)]
+        size = _native.checkpoint_size(str(merged_dir))  # (bytes, tensors): read once, for the checks and the bar
+        resolved = [_resolve_adapter(d, w, Path(scratch), size[0]) for d, w in zip(adapter_dirs, weights)]
         manifest_path = sidecar / _MANIFEST
         exact = manifest_path.is_file()
         if exact:
@@ -224,7 +224,7 @@ def unmerge_checkpoint(
                 bar.hook,
             )
 
-        return _build(merged_dir, out_dir, force, progress, "unmerge", work, exact=exact)
+        return _build(merged_dir, size, out_dir, force, progress, "unmerge", work, exact=exact)
 
 
 def _check_paths(
@@ -435,8 +435,10 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             os.chmod(dst / entry.name, umask_mode(stat.S_IMODE(entry.stat().st_mode)))
 
 
-def _build(src: Path, out: Path, force: bool, progress: bool, desc: str, work, *, exact: bool) -> MergeReport:
-    total_bytes, total_tensors = _native.checkpoint_size(str(src))
+def _build(
+    src: Path, size: tuple[int, int], out: Path, force: bool, progress: bool, desc: str, work, *, exact: bool
+) -> MergeReport:
+    total_bytes, total_tensors = size
     created = make_parents(out)  # removed again if the run fails: a refused run leaves no new folders
     _remove_stale_partials(out)
     try:

@@ -486,7 +486,8 @@ class Embedding(nn.Module, LoraLayer):
                 continue
             if self.use_dora[name]:
                 weight = self.get_base_layer().weight
-                norm = channel_norm(weight.detach().float() + self.get_delta_weight(name).detach(), 1)
+                reference, dim = self._dora_reference(name)
+                norm = channel_norm(reference.detach(), dim)
                 factor = self.lora_magnitude_vector[name].weight / norm.to(weight.dtype)
                 result = factor * result + factor * self._lora_delta(name, x)
             else:
@@ -625,8 +626,8 @@ class _ConvNd(nn.Module, LoraLayer):
         self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropout: nn.Module, scaling: float
     ) -> torch.Tensor:
         base = self.get_base_layer()
-        weight = base.weight.to(x.dtype)
-        norm = channel_norm(weight.detach().float() + self._dora_delta(name).detach(), 0).to(x.dtype)
+        reference, dim = self._dora_reference(name)
+        norm = channel_norm(reference.detach(), dim).to(x.dtype)
         magnitude = self.lora_magnitude_vector[name].weight
         factor = magnitude / norm.reshape(magnitude.shape)
         x_d = dropout(x)
@@ -636,7 +637,7 @@ class _ConvNd(nn.Module, LoraLayer):
                 base_out = base_out - base.bias.to(x.dtype).reshape((1, -1) + (1,) * self._conv_dims)
         else:
             conv = (F.conv1d, F.conv2d, F.conv3d)[self._conv_dims - 1]
-            base_out = conv(x_d, weight, None, base.stride, base.padding, base.dilation, base.groups)
+            base_out = conv(x_d, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
         return (factor - 1) * base_out + factor * self.lora_B[name](self.lora_A[name](x_d)) * scaling
 
     def __repr__(self) -> str:
