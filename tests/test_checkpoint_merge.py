@@ -376,8 +376,18 @@ def test_corrupt_sidecar_fixups_are_refused_and_leave_nothing(models, tmp_path):
     assert tampered is not None, "the sidecar holds format-2 fix-up lists"
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(ValueError, match=re.escape(tampered) + ".*corrupt sidecar fix-up list"):
+    # The merge's digest of the sidecar file finds the change before anything is written.
+    with pytest.raises(ValueError, match=re.escape(f.name) + ".*changed or damaged"):
         oxpeft.unmerge_checkpoint(merged, adapter, work / "back", progress=False)
+    assert list(work.iterdir()) == []
+    # A sidecar of the format without digests (only used with approximate=True): the fix-up list's own checks.
+    manifest_path = merged / "oxpeft-unmerge" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({"format": "oxpeft-exact-unmerge/1", "adapters": manifest["adapters"]}))
+    with pytest.raises(ValueError, match="older oxpeft without digests"):
+        oxpeft.unmerge_checkpoint(merged, adapter, work / "back", progress=False)
+    with pytest.raises(ValueError, match=re.escape(tampered) + ".*corrupt sidecar fix-up list"):
+        oxpeft.unmerge_checkpoint(merged, adapter, work / "back", progress=False, approximate=True)
     assert list(work.iterdir()) == []
 
 

@@ -72,7 +72,7 @@ def loftq_fit_fixed_base(
     """LoRA factors fitted to weight - dequantized for a base already quantised: (lora_A, lora_B, relative error)."""
     ...
 # checkpoint merge / unmerge (rust/src/python/checkpoint.rs)
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 SIDECAR_DIR: str
 
@@ -83,11 +83,14 @@ def merge_checkpoint(
     out: str,
     exact_unmerge: bool = True,
     progress: Callable[[str, int], None] | None = None,
-) -> dict[str, int]: ...
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]: ...
 def unmerge_checkpoint(
     merged: str,
     adapters: Sequence[tuple[str, str, float]],
     out: str,
     sidecar: str | None = None,
     progress: Callable[[str, int], None] | None = None,
+    digests: str | None = None,
+    manifest: str | None = None,
 ) -> dict[str, int]: ...

@@ -10,11 +10,16 @@ Exact unmerge: by default a merge also writes ``out/oxpeft-unmerge/`` (safetenso
 the delta again (or dividing by IA3's vector), the per-row DoRA factors and the originals of
 ``modules_to_save`` tensors.
 Serving tools that load every ``*.safetensors`` of a folder do not look into that sub-folder.
-:func:`unmerge_checkpoint` with it restores the base bit for bit.
+:func:`unmerge_checkpoint` with it restores the base bit for bit, and proves it: the manifest records
+digests (xxh3-64) of every original and merged tensor, of every merged shard's header and of every
+sidecar file, and the unmerge checks the sidecar files and the merged headers before it writes
+anything, each merged tensor as it reads it and each restored tensor before the output is published.
+Any difference is an error naming the file or tensor, and no output is left.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +43,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 SIDECAR_DIR: str = _native.SIDECAR_DIR
 _MANIFEST = "manifest.json"
-_MANIFEST_FORMAT = "oxpeft-exact-unmerge/1"
+_MANIFEST_FORMAT = "oxpeft-exact-unmerge/2"
+# Written before the digests (format 1): unmerged only with approximate=True, as their result cannot be checked.
+_MANIFEST_FORMAT_UNCHECKED = "oxpeft-exact-unmerge/1"
 # Weight files of other formats are not copied: they would hold the unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
@@ -60,6 +67,8 @@ class MergeReport:
     seconds: float
     #: Merge: whether a sidecar was written. Unmerge: whether the result is bit-exact.
     exact: bool
+    #: Unmerge: whether every restored tensor was checked against the merge's digests of the original.
+    verified: bool = False
 
     @property
     def sidecar_fraction(self) -> float:
@@ -79,11 +88,19 @@ class MergeReport:
                 f"{self.sidecar_bytes / 2**20:.2f} MiB ({100 * self.sidecar_fraction:.3f} % of the model)"
             )
         elif self.operation == "unmerge":
-            text += (
-                f"; bit-exact ({self.sidecar_elements} elements restored from the sidecar)"
-                if self.exact
-                else "; APPROXIMATE: no exact-unmerge sidecar, elements may differ from the original by rounding"
-            )
+            if self.exact and self.verified:
+                text += (
+                    f"; bit-exact, every tensor checked against the original's digest "
+                    f"({self.sidecar_elements} elements restored from the sidecar)"
+                )
+            elif self.exact:
+                text += (
+                    f"; restored from a sidecar without digests ({self.sidecar_elements} elements): "
+                    "NOT VERIFIED against the original"
+                )
+            else:
+                text += "; APPROXIMATE: no exact-unmerge sidecar, elements may differ from the original by rounding"
+
         return text
 
 
@@ -96,6 +113,7 @@ def merge_checkpoint(
     force: bool = False,
     exact_unmerge: bool = True,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Merge LoRA, IA3, LoHa or LoKr adapters into the checkpoint folder ``base``, writing folder ``out``.
 
@@ -116,13 +134,17 @@ def merge_checkpoint(
         out: output folder; must not exist unless ``force``.
         weights: one multiplier per adapter (default 1.0 each).
         force: replace an existing ``out``.
-        exact_unmerge: also write the sidecar that makes :func:`unmerge_checkpoint` bit-exact.
+        exact_unmerge: also write the sidecar that makes :func:`unmerge_checkpoint` bit-exact
+            (with the digests that let it prove so).
         progress: show a progress bar on stderr.
+        allow_nonfinite: write the result even where the merge turns a finite weight into inf or
+            NaN (by default that is an error naming the tensor and element).
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
         ValueError: an adapter does not fit the base (the message names both tensors), targets a
-            convolution, is of another PEFT type, or a file is corrupt.
+            convolution, is of another PEFT type, a file is corrupt, or the merged weights are not
+            finite.
     """
     base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
@@ -138,14 +160,25 @@ def merge_checkpoint(
                 fingerprints = [pool.submit(r[3], stop) for r in resolved] if exact_unmerge else []
                 try:
                     report = _native.merge_checkpoint(
-                        str(base_dir), [r[:3] for r in resolved], str(tmp), exact_unmerge, bar.hook
+                        str(base_dir),
+                        [r[:3] for r in resolved],
+                        str(tmp),
+                        exact_unmerge,
+                        bar.hook,
+                        allow_nonfinite=allow_nonfinite,
                     )
                 except BaseException:
                     stop.set()
                     raise
+                digests = report.pop("digests", None)
                 if exact_unmerge and (tmp / SIDECAR_DIR).is_dir():
-                    manifest = {"format": _MANIFEST_FORMAT, "adapters": [f.result() for f in fingerprints]}
-                    (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                    manifest = {
+                        "format": _MANIFEST_FORMAT,
+                        "adapters": [f.result() for f in fingerprints],
+                        "digests": json.loads(digests),
+                    }
+                    manifest["check"] = _manifest_check(manifest)
+                    (tmp / SIDECAR_DIR / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             return report
 
         return _build(base_dir, size, out_dir, force, progress, "merge", work, exact=exact_unmerge)
@@ -164,7 +197,13 @@ def unmerge_checkpoint(
     """Remove merged LoRA / IA3 / LoHa / LoKr adapters from the checkpoint folder ``merged``, writing folder ``out``.
 
     When ``merged`` holds the exact-unmerge sidecar written for these adapters (same files, same
-    order), the result equals the original base bit for bit, and the merge's weights are used.
+    order), the result equals the original base bit for bit, and the merge's weights are used. It is
+    checked to be: the sidecar's files and the merged shards' headers against the manifest's digests
+    before anything is written, every merged tensor as it is read and every restored tensor against
+    the digest of the original before the output is published; any difference is a ValueError
+    naming the file or tensor, and nothing is left at ``out``. A sidecar written before the digests
+    existed (manifest format 1) is used only with ``approximate=True``, and the result is reported
+    as not verified.
     Without it (a checkpoint merged by another tool, with ``--no-exact-unmerge``, or never merged at
     all) subtracting the delta cannot tell a merged checkpoint from any other and rounds every
     element, so it is refused unless ``approximate`` is true; then the delta is subtracted (IA3: W
@@ -173,8 +212,9 @@ def unmerge_checkpoint(
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
-        ValueError: the sidecar belongs to other adapters, an adapter does not fit, or there is no
-            sidecar and ``approximate`` is false.
+        ValueError: the sidecar belongs to other adapters, was changed or damaged, the merged
+            checkpoint was changed after the merge, the result would not be the original base, an
+            adapter does not fit, or there is no sidecar and ``approximate`` is false.
     """
     explicit_weights = weights is not None
     merged_dir, out_dir, adapter_dirs, weights = _check_paths(merged, adapters, out, weights, force)
@@ -184,12 +224,28 @@ def unmerge_checkpoint(
         resolved = [_resolve_adapter(d, w, Path(scratch), size[0]) for d, w in zip(adapter_dirs, weights)]
         manifest_path = sidecar / _MANIFEST
         exact = manifest_path.is_file()
+        digests = None
+        if not exact and not approximate and sidecar.is_dir() and any(sidecar.glob("*.safetensors")):
+            raise ValueError(
+                f"{manifest_path}: missing, while {sidecar} holds sidecar files: without the manifest they cannot be "
+                "tied to this merge or checked. Restore it, or pass approximate=True to subtract the adapters "
+                "without the sidecar"
+            )
         if exact:
             manifest = _read_manifest(manifest_path)
+            if manifest.get("format") == _MANIFEST_FORMAT_UNCHECKED:
+                if not approximate:
+                    raise ValueError(
+                        f"{manifest_path}: this sidecar was written by an older oxpeft without digests, so the "
+                        "unmerged checkpoint could not be proven equal to the original base; pass approximate=True "
+                        "to unmerge with it anyway (the result is reported as not verified)"
+                    )
+            else:
+                digests = json.dumps(manifest["digests"])
             recorded = manifest["adapters"]
             given = [r[3]() for r in resolved]
             strip = lambda fps: [{k: v for k, v in fp.items() if k != "weight"} for fp in fps]  # noqa: E731
-            if manifest.get("format") != _MANIFEST_FORMAT or strip(recorded) != strip(given):
+            if strip(recorded) != strip(given):
                 raise ValueError(
                     f"{manifest_path}: the exact-unmerge sidecar was written for other adapters "
                     f"(or another order); pass the adapters that were merged, in the same order"
@@ -222,9 +278,12 @@ def unmerge_checkpoint(
                 str(tmp),
                 str(sidecar) if exact else None,
                 bar.hook,
+                digests=digests,
+                manifest=str(manifest_path),
             )
 
-        return _build(merged_dir, size, out_dir, force, progress, "unmerge", work, exact=exact)
+        report = _build(merged_dir, size, out_dir, force, progress, "unmerge", work, exact=exact)
+        return dataclasses.replace(report, verified=digests is not None)
 
 
 def _check_paths(
@@ -397,7 +456,29 @@ def _read_manifest(path: Path) -> dict:
         weight = adapter.get("weight")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"{path}: field 'adapters[{i}].weight' must be a finite number; the sidecar is damaged")
+    fmt = manifest.get("format")
+    if fmt == _MANIFEST_FORMAT_UNCHECKED:
+        return manifest
+    if fmt != _MANIFEST_FORMAT:
+        shown = fmt if isinstance(fmt, str) and len(fmt) <= 80 else type(fmt).__name__
+        raise ValueError(
+            f"{path}: field 'format' is {shown!r}, not {_MANIFEST_FORMAT!r}: not a sidecar this oxpeft can check"
+        )
+    if not isinstance(manifest.get("digests"), dict):
+        raise ValueError(f"{path}: field 'digests' must be an object; the sidecar is damaged")
+    if manifest.get("check") != _manifest_check(manifest):
+        raise ValueError(
+            f"{path}: the manifest was edited after the merge (its 'check' does not match its contents): the "
+            "adapters' weights or digests it records cannot be trusted"
+        )
     return manifest
+
+
+def _manifest_check(manifest: dict) -> str:
+    """The sha256 of the manifest's other fields in canonical JSON: an edit of the manifest (a weight changed by
+    hand) is found before the unmerge uses it."""
+    body = {k: v for k, v in manifest.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _remove_stale_partials(out: Path) -> None:

@@ -155,6 +155,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         force=args.force,
         exact_unmerge=not args.no_exact_unmerge,
         progress=not args.quiet,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(report.summary())
     return 0
@@ -246,6 +247,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-exact-unmerge", action="store_true", help="do not write the exact-unmerge sidecar")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write the result even where merging turns a finite weight into inf or NaN (refused otherwise)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_merge)
 
@@ -267,7 +273,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # The library's messages name its keywords; the command names its flags.
-_KEYWORD_FLAGS = {"force=True": "--force", "approximate=True": "--approximate"}
+_KEYWORD_FLAGS = {
+    "force=True": "--force",
+    "approximate=True": "--approximate",
+    "allow_nonfinite=True": "--allow-nonfinite",
+}
 
 
 def _as_flags(message: str) -> str:

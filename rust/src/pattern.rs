@@ -69,7 +69,11 @@ mod tests {
         assert!(!re.is_match("model.vision_tower.layers.0.q_proj").unwrap());
         // Exponential patterns with look-around or back-references end quickly: answered (the parts without
         // them run on automata) or refused when the backtracking budget runs out, never a hang.
-        for pattern in [r"^(?:(?=(a+)+b).*)$", r"^(?:(a|aa)+\1(?=c)c)$", r"^(?:((a+)+)\2x)$"] {
+        for pattern in [
+            r"^(?:(?=(a+)+b).*)$",
+            r"^(?:(a|aa)+\1(?=c)c)$",
+            r"^(?:((a+)+)\2x)$",
+        ] {
             let re = BoundedRegex::new(pattern).unwrap();
             let start = Instant::now();
             match re.is_match(&"a".repeat(40)) {

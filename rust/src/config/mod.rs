@@ -249,7 +249,10 @@ pub fn downgrade(config: &Value, target_version: &str) -> Result<Value> {
         )));
     }
     if target >= Version(0, 18, 0) {
-        out.insert("peft_version".to_string(), Value::String(oxpeft_stamp(target)));
+        out.insert(
+            "peft_version".to_string(),
+            Value::String(oxpeft_stamp(target)),
+        );
     }
     Ok(Value::Object(out.into_iter().collect()))
 }

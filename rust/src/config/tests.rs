@@ -84,7 +84,13 @@ fn writer_is_inferred_from_fields_or_read_from_peft_version() {
     let ours = inspect(&current(json!({ "peft_version": stamp }))).unwrap();
     assert_eq!(
         ours.written_by.as_deref(),
-        Some(format!("oxpeft {} (in PEFT 0.21.2's format)", env!("CARGO_PKG_VERSION")).as_str())
+        Some(
+            format!(
+                "oxpeft {} (in PEFT 0.21.2's format)",
+                env!("CARGO_PKG_VERSION")
+            )
+            .as_str()
+        )
     );
     assert!(ours.loads_as_is.contains(&Version(0, 21, 2)));
     let hand_written =
@@ -367,7 +373,11 @@ fn a_huge_unknown_field_is_named_but_not_echoed() {
     let huge = "A".repeat(2_000_000);
     let config = current(json!({ "future": huge }));
     let err = upgrade(&config, true).unwrap_err().to_string();
-    assert!(err.contains("unknown field 'future'"), "{}", &err[..200.min(err.len())]);
+    assert!(
+        err.contains("unknown field 'future'"),
+        "{}",
+        &err[..200.min(err.len())]
+    );
     assert!(err.len() < 2_000, "{} characters", err.len());
     assert!(err.contains("(2000002 characters)"));
     let notes = upgrade(&config, false).unwrap().notes;

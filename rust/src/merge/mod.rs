@@ -12,7 +12,11 @@
 //! Exact unmerge: while merging, the kernel also replays the unmerge of each element and records
 //! the elements whose original bits would not come back (plus DoRA's per-row factors and the
 //! originals of replaced tensors) in a sidecar; unmerging with it restores the base bit for bit.
+//! The merge also records digests of every original and merged tensor, shard header and sidecar
+//! file (see `digest`), and an unmerge given them proves its output equal to the original base
+//! or fails, naming what differs.
 
+mod digest;
 mod fixlist;
 mod half16;
 mod kernel;
@@ -30,6 +34,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+pub use digest::{Digests, ShardDigests, TensorDigests};
 pub use plan::{AdapterSettings, MergePlan, Method};
 use plan::{Op, TermKind};
 use shard::{Context, ShardOut};
@@ -76,10 +81,21 @@ pub struct AdapterInput {
 
 /// What [`run`] does.
 pub enum Mode {
-    /// Merge, optionally recording the exact-unmerge sidecar.
-    Merge { exact_unmerge: bool },
-    /// Unmerge; with the sidecar folder of the merged checkpoint the result is bit-exact.
-    Unmerge { sidecar: Option<PathBuf> },
+    /// Merge, optionally recording the exact-unmerge sidecar (and the digests that check it).
+    /// A merged element that is not finite where the base's was is an error unless
+    /// `allow_nonfinite`.
+    Merge {
+        exact_unmerge: bool,
+        allow_nonfinite: bool,
+    },
+    /// Unmerge; with the sidecar folder of the merged checkpoint the result is bit-exact, and
+    /// with the merge's digests (`expected`) it is checked to be: the sidecar files and the
+    /// merged shards' headers before anything is written, every tensor's merged and restored
+    /// bytes as they stream.
+    Unmerge {
+        sidecar: Option<PathBuf>,
+        expected: Option<Digests>,
+    },
 }
 
 /// Totals of a run.
@@ -93,6 +109,8 @@ pub struct Report {
     /// Merge: elements recorded in the sidecar. Unmerge: elements restored from it.
     pub sidecar_elements: u64,
     pub sidecar_bytes: u64,
+    /// Merge with the sidecar: the digests for its manifest.
+    pub digests: Option<Digests>,
 }
 
 impl Report {
@@ -118,8 +136,22 @@ pub fn run(
     mode: &Mode,
     progress: Progress,
 ) -> Result<Report> {
+    if let Mode::Unmerge {
+        sidecar,
+        expected: Some(expected),
+    } = mode
+    {
+        let dir = sidecar.as_deref().ok_or_else(|| {
+            Error::invalid_argument(
+                "the merge's digests are checked with its sidecar, and none was given",
+            )
+        })?;
+        verify_inputs(base, dir, expected)?;
+    }
     let sidecars: HashMap<String, SafeTensorsFile> = match mode {
-        Mode::Unmerge { sidecar: Some(dir) } => base
+        Mode::Unmerge {
+            sidecar: Some(dir), ..
+        } => base
             .shards()
             .iter()
             .map(shard_name)
@@ -132,60 +164,16 @@ pub fn run(
         _ => HashMap::new(),
     };
     // Refuse before writing anything when an unmerge cannot be done.
-    if let Mode::Unmerge { sidecar } = mode {
-        for (key, op) in &plan.ops {
-            let (shard, _) = base.get(key).expect("planned against base");
-            let sc = sidecars.get(&shard_name(shard));
-            if let (None, Op::Add(terms)) = (sc, op) {
-                if let Some(vector) = terms.iter().find_map(|t| match &t.kind {
-                    TermKind::Scale {
-                        vector, zero: true, ..
-                    } => Some(vector),
-                    _ => None,
-                }) {
-                    return Err(Error::tensor(key, format!(
-                        "was multiplied by IA3 vector '{vector}', which has zero entries: that cannot be \
-                         undone without the exact-unmerge sidecar"
-                    )));
-                }
-            }
-            let needs = match op {
-                Op::Replace { .. } => Some(format!("{key}{SUFFIX_ORIGINAL}")),
-                Op::Add(terms)
-                    if terms.iter().any(|t| {
-                        matches!(
-                            &t.kind,
-                            TermKind::LowRank {
-                                magnitude: Some(_),
-                                ..
-                            }
-                        )
-                    }) =>
-                {
-                    Some(format!("{key}{SUFFIX_DORA}"))
-                }
-                Op::Add(_) => None,
-            };
-            if let Some(needed) = needs {
-                let original = format!("{key}{SUFFIX_ORIGINAL}");
-                if sc
-                    .and_then(|f| f.get(&needed).or_else(|| f.get(&original)))
-                    .is_none()
-                {
-                    let why = if matches!(op, Op::Replace { .. }) {
-                        "was replaced by modules_to_save"
-                    } else {
-                        "was merged with DoRA, whose row norms"
-                    };
-                    return Err(Error::tensor(key, format!(
-                        "{why} cannot be undone without the exact-unmerge sidecar ({}: missing '{needed}')",
-                        sidecar.as_ref().map_or("no sidecar given".to_string(), |d| d.display().to_string())
-                    )));
-                }
-            }
-        }
+    if let Mode::Unmerge { sidecar, .. } = mode {
+        refuse_impossible_unmerge(base, plan, &sidecars, sidecar.as_deref())?;
     }
-    let cx = Context { plan, mode };
+    let expect = match mode {
+        Mode::Unmerge {
+            expected: Some(e), ..
+        } => Some(e.tensor_map()),
+        _ => None,
+    };
+    let cx = Context { plan, mode, expect };
     if cx.recording() && !plan.ops.is_empty() {
         let dir = out.join(SIDECAR_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -204,25 +192,25 @@ pub fn run(
         .collect();
     let size = |&(si, ti): &(usize, usize)| base.shards()[si].tensors()[ti].nbytes();
     tasks.sort_by_key(|task| std::cmp::Reverse(size(task)));
-    let reports = tasks
+    let results = tasks
         .par_iter()
         .map(|&(si, ti)| {
-            let report = shards[si].tensor(&cx, ti)?;
+            let done = shards[si].tensor(&cx, ti)?;
             let t = &base.shards()[si].tensors()[ti];
             if !progress(&t.name, t.nbytes() as u64) {
                 return Err(Error::invalid_argument("cancelled"));
             }
-            Ok(report)
+            Ok(done)
         })
-        .collect::<Result<Vec<Report>>>()?;
+        .collect::<Result<Vec<(Report, TensorDigests)>>>()?;
     let mut total = Report::default();
-    reports.iter().for_each(|r| total.add(r));
+    results.iter().for_each(|r| total.add(&r.0));
     // The shards' fsyncs and sidecars overlap, FINISH_THREADS shards at a time.
-    let mut sidecar_bytes = Vec::with_capacity(shards.len());
+    let mut sidecar_files = Vec::with_capacity(shards.len());
     let mut shards = shards.into_iter().peekable();
     while shards.peek().is_some() {
         let group: Vec<ShardOut> = shards.by_ref().take(FINISH_THREADS).collect();
-        sidecar_bytes.extend(std::thread::scope(|s| {
+        sidecar_files.extend(std::thread::scope(|s| {
             let finishing: Vec<_> = group
                 .into_iter()
                 .map(|shard| s.spawn(move || shard.finish()))
@@ -230,11 +218,198 @@ pub fn run(
             finishing
                 .into_iter()
                 .map(|h| h.join().expect("finishing a shard does not panic"))
-                .collect::<Result<Vec<u64>>>()
+                .collect::<Result<Vec<_>>>()
         })?);
     }
-    total.sidecar_bytes += sidecar_bytes.iter().sum::<u64>();
+    let sidecar_files: Vec<(String, u64, u64)> = sidecar_files.into_iter().flatten().collect();
+    total.sidecar_bytes += sidecar_files.iter().map(|f| f.1).sum::<u64>();
+    if cx.recording() {
+        let mut by_task: HashMap<(usize, usize), TensorDigests> = tasks
+            .iter()
+            .copied()
+            .zip(results.iter().map(|r| r.1))
+            .collect();
+        let shards = base
+            .shards()
+            .iter()
+            .enumerate()
+            .map(|(si, s)| {
+                let tensors = s
+                    .tensors()
+                    .iter()
+                    .enumerate()
+                    .map(|(ti, t)| {
+                        (
+                            t.name.clone(),
+                            by_task.remove(&(si, ti)).expect("every task ran"),
+                        )
+                    })
+                    .collect();
+                let header = digest::of_header(s.raw_header());
+                (shard_name(s), ShardDigests { header, tensors })
+            })
+            .collect();
+        total.digests = Some(Digests {
+            chunk_bytes: CHUNK_BYTES,
+            shards,
+            sidecar: sidecar_files,
+        });
+    }
     Ok(total)
+}
+
+/// Refuses an unmerge that needs sidecar entries it does not have: replaced tensors, DoRA, IA3
+/// vectors with zeros.
+fn refuse_impossible_unmerge(
+    base: &Checkpoint,
+    plan: &MergePlan,
+    sidecars: &HashMap<String, SafeTensorsFile>,
+    sidecar: Option<&Path>,
+) -> Result<()> {
+    for (key, op) in &plan.ops {
+        let (shard, _) = base.get(key).expect("planned against base");
+        let sc = sidecars.get(&shard_name(shard));
+        if let (None, Op::Add(terms)) = (sc, op) {
+            if let Some(vector) = terms.iter().find_map(|t| match &t.kind {
+                TermKind::Scale {
+                    vector, zero: true, ..
+                } => Some(vector),
+                _ => None,
+            }) {
+                return Err(Error::tensor(key, format!(
+                    "was multiplied by IA3 vector '{vector}', which has zero entries: that cannot be \
+                     undone without the exact-unmerge sidecar"
+                )));
+            }
+        }
+        let needs = match op {
+            Op::Replace { .. } => Some(format!("{key}{SUFFIX_ORIGINAL}")),
+            Op::Add(terms)
+                if terms.iter().any(|t| {
+                    matches!(
+                        &t.kind,
+                        TermKind::LowRank {
+                            magnitude: Some(_),
+                            ..
+                        }
+                    )
+                }) =>
+            {
+                Some(format!("{key}{SUFFIX_DORA}"))
+            }
+            Op::Add(_) => None,
+        };
+        if let Some(needed) = needs {
+            let original = format!("{key}{SUFFIX_ORIGINAL}");
+            if sc
+                .and_then(|f| f.get(&needed).or_else(|| f.get(&original)))
+                .is_none()
+            {
+                let why = if matches!(op, Op::Replace { .. }) {
+                    "was replaced by modules_to_save"
+                } else {
+                    "was merged with DoRA, whose row norms"
+                };
+                return Err(Error::tensor(key, format!(
+                    "{why} cannot be undone without the exact-unmerge sidecar ({}: missing '{needed}')",
+                    sidecar.map_or("no sidecar given".to_string(), |d| d.display().to_string())
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Before an unmerge writes anything: the sidecar folder holds exactly the files the merge wrote,
+/// each with its recorded size and digest, and the merged checkpoint has exactly the merge's
+/// shards, each with the header the merge wrote (so the same tensors, shapes, dtypes and places).
+fn verify_inputs(base: &Checkpoint, dir: &Path, expected: &Digests) -> Result<()> {
+    if expected.chunk_bytes != CHUNK_BYTES {
+        return Err(Error::invalid_argument(format!(
+            "{}: the sidecar's digests were computed over {}-byte chunks and this oxpeft uses {CHUNK_BYTES}: \
+             unmerge with the oxpeft version that merged",
+            dir.display(),
+            expected.chunk_bytes
+        )));
+    }
+    let recorded: HashMap<&str, (u64, u64)> = expected
+        .sidecar
+        .iter()
+        .map(|(n, len, d)| (n.as_str(), (*len, *d)))
+        .collect();
+    let listing = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in listing {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") && !recorded.contains_key(name.as_str()) {
+            return Err(Error::invalid_file(
+                entry.path(),
+                "is not a file the merge wrote into its sidecar (renamed, copied in from another merge?)",
+            ));
+        }
+    }
+    for (name, len, want) in &expected.sidecar {
+        let path = dir.join(name);
+        if Path::new(name).file_name() != Some(std::ffi::OsStr::new(name)) {
+            return Err(Error::invalid_file(
+                dir.join("manifest.json"),
+                format!(
+                    "sidecar file name '{name}' is not a plain file name; the sidecar is damaged"
+                ),
+            ));
+        }
+        if !path.exists() {
+            return Err(Error::invalid_file(
+                &path,
+                "is missing: the merge wrote it into the sidecar, and the unmerge needs it",
+            ));
+        }
+        let (got_len, got) = digest::of_file(&path)?;
+        if (got_len, got) != (*len, *want) {
+            return Err(Error::invalid_file(
+                &path,
+                format!(
+                    "differs from the sidecar file the merge wrote ({got_len} bytes with digest {}, recorded: \
+                     {len} bytes with digest {}): the sidecar was changed or damaged",
+                    digest::hex(got),
+                    digest::hex(*want)
+                ),
+            ));
+        }
+    }
+    let shards: HashMap<String, &SafeTensorsFile> =
+        base.shards().iter().map(|s| (shard_name(s), s)).collect();
+    let folder = base
+        .shards()
+        .first()
+        .and_then(|s| s.path().parent())
+        .unwrap_or(Path::new("."));
+    for (name, sd) in &expected.shards {
+        let Some(s) = shards.get(name) else {
+            return Err(Error::invalid_file(
+                folder.join(name),
+                "is missing: the merge the sidecar belongs to wrote this shard",
+            ));
+        };
+        if digest::of_header(s.raw_header()) != sd.header {
+            return Err(Error::invalid_file(
+                s.path(),
+                "its header differs from the one the merge wrote (tensors added, removed, renamed, reshaped \
+                 or moved): this is not the merged checkpoint the sidecar was written for",
+            ));
+        }
+    }
+    let listed: std::collections::HashSet<&str> =
+        expected.shards.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, s) in &shards {
+        if !listed.contains(name.as_str()) {
+            return Err(Error::invalid_file(
+                s.path(),
+                "was not written by the merge the sidecar belongs to",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn shard_name(s: &SafeTensorsFile) -> String {

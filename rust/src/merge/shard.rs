@@ -2,11 +2,13 @@
 //! tensor copied, replaced or merged in row chunks that run in parallel, plus the shard's
 //! exact-unmerge sidecar.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use super::digest::{self, TensorDigests};
 use super::fixlist::{self, FixList};
 use super::kernel::{self, prepare, Fixups, Prepared, Scratch};
 use super::plan::{MergePlan, Op};
@@ -27,10 +29,12 @@ const ORDER_FIXES: u8 = 1;
 const ORDER_SEEK: u8 = 2;
 const ORDER_DORA: u8 = 3;
 
-/// What every tensor task needs: the plan and the mode.
+/// What every tensor task needs: the plan, the mode and, for a checked unmerge, the digests
+/// each tensor must have.
 pub(super) struct Context<'a> {
     pub(super) plan: &'a MergePlan,
     pub(super) mode: &'a Mode,
+    pub(super) expect: Option<HashMap<&'a str, TensorDigests>>,
 }
 
 impl Context<'_> {
@@ -42,10 +46,80 @@ impl Context<'_> {
         matches!(
             self.mode,
             Mode::Merge {
-                exact_unmerge: true
+                exact_unmerge: true,
+                ..
             }
         )
     }
+
+    /// Whether the tasks compute digests: to record them, or to check them.
+    fn hashing(&self) -> bool {
+        self.recording() || self.expect.is_some()
+    }
+
+    fn checks_finite(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::Merge {
+                allow_nonfinite: false,
+                ..
+            }
+        )
+    }
+
+    /// A checked unmerge: `got` must be the digests the merge recorded for tensor `name`.
+    fn check(&self, name: &str, got: TensorDigests) -> Result<()> {
+        let Some(expect) = &self.expect else {
+            return Ok(());
+        };
+        let want = expect.get(name).ok_or_else(|| {
+            Error::tensor(name, "is not in the sidecar's manifest: this is not the merged checkpoint it was written for")
+        })?;
+        if got.merged != want.merged {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "its bytes in the merged checkpoint differ from those the merge wrote (digest {}, recorded {}): \
+                     the merged checkpoint was changed after the merge",
+                    digest::hex(got.merged),
+                    digest::hex(want.merged)
+                ),
+            ));
+        }
+        if got.original != want.original {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "unmerging gives bytes that differ from the original base (digest {}, recorded {}): the \
+                     sidecar, the manifest or the adapters do not restore this tensor",
+                    digest::hex(got.original),
+                    digest::hex(want.original)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Rows per work chunk of a matrix with `row_bytes`-byte rows: about CHUNK_BYTES, in whole
+/// blocks of ROW_BLOCK rows.
+fn chunk_rows(row_bytes: usize) -> usize {
+    (CHUNK_BYTES / (ROW_BLOCK * row_bytes).max(1)).max(1) * ROW_BLOCK
+}
+
+/// Bytes per work chunk of `t`, the unit of the parallel work and of the digests: whole rows of
+/// a matrix (as the merge kernel takes them), a whole vector (merged in one piece), CHUNK_BYTES
+/// of anything else.
+pub(super) fn chunk_bytes(t: &TensorInfo) -> usize {
+    let len = match t.shape.len() {
+        0 | 1 => t.nbytes(),
+        2 => {
+            let row = t.shape[1] * t.dtype.size();
+            chunk_rows(row) * row
+        }
+        _ => CHUNK_BYTES,
+    };
+    len.max(1)
 }
 
 pub(super) struct ShardOut<'a> {
@@ -89,8 +163,10 @@ impl<'a> ShardOut<'a> {
         })
     }
 
-    /// Writes tensor number `pos` of the shard; the caller runs tensors in parallel.
-    pub(super) fn tensor(&self, cx: &Context, pos: usize) -> Result<Report> {
+    /// Writes tensor number `pos` of the shard; the caller runs tensors in parallel. Returns the
+    /// tensor's digests when the context asks for them (zero otherwise), after checking them in a
+    /// checked unmerge.
+    pub(super) fn tensor(&self, cx: &Context, pos: usize) -> Result<(Report, TensorDigests)> {
         let t = &self.shard.tensors()[pos];
         let mut report = Report {
             tensors: 1,
@@ -101,12 +177,19 @@ impl<'a> ShardOut<'a> {
             .sidecar
             .filter(|_| cx.unmerging())
             .and_then(|sc| Some((sc, sc.get(&format!("{}{SUFFIX_ORIGINAL}", t.name))?)));
-        match cx.plan.ops.get(&t.name) {
-            None => self.copy(t)?,
+        let digests = match cx.plan.ops.get(&t.name) {
+            None => {
+                let d = self.copy(t, cx.hashing())?;
+                TensorDigests {
+                    original: d,
+                    merged: d,
+                }
+            }
             Some(Op::Replace { adapter, key }) => {
                 let f = &cx.plan.adapters[*adapter].file;
-                self.replace(cx, t, f, f.require(key)?, &mut report)?;
+                let d = self.replace(cx, t, f, f.require(key)?, &mut report)?;
                 self.keep_original(pos, t);
+                d
             }
             Some(Op::Add(_)) if original.is_some() => {
                 // The sidecar kept the whole original (its fix-up list would have been larger).
@@ -121,13 +204,43 @@ impl<'a> ShardOut<'a> {
                 report.elements_changed += t.numel() as u64;
                 report.sidecar_elements += t.numel() as u64;
                 self.copy_whole(sc, st, t)?;
+                self.restored_whole(cx, sc, st, t)
             }
             Some(Op::Add(terms)) => {
                 let p = prepare(cx.plan, t, terms)?;
-                self.add(cx, pos, t, &p, &mut report)?;
+                self.add(cx, pos, t, &p, &mut report)?
             }
+        };
+        cx.check(&t.name, digests)?;
+        Ok((report, digests))
+    }
+
+    /// The digests of a tensor that an unmerge restores by copying its original from the sidecar
+    /// (`st`): that original's, and the merged tensor's as the input holds it.
+    fn restored_whole(
+        &self,
+        cx: &Context,
+        sc: &SafeTensorsFile,
+        st: &TensorInfo,
+        t: &TensorInfo,
+    ) -> TensorDigests {
+        if !cx.hashing() {
+            return TensorDigests {
+                original: 0,
+                merged: 0,
+            };
         }
-        Ok(report)
+        TensorDigests {
+            original: digest::of_slice(sc.data(st), chunk_bytes(t)),
+            merged: self.digest_of_input(t),
+        }
+    }
+
+    /// The digest of tensor `t` of the input shard, whose pages are given back afterwards.
+    fn digest_of_input(&self, t: &TensorInfo) -> u64 {
+        let d = digest::of_slice(self.shard.data(t), chunk_bytes(t));
+        self.shard.release(t, 0, t.nbytes());
+        d
     }
 
     /// Records in the sidecar that tensor `pos` is restored by copying its original.
@@ -146,9 +259,10 @@ impl<'a> ShardOut<'a> {
     }
 
     /// Fsyncs and renames the shard into place and, at the same time on another thread, writes
-    /// its sidecar; returns the sidecar's size. Both mostly wait for the disk, so the shards'
-    /// finishes run on threads of their own rather than on the (busy or CPU-sized) pool.
-    pub(super) fn finish(self) -> Result<u64> {
+    /// its sidecar; returns the sidecar file's name, size and digest. Both mostly wait for the
+    /// disk, so the shards' finishes run on threads of their own rather than on the (busy or
+    /// CPU-sized) pool.
+    pub(super) fn finish(self) -> Result<Option<(String, u64, u64)>> {
         let ShardOut {
             shard,
             writer,
@@ -158,26 +272,40 @@ impl<'a> ShardOut<'a> {
         std::thread::scope(|s| {
             let sidecar = spill.map(|sp| s.spawn(move || sp.finish(shard)));
             writer.finish()?;
-            match sidecar {
-                Some(h) => h.join().expect("the sidecar writer does not panic"),
-                None => Ok(0),
-            }
+            sidecar
+                .map(|h| h.join().expect("the sidecar writer does not panic"))
+                .transpose()
         })
     }
 
     /// Copies an unchanged tensor: each piece is written straight from the base's mapping and
     /// then released. Measured against `copy_file_range` (which on ext4 without reflinks splices
     /// page by page): about 0.04 CPU-s less per GiB copied.
-    fn copy(&self, t: &TensorInfo) -> Result<()> {
+    /// Returns the tensor's digest when `hash` (0 otherwise), each chunk hashed as it is copied.
+    fn copy(&self, t: &TensorInfo, hash: bool) -> Result<u64> {
         let data = self.shard.data(t);
-        let pieces = data.len().div_ceil(CHUNK_BYTES);
-        let release = ChunkRelease::new(self.shard, t, CHUNK_BYTES);
-        (0..pieces).into_par_iter().try_for_each(|i| {
-            let (from, to) = (i * CHUNK_BYTES, ((i + 1) * CHUNK_BYTES).min(data.len()));
-            self.writer
-                .write_at((t.begin + from) as u64, &data[from..to])?;
-            release.complete(i);
-            Ok(())
+        let piece = chunk_bytes(t);
+        let pieces = data.len().div_ceil(piece);
+        let release = ChunkRelease::new(self.shard, t, piece);
+        let hashes = (0..pieces)
+            .into_par_iter()
+            .map(|i| {
+                let (from, to) = (i * piece, ((i + 1) * piece).min(data.len()));
+                let h = if hash {
+                    digest::chunk(i, &data[from..to])
+                } else {
+                    0
+                };
+                self.writer
+                    .write_at((t.begin + from) as u64, &data[from..to])?;
+                release.complete(i);
+                Ok(h)
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(if hash {
+            digest::combine(data.len() as u64, &hashes)
+        } else {
+            0
         })
     }
 
@@ -194,16 +322,29 @@ impl<'a> ShardOut<'a> {
         f: &SafeTensorsFile,
         src: &TensorInfo,
         report: &mut Report,
-    ) -> Result<()> {
+    ) -> Result<TensorDigests> {
         report.tensors_changed += 1;
         report.elements_changed += t.numel() as u64;
         if cx.unmerging() {
             let sc = self.sidecar.expect("checked before writing");
             report.sidecar_elements += t.numel() as u64;
-            return self.copy_whole(sc, sc.require(&format!("{}{SUFFIX_ORIGINAL}", t.name))?, t);
+            let st = sc.require(&format!("{}{SUFFIX_ORIGINAL}", t.name))?;
+            self.copy_whole(sc, st, t)?;
+            return Ok(self.restored_whole(cx, sc, st, t));
         }
+        let hash = cx.hashing();
+        let digest_of = |bytes: &[u8]| {
+            if hash {
+                digest::of_slice(bytes, chunk_bytes(t))
+            } else {
+                0
+            }
+        };
+        let original = if hash { self.digest_of_input(t) } else { 0 };
         if src.dtype == t.dtype {
-            return self.copy_whole(f, src, t);
+            self.copy_whole(f, src, t)?;
+            let merged = digest_of(f.data(src));
+            return Ok(TensorDigests { original, merged });
         }
         let (from, to) = (
             FloatType::of(src.dtype).expect("planned"),
@@ -214,7 +355,11 @@ impl<'a> ShardOut<'a> {
         for i in 0..t.numel() {
             to.store_bits(&mut out, i, to.round_bits(from.load(data, i)));
         }
-        self.writer.write_at(t.begin as u64, &out)
+        self.writer.write_at(t.begin as u64, &out)?;
+        Ok(TensorDigests {
+            original,
+            merged: digest_of(&out),
+        })
     }
 
     fn add(
@@ -224,12 +369,17 @@ impl<'a> ShardOut<'a> {
         t: &TensorInfo,
         p: &Prepared,
         report: &mut Report,
-    ) -> Result<()> {
+    ) -> Result<TensorDigests> {
         report.tensors_changed += 1;
         report.elements_changed += t.numel() as u64;
         let row_bytes = p.cols * p.ft.size();
-        let chunk_rows = (CHUNK_BYTES / (ROW_BLOCK * row_bytes).max(1)).max(1) * ROW_BLOCK;
+        let chunk_rows = chunk_rows(row_bytes);
+        debug_assert_eq!(
+            (chunk_rows.min(p.rows) * row_bytes).max(1),
+            chunk_bytes(t).min(t.nbytes().max(1))
+        );
         let n_chunks = p.rows.div_ceil(chunk_rows);
+        let (hash, check_finite) = (cx.hashing(), cx.checks_finite());
         let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
         let (unmerge, record) = (cx.unmerging(), cx.recording());
         let fixes = match (unmerge, self.sidecar) {
@@ -239,11 +389,12 @@ impl<'a> ShardOut<'a> {
 
         let data = self.shard.data(t);
         let release = ChunkRelease::new(self.shard, t, chunk_rows * row_bytes);
-        let chunks: Vec<(Fixups, u64)> = (0..n_chunks)
+        // Per chunk: its fix-ups, the elements restored, and the hashes of its input and output.
+        let chunks: Vec<(Fixups, u64, u64, u64)> = (0..n_chunks)
             .into_par_iter()
             .map_init(
                 || Scratch::new(p),
-                |scratch, ci| -> Result<(Fixups, u64)> {
+                |scratch, ci| -> Result<(Fixups, u64, u64, u64)> {
                     let row0 = ci * chunk_rows;
                     let nrows = chunk_rows.min(p.rows - row0);
                     let src = &data[row0 * row_bytes..(row0 + nrows) * row_bytes];
@@ -261,13 +412,26 @@ impl<'a> ShardOut<'a> {
                         }
                     }
                     let restored = fixes.apply(p, row0 * p.cols, nrows * p.cols, &mut buf);
-                    let written = self
-                        .writer
-                        .write_at((t.begin + row0 * row_bytes) as u64, &buf);
+                    let nonfinite = if check_finite {
+                        first_new_nonfinite(p.ft, src, &buf)
+                    } else {
+                        None
+                    };
+                    let hashes = if hash {
+                        (digest::chunk(ci, src), digest::chunk(ci, &buf))
+                    } else {
+                        (0, 0)
+                    };
+                    let written = match nonfinite {
+                        Some(k) => Err(nonfinite_error(t, p, row0 * p.cols + k, p.ft.load(src, k))),
+                        None => self
+                            .writer
+                            .write_at((t.begin + row0 * row_bytes) as u64, &buf),
+                    };
                     give_back_buffer(buf);
                     written?;
                     release.complete(ci);
-                    Ok((fix, restored))
+                    Ok((fix, restored, hashes.0, hashes.1))
                 },
             )
             .collect::<Result<_>>()?;
@@ -279,9 +443,32 @@ impl<'a> ShardOut<'a> {
             }
         }
         report.sidecar_elements += chunks.iter().map(|c| c.1).sum::<u64>();
-        let result = self.spill_fixups(pos, t, p, chunk_rows, n_dora, &chunks, report);
-        give_back_fixups(chunks.into_iter().map(|c| c.0));
-        result
+        let (fixups, hashes): (Vec<(Fixups, u64)>, Vec<(u64, u64)>) = chunks
+            .into_iter()
+            .map(|(fix, restored, h_in, h_out)| ((fix, restored), (h_in, h_out)))
+            .unzip();
+        let result = self.spill_fixups(pos, t, p, chunk_rows, n_dora, &fixups, report);
+        give_back_fixups(fixups.into_iter().map(|c| c.0));
+        result?;
+        let len = t.nbytes() as u64;
+        let (h_in, h_out): (Vec<u64>, Vec<u64>) = hashes.into_iter().unzip();
+        let (input, output) = (digest::combine(len, &h_in), digest::combine(len, &h_out));
+        Ok(if !hash {
+            TensorDigests {
+                original: 0,
+                merged: 0,
+            }
+        } else if cx.unmerging() {
+            TensorDigests {
+                original: output,
+                merged: input,
+            }
+        } else {
+            TensorDigests {
+                original: input,
+                merged: output,
+            }
+        })
     }
 
     /// Writes tensor `pos`'s sidecar entries from its chunks' fix-up lists.
@@ -413,6 +600,45 @@ fn take_buffer(len: usize) -> Vec<u8> {
 
 fn give_back_buffer(buf: Vec<u8>) {
     CHUNK_BUFFER.set(buf);
+}
+
+/// The first element of `out` that is not finite (inf or NaN) while the same element of `src`
+/// is; almost always none, which a branch-free count over the whole chunk finds quickly.
+fn first_new_nonfinite(ft: FloatType, src: &[u8], out: &[u8]) -> Option<usize> {
+    let exponent = match ft {
+        FloatType::BF16 => 0x7f80,
+        FloatType::F16 => 0x7c00,
+        FloatType::F32 => 0x7f80_0000,
+    };
+    let nonfinite = |bytes: &[u8], i: usize| ft.load_bits(bytes, i) & exponent == exponent;
+    let any = match ft {
+        FloatType::BF16 | FloatType::F16 => out
+            .chunks_exact(2)
+            .map(|b| (u16::from_le_bytes([b[0], b[1]]) as u32 & exponent == exponent) as usize)
+            .sum::<usize>(),
+        FloatType::F32 => out
+            .chunks_exact(4)
+            .map(|b| (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & exponent == exponent) as usize)
+            .sum::<usize>(),
+    };
+    if any == 0 {
+        return None;
+    }
+    (0..out.len() / ft.size()).find(|&i| nonfinite(out, i) && !nonfinite(src, i))
+}
+
+fn nonfinite_error(t: &TensorInfo, p: &Prepared, element: usize, was: f32) -> Error {
+    Error::tensor(
+        &t.name,
+        format!(
+            "merging gives a non-finite value (inf or NaN) at [{}, {}], where the base holds {was}: the \
+             adapters' delta overflows {:?} (check lora_alpha, the scaling and the merge weights); pass \
+             allow_nonfinite=True to write it anyway",
+            element / p.cols.max(1),
+            element % p.cols.max(1),
+            t.dtype
+        ),
+    )
 }
 
 /// An unmerge's inputs from the sidecar for one tensor: DoRA's row factors and the sorted list

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::CHUNK_BYTES;
+use super::{digest, CHUNK_BYTES};
 use crate::checkpoint::pio::{read_exact_at, write_all_at};
 use crate::checkpoint::{SafeTensorsFile, StreamingWriter, TensorSpec};
 use crate::{Error, Result};
@@ -80,8 +80,9 @@ impl SidecarSpill {
             .push((order, spec, Source::Base(base_name.to_string())));
     }
 
-    /// Writes the sidecar shard (header first) and removes the spill; returns its size.
-    pub(super) fn finish(self, base: &SafeTensorsFile) -> Result<u64> {
+    /// Writes the sidecar shard (header first) and removes the spill; returns its name, size
+    /// and digest (for the manifest).
+    pub(super) fn finish(self, base: &SafeTensorsFile) -> Result<(String, u64, u64)> {
         let mut entries = std::mem::replace(
             &mut *self.entries.lock().expect("no panics while locked"),
             Entries {
@@ -126,9 +127,8 @@ impl SidecarSpill {
         }
         w.finish()?;
         std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(std::fs::metadata(&out)
-            .map_err(|e| Error::io(&out, e))?
-            .len())
+        let (len, digest) = digest::of_file(&out)?;
+        Ok((self.name.clone(), len, digest))
     }
 }
 

@@ -149,6 +149,7 @@ fn merge_is_single_rounding_and_unmerge_with_sidecar_is_exact() {
         "merged",
         Mode::Merge {
             exact_unmerge: true,
+            allow_nonfinite: false,
         },
     );
     assert_eq!((rep.tensors, rep.tensors_changed), (3, 2));
@@ -188,12 +189,21 @@ fn merge_is_single_rounding_and_unmerge_with_sidecar_is_exact() {
         "restored",
         Mode::Unmerge {
             sidecar: Some(out.join(SIDECAR_DIR)),
+            expected: rep.digests.clone(),
         },
     );
     assert_eq!(rep2.sidecar_elements, rep.sidecar_elements);
     let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
     assert_eq!(bytes(&c.base), bytes(&restored));
-    let (approx, _) = run_to(&c, &out, "approx", Mode::Unmerge { sidecar: None });
+    let (approx, _) = run_to(
+        &c,
+        &out,
+        "approx",
+        Mode::Unmerge {
+            sidecar: None,
+            expected: None,
+        },
+    );
     let ap = SafeTensorsFile::open(approx.join("model.safetensors")).unwrap();
     let differing = (0..189)
         .filter(|&i| {
@@ -214,6 +224,7 @@ fn dora_unmerge_needs_and_uses_the_sidecar() {
         "merged",
         Mode::Merge {
             exact_unmerge: true,
+            allow_nonfinite: false,
         },
     );
     let merged = Checkpoint::open(&out).unwrap();
@@ -222,7 +233,10 @@ fn dora_unmerge_needs_and_uses_the_sidecar() {
         &merged,
         &plan,
         &out,
-        &Mode::Unmerge { sidecar: None },
+        &Mode::Unmerge {
+            sidecar: None,
+            expected: None,
+        },
         &|_, _| true,
     )
     .unwrap_err()
@@ -234,6 +248,7 @@ fn dora_unmerge_needs_and_uses_the_sidecar() {
         "restored",
         Mode::Unmerge {
             sidecar: Some(out.join(SIDECAR_DIR)),
+            expected: None,
         },
     );
     let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
@@ -321,6 +336,7 @@ fn a_huge_delta_keeps_the_original_instead_of_a_longer_fix_list() {
         let plan = MergePlan::build(&ck, &inputs(&c, 1e4), false).unwrap();
         let mode = Mode::Merge {
             exact_unmerge: true,
+            allow_nonfinite: false,
         };
         let rep = run(&ck, &plan, &out, &mode, &|_, _| true).unwrap();
         let sc = SafeTensorsFile::open(out.join(SIDECAR_DIR).join("model.safetensors")).unwrap();
@@ -341,6 +357,7 @@ fn a_huge_delta_keeps_the_original_instead_of_a_longer_fix_list() {
         let plan = MergePlan::build(&merged, &inputs(&c, 1e4), true).unwrap();
         let mode = Mode::Unmerge {
             sidecar: Some(out.join(SIDECAR_DIR)),
+            expected: None,
         };
         run(&merged, &plan, &back, &mode, &|_, _| true).unwrap();
         let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
@@ -357,6 +374,7 @@ fn a_format_1_sidecar_still_unmerges_exactly() {
     let c = case(CFG, [3, 21], false);
     let merge = Mode::Merge {
         exact_unmerge: true,
+        allow_nonfinite: false,
     };
     let (out, rep) = run_to(&c, &c.base, "merged", merge);
     assert!(rep.sidecar_elements > 0);
@@ -407,9 +425,93 @@ fn a_format_1_sidecar_still_unmerges_exactly() {
 
     let unmerge = Mode::Unmerge {
         sidecar: Some(out.join(SIDECAR_DIR)),
+        expected: None,
     };
     let (restored, rep2) = run_to(&c, &out, "restored", unmerge);
     assert_eq!(rep2.sidecar_elements, rep.sidecar_elements);
     let bytes = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
     assert_eq!(bytes(&c.base), bytes(&restored));
+}
+
+/// With the merge's digests an unmerge refuses a damaged sidecar before writing, and a changed
+/// merged tensor or a restore that does not give the original back, naming the tensor.
+#[test]
+fn checked_unmerge_names_what_differs() {
+    let c = case(CFG, [3, 21], false);
+    let merge = Mode::Merge {
+        exact_unmerge: true,
+        allow_nonfinite: false,
+    };
+    let (out, rep) = run_to(&c, &c.base, "merged", merge);
+    let digests = rep.digests.clone().expect("recorded with the sidecar");
+    let unmerge = |from: &Path, weight: f64, expected: &Digests| -> String {
+        let back = from.parent().unwrap().join("back");
+        let _ = std::fs::remove_dir_all(&back);
+        std::fs::create_dir_all(&back).unwrap();
+        let ck = Checkpoint::open(from).unwrap();
+        let plan = MergePlan::build(&ck, &inputs(&c, weight), true).unwrap();
+        let mode = Mode::Unmerge {
+            sidecar: Some(out.join(SIDECAR_DIR)),
+            expected: Some(expected.clone()),
+        };
+        match run(&ck, &plan, &back, &mode, &|_, _| true) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(unmerge(&out, 0.5, &digests), "ok");
+    // Other weights than the merge's: the restore is not the original.
+    let e = unmerge(&out, 0.25, &digests);
+    assert!(
+        e.contains("m.proj.weight") && e.contains("differ from the original base"),
+        "{e}"
+    );
+    // A merged element changed after the merge.
+    let shard = out.join("model.safetensors");
+    let pristine = std::fs::read(&shard).unwrap();
+    let mut bytes = pristine.clone();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    let e = unmerge(&out, 0.5, &digests);
+    assert!(e.contains("changed after the merge"), "{e}");
+    std::fs::write(&shard, &pristine).unwrap();
+    // One flipped bit in the sidecar: refused before anything is read from it.
+    let sc = out.join(SIDECAR_DIR).join("model.safetensors");
+    let mut bytes = std::fs::read(&sc).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 4;
+    std::fs::write(&sc, &bytes).unwrap();
+    let e = unmerge(&out, 0.5, &digests);
+    assert!(
+        e.contains("oxpeft-unmerge/model.safetensors") && e.contains("changed or damaged"),
+        "{e}"
+    );
+    std::fs::remove_file(&sc).unwrap();
+    let e = unmerge(&out, 0.5, &digests);
+    assert!(e.contains("is missing"), "{e}");
+}
+
+/// A merge whose result overflows the dtype is refused, naming the tensor and element, unless
+/// allowed.
+#[test]
+fn nonfinite_merges_are_refused_unless_allowed() {
+    let c = case(CFG, [3, 21], false);
+    let ck = Checkpoint::open(&c.base).unwrap();
+    let plan = MergePlan::build(&ck, &inputs(&c, 1e300), false).unwrap();
+    let out = c.base.parent().unwrap().join("inf");
+    std::fs::create_dir_all(&out).unwrap();
+    let mode = |allow_nonfinite| Mode::Merge {
+        exact_unmerge: false,
+        allow_nonfinite,
+    };
+    let e = run(&ck, &plan, &out, &mode(false), &|_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m.proj.weight")
+            && e.contains("non-finite")
+            && e.contains("allow_nonfinite=True"),
+        "{e}"
+    );
+    run(&ck, &plan, &out, &mode(true), &|_, _| true).unwrap();
 }

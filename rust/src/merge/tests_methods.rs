@@ -140,6 +140,7 @@ fn check(s: &Setup, dtype: Dtype, weights: &[f64], want_w: &[f32], want_b: &[f32
         weights,
         Mode::Merge {
             exact_unmerge: true,
+            allow_nonfinite: false,
         },
     )
     .unwrap();
@@ -156,6 +157,7 @@ fn check(s: &Setup, dtype: Dtype, weights: &[f64], want_w: &[f32], want_b: &[f32
         weights,
         Mode::Unmerge {
             sidecar: Some(merged.join(SIDECAR_DIR)),
+            expected: report.digests.clone(),
         },
     )
     .unwrap();
@@ -217,6 +219,7 @@ fn ia3_conv1d_layout_and_shape_disagreeing_with_config() {
         &[1.0],
         Mode::Merge {
             exact_unmerge: false,
+            allow_nonfinite: false,
         },
     )
     .unwrap_err()
@@ -255,7 +258,10 @@ fn ia3_zero_factor_needs_the_sidecar() {
         &merged,
         "approx",
         &[1.0],
-        Mode::Unmerge { sidecar: None },
+        Mode::Unmerge {
+            sidecar: None,
+            expected: None,
+        },
     )
     .unwrap_err()
     .to_string();
@@ -273,10 +279,21 @@ fn ia3_zero_factor_needs_the_sidecar() {
         &[1.0],
         Mode::Merge {
             exact_unmerge: false,
+            allow_nonfinite: false,
         },
     )
     .unwrap();
-    let back = run_to(&s, &merged, "b", &[1.0], Mode::Unmerge { sidecar: None }).unwrap();
+    let back = run_to(
+        &s,
+        &merged,
+        "b",
+        &[1.0],
+        Mode::Unmerge {
+            sidecar: None,
+            expected: None,
+        },
+    )
+    .unwrap();
     let want: Vec<u32> = (0..ROWS * COLS)
         .map(|e| ((s.w[e] * v[e / COLS]) / v[e / COLS]).to_bits())
         .collect();

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::checkpoint::Checkpoint;
-use crate::merge::{self, AdapterInput, MergePlan, Mode, Report};
+use crate::merge::{self, AdapterInput, Digests, MergePlan, Mode, Report};
 
 /// (adapter folder, weights file, weight) as passed from Python.
 type PyAdapter = (PathBuf, PathBuf, f64);
@@ -94,14 +94,18 @@ fn run(
     d.set_item("elements_changed", r.elements_changed)?;
     d.set_item("sidecar_elements", r.sidecar_elements)?;
     d.set_item("sidecar_bytes", r.sidecar_bytes)?;
+    if let Some(digests) = &r.digests {
+        d.set_item("digests", digests.to_json().to_string())?;
+    }
     Ok(d.unbind())
 }
 
 /// Merges `adapters` into the checkpoint in `base`, writing its shards into the existing folder
-/// `out` (and the exact-unmerge sidecar into `out/oxpeft-unmerge/` when asked). Nothing is
-/// written when an adapter does not fit the base.
+/// `out` (and the exact-unmerge sidecar into `out/oxpeft-unmerge/` when asked, with the digests
+/// for its manifest as JSON under "digests"). Nothing is written when an adapter does not fit
+/// the base; a non-finite merged element is an error unless `allow_nonfinite`.
 #[pyfunction]
-#[pyo3(signature = (base, adapters, out, exact_unmerge=true, progress=None))]
+#[pyo3(signature = (base, adapters, out, exact_unmerge=true, progress=None, allow_nonfinite=false))]
 fn merge_checkpoint(
     py: Python<'_>,
     base: PathBuf,
@@ -109,21 +113,27 @@ fn merge_checkpoint(
     out: PathBuf,
     exact_unmerge: bool,
     progress: Option<Py<PyAny>>,
+    allow_nonfinite: bool,
 ) -> PyResult<Py<PyDict>> {
     run(
         py,
         base,
         adapters,
         out,
-        Mode::Merge { exact_unmerge },
+        Mode::Merge {
+            exact_unmerge,
+            allow_nonfinite,
+        },
         progress,
     )
 }
 
 /// Subtracts `adapters` from the merged checkpoint in `merged`, writing into `out`; with the
-/// sidecar folder the result is the original base bit for bit.
+/// sidecar folder the result is the original base bit for bit, and with the merge's digests
+/// (`digests`: the manifest's JSON object, read from `manifest` for messages) it is checked to be.
 #[pyfunction]
-#[pyo3(signature = (merged, adapters, out, sidecar=None, progress=None))]
+#[pyo3(signature = (merged, adapters, out, sidecar=None, progress=None, digests=None, manifest=None))]
+#[allow(clippy::too_many_arguments)]
 fn unmerge_checkpoint(
     py: Python<'_>,
     merged: PathBuf,
@@ -131,13 +141,27 @@ fn unmerge_checkpoint(
     out: PathBuf,
     sidecar: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
+    digests: Option<String>,
+    manifest: Option<PathBuf>,
 ) -> PyResult<Py<PyDict>> {
+    let manifest = manifest.unwrap_or_else(|| PathBuf::from("manifest.json"));
+    let expected = digests
+        .map(|text| {
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                crate::Error::invalid_file(
+                    &manifest,
+                    format!("field 'digests' is not valid JSON ({e})"),
+                )
+            })?;
+            Digests::from_json(&value, &manifest)
+        })
+        .transpose()?;
     run(
         py,
         merged,
         adapters,
         out,
-        Mode::Unmerge { sidecar },
+        Mode::Unmerge { sidecar, expected },
         progress,
     )
 }
