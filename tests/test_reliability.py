@@ -144,3 +144,53 @@ def test_a_huge_rank_in_a_new_adapter_is_one_clear_error():
     with pytest.raises(ValueError, match=r"r=1000000000000 needs about .* GiB of adapter weights .* choose a smaller r"):
         oxpeft.get_peft_model(model, _lora(r=10**12))
     assert not any(isinstance(m, oxpeft.tuners.lora.LoraLayer) for m in model.modules())
+
+
+def test_a_look_around_pattern_that_exhausts_the_budget_is_one_clear_error():
+    """Back-references and look-around backtrack (the regex crate cannot run them); on a long module name a pattern
+    like `((a+)+)\\2x` runs out of the step budget in milliseconds and is refused naming the field, not a hang."""
+
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, "a" * 40, torch.nn.Linear(4, 4))
+
+    for field, value in [("target_modules", r"((a+)+)\2x"), ("rank_pattern", {r"(a|aa)+\1(?=c)c": 2})]:
+        kwargs = {"target_modules": ["a" * 40], field: value}
+        with _time_limit(10):
+            with pytest.raises(ValueError, match=rf"{field}: the regex .* cannot be used: .*backtracking"):
+                oxpeft.get_peft_model(Wide(), oxpeft.LoraConfig(r=2, **kwargs))
+
+
+def test_ctrl_c_stops_a_quantisation_within_a_second(tmp_path):
+    """quantize_model runs one native call per layer (each well under a second), so a signal stops it between
+    two layers: KeyboardInterrupt for Ctrl-C, the default exit for SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "quantise.py"
+    script.write_text(
+        "import sys, torch, oxpeft\n"
+        "from oxpeft.quant import QuantizationConfig, quantize_model\n"
+        "model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(400)])\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    quantize_model(model, QuantizationConfig(load_in_4bit=True))\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(130)\n"
+        "print('finished', flush=True)\n"
+    )
+    for signum, code in [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)]:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # quantising
+        assert proc.poll() is None, "the quantisation ended before it could be stopped"
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - sent < 1.5, signum
+        assert proc.returncode == code, (signum, out, err)
+        assert "finished" not in out

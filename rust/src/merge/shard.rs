@@ -400,6 +400,8 @@ impl<'a> ShardOut<'a> {
                     let src = &data[row0 * row_bytes..(row0 + nrows) * row_bytes];
                     let mut buf = take_buffer(nrows * row_bytes);
                     let mut fix = take_fixups();
+                    // The input is hashed before the kernel reads it: it then comes from cache.
+                    let h_in = if hash { digest::chunk(ci, src) } else { 0 };
                     let blocks = buf
                         .chunks_mut(ROW_BLOCK * row_bytes)
                         .zip(src.chunks(ROW_BLOCK * row_bytes));
@@ -417,11 +419,7 @@ impl<'a> ShardOut<'a> {
                     } else {
                         None
                     };
-                    let hashes = if hash {
-                        (digest::chunk(ci, src), digest::chunk(ci, &buf))
-                    } else {
-                        (0, 0)
-                    };
+                    let h_out = if hash { digest::chunk(ci, &buf) } else { 0 };
                     let written = match nonfinite {
                         Some(k) => Err(nonfinite_error(t, p, row0 * p.cols + k, p.ft.load(src, k))),
                         None => self
@@ -431,7 +429,7 @@ impl<'a> ShardOut<'a> {
                     give_back_buffer(buf);
                     written?;
                     release.complete(ci);
-                    Ok((fix, restored, hashes.0, hashes.1))
+                    Ok((fix, restored, h_in, h_out))
                 },
             )
             .collect::<Result<_>>()?;
@@ -443,10 +441,14 @@ impl<'a> ShardOut<'a> {
             }
         }
         report.sidecar_elements += chunks.iter().map(|c| c.1).sum::<u64>();
-        let (fixups, hashes): (Vec<(Fixups, u64)>, Vec<(u64, u64)>) = chunks
+        let mut hashes = Vec::with_capacity(chunks.len());
+        let fixups: Vec<(Fixups, u64)> = chunks
             .into_iter()
-            .map(|(fix, restored, h_in, h_out)| ((fix, restored), (h_in, h_out)))
-            .unzip();
+            .map(|(fix, restored, h_in, h_out)| {
+                hashes.push((h_in, h_out));
+                (fix, restored)
+            })
+            .collect();
         let result = self.spill_fixups(pos, t, p, chunk_rows, n_dora, &fixups, report);
         give_back_fixups(fixups.into_iter().map(|c| c.0));
         result?;
@@ -603,27 +605,52 @@ fn give_back_buffer(buf: Vec<u8>) {
 }
 
 /// The first element of `out` that is not finite (inf or NaN) while the same element of `src`
-/// is; almost always none, which a branch-free count over the whole chunk finds quickly.
+/// is. Almost always there is none, which one vectorised pass finds: the largest exponent field
+/// of the chunk is all ones only if some element is inf or NaN.
 fn first_new_nonfinite(ft: FloatType, src: &[u8], out: &[u8]) -> Option<usize> {
+    fn any_all_ones<T: Copy + Ord + Default>(words: &[T], mask: impl Fn(T) -> T, all: T) -> bool {
+        words.iter().fold(T::default(), |m, &w| m.max(mask(w))) == all
+    }
+    let found = match ft {
+        FloatType::BF16 | FloatType::F16 => {
+            let exponent: u16 = if ft == FloatType::BF16 {
+                0x7f80
+            } else {
+                0x7c00
+            };
+            // SAFETY: any two bytes are a valid u16; align_to gives the aligned middle.
+            let (head, mid, tail) = unsafe { out.align_to::<u16>() };
+            let edge = |b: &[u8]| {
+                b.chunks_exact(2)
+                    .any(|c| u16::from_le_bytes([c[0], c[1]]) & exponent == exponent)
+            };
+            (head.len() % 2 != 0)
+                || edge(head)
+                || edge(tail)
+                || any_all_ones(mid, |w| u16::from_le(w) & exponent, exponent)
+        }
+        FloatType::F32 => {
+            let (head, mid, tail) = unsafe { out.align_to::<u32>() };
+            let edge = |b: &[u8]| {
+                b.chunks_exact(4).any(|c| {
+                    u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
+                })
+            };
+            (head.len() % 4 != 0)
+                || edge(head)
+                || edge(tail)
+                || any_all_ones(mid, |w| u32::from_le(w) & 0x7f80_0000, 0x7f80_0000)
+        }
+    };
+    if !found {
+        return None;
+    }
     let exponent = match ft {
         FloatType::BF16 => 0x7f80,
         FloatType::F16 => 0x7c00,
         FloatType::F32 => 0x7f80_0000,
     };
     let nonfinite = |bytes: &[u8], i: usize| ft.load_bits(bytes, i) & exponent == exponent;
-    let any = match ft {
-        FloatType::BF16 | FloatType::F16 => out
-            .chunks_exact(2)
-            .map(|b| (u16::from_le_bytes([b[0], b[1]]) as u32 & exponent == exponent) as usize)
-            .sum::<usize>(),
-        FloatType::F32 => out
-            .chunks_exact(4)
-            .map(|b| (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & exponent == exponent) as usize)
-            .sum::<usize>(),
-    };
-    if any == 0 {
-        return None;
-    }
     (0..out.len() / ft.size()).find(|&i| nonfinite(out, i) && !nonfinite(src, i))
 }
 
