@@ -328,3 +328,21 @@ def test_a_dead_runs_partial_output_is_removed_by_the_next_run(checkpoint, tmp_p
     assert out.returncode == 0, out.stderr
     assert not stale.exists() and alive.is_dir()
     assert (tmp_path / "OUT" / "model.safetensors").is_file()
+
+
+def test_config_check_of_a_huge_config_prints_a_short_report(tmp_path):
+    """A 300,000-entry target_modules and a 2 MB unknown field: each is shown by its start and its size, not
+    echoed (a 50 MB config used to print ~100 MB)."""
+    config = {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": [f"module_{i}" for i in range(300_000)],
+        "my_notes": "x" * 2_000_000,
+    }
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    out = run("config", "check", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) < 2000, out.stdout[:3000]
+    assert '["module_0", "module_1", "module_2", ...] (300,000 entries)' in out.stdout
+    assert "(2,000,002 characters)" in out.stdout

@@ -43,6 +43,27 @@ def _ranges(report: dict) -> str:
     return ", ".join(spans) if spans else "none of the releases oxpeft knows"
 
 
+_SHOWN_CHARS = 80
+
+
+def _shown(value) -> str:
+    """A config value for the human report: its JSON, or for a long one its start and its size (a 3-million-entry
+    target_modules is one line, not 50 MB of output)."""
+    if isinstance(value, (list, dict)) and len(value) > _SHOWN_CHARS:
+        text = json.dumps(value[:4] if isinstance(value, list) else dict(list(value.items())[:4]))  # never all of it
+    else:
+        text = json.dumps(value)
+        if len(text) <= _SHOWN_CHARS:
+            return text
+    if isinstance(value, list):
+        head = json.dumps(value[:3])[:-1]
+        return f"{head[:_SHOWN_CHARS]}, ...] ({len(value):,} entries)"
+    if isinstance(value, dict):
+        head = json.dumps(dict(list(value.items())[:3]))[:-1]
+        return f"{head[:_SHOWN_CHARS]}, ...}} ({len(value):,} keys)"
+    return f"{text[:_SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     path = _config_path(args.dir)
     try:
@@ -61,7 +82,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     else:
         print(f"  migratable to:  PEFT {report['min_peft_version']} or later (oxpeft config migrate DIR --to VERSION)")
     uses = [
-        f"{u['field']}={json.dumps(u['value'])}" + (f" (PEFT >= {u['since']})" if u["since"] != "0.2.0" else "")
+        f"{u['field']}={_shown(u['value'])}" + (f" (PEFT >= {u['since']})" if u["since"] != "0.2.0" else "")
         for u in report["features"]
     ]
     print(f"  uses:           {', '.join(uses) if uses else 'only defaults'}")
@@ -70,7 +91,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         print("  note: PEFT 0.3 reads only adapter_model.bin weights; 0.4 on also read adapter_model.safetensors")
     for unknown in report["unknown_fields"]:
         kind = "neutral, dropped on load" if unknown["neutral"] else "NOT neutral, refused on load"
-        print(f"  unknown field:  {unknown['field']}={json.dumps(unknown['value'])} ({kind})")
+        print(f"  unknown field:  {_shown(unknown['field'])}={_shown(unknown['value'])} ({kind})")
     for note in report["notes"]:
         print(f"  note: {note}")
     return 0

@@ -270,7 +270,7 @@ const OXPEFT_LABEL: &str = "+oxpeft.";
 /// for, and which features it uses.
 pub fn inspect(config: &Value) -> Result<Inspection> {
     let raw = as_object(config)?;
-    let upgraded = upgrade(config, false)?;
+    let mut upgraded = upgrade(config, false)?;
     let full = upgraded
         .config
         .as_object()
@@ -278,35 +278,38 @@ pub fn inspect(config: &Value) -> Result<Inspection> {
     let method = method_of(raw)?;
     let writer = Writer::detect(raw, method);
 
-    let mut features: Vec<Used> = method
+    // Which fields are used, and since when; their values are moved out of the upgraded copy
+    // afterwards (a 50 MB target_modules list is not copied again).
+    let mut used: Vec<(&'static str, Version)> = method
         .fields()
         .into_iter()
         .filter(|field| field.role != Role::Meta && matters(field, &full[field.name], full))
-        .map(|field| Used {
-            field: field.name.to_string(),
-            value: full[field.name].clone(),
-            since: field.since,
-        })
+        .map(|field| (field.name, field.since))
         .collect();
     for feature in method.value_features() {
         if feature.matches(&full[feature.field]) {
-            let used = Used {
-                field: feature.field.to_string(),
-                value: full[feature.field].clone(),
-                since: feature.since,
-            };
-            match features.iter_mut().find(|f| f.field == used.field) {
-                Some(existing) => existing.since = existing.since.max(used.since),
-                None => features.push(used),
+            match used.iter_mut().find(|f| f.0 == feature.field) {
+                Some(existing) => existing.1 = existing.1.max(feature.since),
+                None => used.push((feature.field, feature.since)),
             }
         }
     }
+    let full = upgraded
+        .config
+        .as_object_mut()
+        .expect("upgrade returns an object");
+    let mut features: Vec<Used> = used
+        .into_iter()
+        .map(|(name, since)| Used {
+            field: name.to_string(),
+            value: full.get_mut(name).map(Value::take).unwrap_or(Value::Null),
+            since,
+        })
+        .collect();
     if let Some((name, since)) = method.list_selectors_since {
-        if let Some(Value::Array(items)) = full.get(name) {
-            if items.len() > 1 {
-                if let Some(existing) = features.iter_mut().find(|f| f.field == name) {
-                    existing.since = existing.since.max(since);
-                }
+        if let Some(existing) = features.iter_mut().find(|f| f.field == name) {
+            if matches!(&existing.value, Value::Array(items) if items.len() > 1) {
+                existing.since = existing.since.max(since);
             }
         }
     }
@@ -353,8 +356,8 @@ pub fn inspect(config: &Value) -> Result<Inspection> {
 
 impl Inspection {
     /// The inspection as a JSON object; versions as strings, `loads_as_is` also as contiguous ranges.
-    pub fn to_json(&self) -> Value {
-        let used = |u: &Used| serde_json::json!({"field": u.field, "value": u.value, "since": u.since.to_string()});
+    pub fn to_json(self) -> Value {
+        let used = |u: Used| serde_json::json!({"field": u.field, "value": u.value, "since": u.since.to_string()});
         let mut ranges: Vec<(Version, Version)> = Vec::new();
         let mut last_index = None;
         for release in &self.loads_as_is {
@@ -373,8 +376,8 @@ impl Inspection {
             "newest_known_release": newest_known_release().to_string(),
             "loads_as_is": self.loads_as_is.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
             "loads_as_is_ranges": ranges.iter().map(|(a, b)| [a.to_string(), b.to_string()]).collect::<Vec<_>>(),
-            "features": self.features.iter().map(used).collect::<Vec<_>>(),
-            "unknown_fields": self.unknown_fields.iter().map(|u| serde_json::json!({
+            "features": self.features.into_iter().map(used).collect::<Vec<_>>(),
+            "unknown_fields": self.unknown_fields.into_iter().map(|u| serde_json::json!({
                 "field": u.field, "value": u.value, "neutral": u.neutral
             })).collect::<Vec<_>>(),
             "notes": self.notes,
