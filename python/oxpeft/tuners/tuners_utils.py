@@ -70,6 +70,9 @@ class BaseTunerLayer:
 
     adapter_layer_names: ClassVar[tuple[str, ...]] = ()
     other_param_names: ClassVar[tuple[str, ...]] = ()
+    # Whether a layer nested in another (`x.base_layer`) saves its tensors under that nested name. A mixed model's
+    # layers save as the module they adapt (`x.lora_A...`); nested ParamWrappers keep the nesting, as PEFT's do.
+    file_keys_keep_nesting: ClassVar[bool] = False
 
     base_layer: nn.Module
     _active_adapter: list[str]
@@ -588,7 +591,7 @@ class BaseTuner(nn.Module, abc.ABC):
 
     def _adapter_dtype(self, target: nn.Module) -> torch.dtype | None:
         """The dtype of new adapter weights: fp32 for half-precision bases (autocast_adapter_dtype), else the base's."""
-        weight = getattr(target, "weight", None)
+        weight = target if isinstance(target, torch.Tensor) else getattr(target, "weight", None)
         if weight is None or not weight.dtype.is_floating_point:
             return torch.float32
         if self.autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):
@@ -668,6 +671,7 @@ class BaseTuner(nn.Module, abc.ABC):
                     target.update(adapter_name)
                 else:
                     setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
+            self._inject_parameters(config, adapter_name, targets)
         except BaseException:
             self._remove_adapter(adapter_name)
             del self.peft_config[adapter_name]
@@ -680,9 +684,14 @@ class BaseTuner(nn.Module, abc.ABC):
         if config.inference_mode:
             self._freeze_adapter(adapter_name)
 
+    def _inject_parameters(self, config: PeftConfig, adapter_name: str, module_targets: list[str]) -> None:
+        """Adapt `nn.Parameter`s named by the config (LoRA's `target_parameters`); other methods have none."""
+
     def _resolve_target_modules(self, config: PeftConfig) -> None:
         if not hasattr(config, "target_modules"):
             return
+        if config.target_modules is None and getattr(config, "target_parameters", None):
+            return  # only parameters are adapted
         if config.target_modules is None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             default = self._default_target_modules(model_type)
@@ -754,7 +763,7 @@ class BaseTuner(nn.Module, abc.ABC):
                 problems.append(f"{_shown(entry)} matches no module (closest: {_closest_names(entry, names)})")
             if len(unmatched) > _SHOWN_ENTRIES:
                 problems.append(f"and {len(unmatched) - _SHOWN_ENTRIES:,} more entries that match no module")
-            if not problems and not targets:
+            if not problems and not targets and not getattr(config, "target_parameters", None):
                 problems.append("no module is left after exclude_modules / layers_to_transform / modules_to_save")
         if not problems:
             return
@@ -968,7 +977,7 @@ class BaseTuner(nn.Module, abc.ABC):
         if output is None or not hasattr(output, "weight"):
             return
         for _, module in self._tuner_modules():
-            if isinstance(module, BaseTunerLayer) and module.get_base_layer().weight is output.weight:
+            if isinstance(module, BaseTunerLayer) and getattr(module.get_base_layer(), "weight", None) is output.weight:
                 output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=False)
                 config = getattr(self.model, "config", None)
                 if config is not None:

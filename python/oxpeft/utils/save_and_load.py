@@ -64,8 +64,9 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
         if isinstance(module, BaseTunerLayer):
             # In a mixed model a layer may sit inside another method's layer (`lin0.base_layer`); its file keys
             # are those of the module it adapts (`lin0.lora_A...`), as a plain model writes them.
+            # (A nest of ParamWrappers, one per parameter of one module, keeps its `base_layer` steps, as PEFT's.)
             ckpt_prefix = prefix
-            while ckpt_prefix.endswith(".base_layer."):
+            while ckpt_prefix.endswith(".base_layer.") and not module.file_keys_keep_nesting:
                 ckpt_prefix = ckpt_prefix[: -len("base_layer.")]
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)
@@ -458,7 +459,10 @@ def check_ranks_against_file(config: Any, weights: dict[str, torch.Tensor], sour
             module = key[: -len(marker)].removeprefix("base_model.model.")
             pattern = pattern_key(config.rank_pattern or {}, module)
             expected = config.rank_pattern[pattern] if pattern is not None else config.r
-            if expected != tensor.shape[0]:
+            # target_parameters: an expert stack's lora_A has r rows per expert, and the expert count is the
+            # model's, so only a multiple of the rank can be checked here (enough to refuse a huge r).
+            per_expert = bool(getattr(config, "target_parameters", None)) and tensor.shape[0] % expected == 0
+            if expected != tensor.shape[0] and not per_expert:
                 raise ValueError(
                     f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, rank {tensor.shape[0]}, but the config "
                     f"gives '{module}' rank {expected}; the config and the weights do not belong together"

@@ -23,7 +23,6 @@ _UNSUPPORTED_FEATURES = (
     "alora_invocation_tokens",
     "monteclora_config",
     "layer_replication",
-    "target_parameters",
     "arrow_config",
     "kasa_config",
     "trainable_token_indices",

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from oxpeft.tuners.tuners_utils import BaseTuner, pattern_key
+from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, pattern_key
+from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
+from oxpeft.tuners.lora.param import ParamWrapper
 from oxpeft.tuners.lora.weighted import add_weighted_adapter
+
+
+def _layer_options(config: LoraConfig, key: str) -> dict:
+    """The LoRA layer options for the module or parameter `key` (rank / alpha patterns applied)."""
+    rank_key = pattern_key(config.rank_pattern, key)
+    alpha_key = pattern_key(config.alpha_pattern, key, field="alpha_pattern")
+    return dict(
+        r=config.rank_pattern[rank_key] if rank_key is not None else config.r,
+        lora_alpha=config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        init_lora_weights=config.init_lora_weights,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+        ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
+    )
+
+
+def _strip_base_layer(name: str) -> str:
+    """A module name without the `.base_layer` steps that wrappers insert."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def _wrapper_of(module: nn.Module, param_name: str) -> ParamWrapper | None:
+    """The ParamWrapper (in a nest of them starting at `module`) that adapts `param_name`, if any."""
+    while isinstance(module, ParamWrapper):
+        if module.parameter_name == param_name:
+            return module
+        module = module.base_layer
+    return None
 
 
 class LoraModel(BaseTuner):
@@ -29,20 +63,7 @@ class LoraModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
-        rank_key = pattern_key(config.rank_pattern, current_key)
-        alpha_key = pattern_key(config.alpha_pattern, current_key, field="alpha_pattern")
-        r = config.rank_pattern[rank_key] if rank_key is not None else config.r
-        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
-        options = dict(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            use_rslora=config.use_rslora,
-            use_dora=config.use_dora,
-            lora_bias=config.lora_bias,
-            ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
-        )
+        options = _layer_options(config, current_key)
         loftq = config.init_lora_weights == "loftq"
         if loftq:
             options["init_lora_weights"] = True  # the LoftQ fit below replaces both factors
@@ -61,6 +82,53 @@ class LoraModel(BaseTuner):
         if loftq:
             new_module.loftq_init(adapter_name, config.loftq_config)
         setattr(parent, target_name, new_module)
+
+    def _inject_parameters(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
+        """`target_parameters`: wrap each matching parameter (a name equal to, or ending in, an entry) in a
+        ParamWrapper, as PEFT does: modules in `named_modules` order and their own parameters in registration order,
+        so that several parameters of one module nest the same way (the later one outside) and the saved keys are
+        PEFT's; a parameter an earlier adapter wrapped gets the new adapter in that wrapper."""
+        entries = sorted(set(config.target_parameters or []))
+        if not entries:
+            return
+        found: list[str] = []
+        for module_name, module in list(self.model.named_modules()):
+            unwrapped = _strip_base_layer(module_name)
+            for param_name, _ in list(module.named_parameters(recurse=False)):
+                key = f"{unwrapped}.{param_name}" if unwrapped else param_name
+                if not any(key == e or key.endswith(f".{e}") for e in entries):
+                    continue
+                if module_name == "":
+                    raise ValueError(
+                        f"target_parameters: '{param_name}' belongs to the model itself; only parameters of its "
+                        "submodules can be adapted"
+                    )
+                holder = self.model.get_submodule(unwrapped)
+                if isinstance(holder, BaseTunerLayer) and not isinstance(holder, ParamWrapper):
+                    raise ValueError(
+                        f"target_parameters: '{key}' belongs to '{unwrapped}', which target_modules already adapts "
+                        f"({type(holder).__name__}); leave it out of target_modules (target_modules=[] adapts no "
+                        "module)"
+                    )
+                options = _layer_options(config, key)
+                options.pop("ephemeral_gpu_offload")
+                existing = _wrapper_of(holder, param_name)
+                if existing is not None:
+                    existing.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(existing.get_param()), **options)
+                else:
+                    parent, target, target_name = self._get_submodules(module_name)
+                    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+                    dtype = self._adapter_dtype(getattr(base, param_name))
+                    wrapper = ParamWrapper(target, adapter_name, param_name, adapter_dtype=dtype, **options)
+                    setattr(parent, target_name, wrapper)
+                found.append(key)
+        if not found and not module_targets:
+            raise NoMatchingPeftModuleError(
+                f"target_parameters={entries} match no parameter of the model (an entry must equal a parameter's "
+                "full name or its end, e.g. 'mlp.experts.gate_up_proj')"
+            )
+        if not found:
+            warnings.warn(f"target_parameters={entries} were set but no parameter was matched.", RuntimeWarning)
 
     def add_weighted_adapter(
         self,
