@@ -167,3 +167,45 @@ def test_options_that_do_not_apply_to_a_parameter_are_refused(moe):
     with pytest.raises(ValueError):
         oxpeft.get_peft_model(model, _config(oxpeft, lora_dropout=0.1))
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_qwen3_moe_experts_trained_saved_loaded_in_peft_and_merged_offline(moe, tmp_path):
+    """The issue's end-to-end case: a Qwen3-MoE-shaped model trained with target_parameters on its experts, saved,
+    loaded in the real peft with equal logits, and merged offline by the `oxpeft merge` command into the
+    checkpoint transformers wrote (one weight per expert): equal to PEFT's merge_and_unload, and unmerged back to
+    the base byte for byte."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from test_cli import OXPEFT
+
+    base_dir = tmp_path / "base"
+    moe.save_pretrained(base_dir)
+    model = oxpeft.get_peft_model(copy.deepcopy(moe), _config(oxpeft))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = _ids()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir).eval(), tmp_path / "adapter"
+    ).eval()
+    torch.testing.assert_close(theirs(ids).logits, model.eval()(ids).logits, rtol=0, atol=1e-5)
+    want = theirs.merge_and_unload()(ids).logits
+
+    merged = tmp_path / "merged"
+    done = subprocess.run([OXPEFT, "merge", str(base_dir), str(tmp_path / "adapter"), "-o", str(merged), "-q"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    offline = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.testing.assert_close(offline(ids).logits, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(offline(ids).logits, moe(ids).logits)
+
+    back = tmp_path / "back"
+    done = subprocess.run([OXPEFT, "unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (back / "model.safetensors").read_bytes() == (base_dir / "model.safetensors").read_bytes()

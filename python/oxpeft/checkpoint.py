@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence, Union
 
-from oxpeft import _native
+from oxpeft import _expert_merge, _native
 from oxpeft._io import make_parents, refuse_existing, remove_created, umask_mode
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -149,7 +149,7 @@ def merge_checkpoint(
     base_dir, out_dir, adapter_dirs, weights = _check_paths(base, adapters, out, weights, force)
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
         size = _native.checkpoint_size(str(base_dir))  # (bytes, tensors): read once, for the checks and the bar
-        resolved = [_resolve_adapter(d, w, Path(scratch), size[0]) for d, w in zip(adapter_dirs, weights)]
+        resolved = [_resolve_adapter(d, w, Path(scratch), size[0], base_dir) for d, w in zip(adapter_dirs, weights)]
         _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
 
         def work(tmp: Path, bar: _Progress) -> dict:
@@ -221,7 +221,7 @@ def unmerge_checkpoint(
     sidecar = merged_dir / SIDECAR_DIR
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
         size = _native.checkpoint_size(str(merged_dir))  # (bytes, tensors): read once, for the checks and the bar
-        resolved = [_resolve_adapter(d, w, Path(scratch), size[0]) for d, w in zip(adapter_dirs, weights)]
+        resolved = [_resolve_adapter(d, w, Path(scratch), size[0], merged_dir) for d, w in zip(adapter_dirs, weights)]
         manifest_path = sidecar / _MANIFEST
         exact = manifest_path.is_file()
         digests = None
@@ -341,11 +341,15 @@ def _sha256(path: Path, stop: threading.Event | None = None) -> str:
     return h.hexdigest()
 
 
-def _resolve_adapter(folder: Path, weight: float, scratch: Path, base_bytes: int) -> tuple[str, str, float, dict]:
+def _resolve_adapter(
+    folder: Path, weight: float, scratch: Path, base_bytes: int, base: Path
+) -> tuple[str, str, float, dict]:
     """(folder, safetensors weights file, weight, fingerprint function) of an adapter folder.
 
     A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
-    unpickle) and converted to a safetensors file in ``scratch``.
+    unpickle) and converted to a safetensors file in ``scratch``. A LoRA adapter on MoE expert parameters
+    (``target_parameters``) becomes the equivalent per-expert LoRA adapter for the checkpoint ``base``, in
+    ``scratch`` (see ``_expert_merge``). The fingerprint is always of the adapter's own files.
     """
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such adapter folder")
@@ -366,7 +370,21 @@ def _resolve_adapter(folder: Path, weight: float, scratch: Path, base_bytes: int
         state = load_pickled_tensors(source)
         weights_file = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
-    return str(folder), str(weights_file), weight, partial(_fingerprint, config, source, weight)
+    adapter_dir = folder
+    config_values = _read_adapter_config(config)
+    if _expert_merge.needs_conversion(config_values):
+        adapter_dir = scratch / f"experts-{len(list(scratch.iterdir()))}"
+        weights_file = _expert_merge.convert(config_values, weights_file, base, adapter_dir)
+    return str(adapter_dir), str(weights_file), weight, partial(_fingerprint, config, source, weight)
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """The adapter config's values, or {} when it cannot be read (the Rust reader then reports why, naming it)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return values if isinstance(values, dict) else {}
 
 
 def _fingerprint(config: Path, weights: Path, weight: float, stop: threading.Event | None = None) -> dict:
