@@ -21,9 +21,10 @@ def build_peft_weight_mapping(weight_conversions: list[Any] | None, adapter_name
 
     `weight_conversions` are the model's own (transformers' `get_model_conversion_mapping`): its renamings are
     kept, so an adapter saved for a model's older layout loads as the model's weights do. Its `WeightConverter`s
-    merge or split base weights (fused MoE experts); adapter tensors of such weights come from
-    `target_parameters`, which oxpeft refuses at config time, so they are not carried over. As in PEFT, an empty
-    list means the model has no conversions, and nothing is renamed.
+    merge or split base weights (fused MoE experts); they are not carried over yet, so an adapter saved by
+    transformers for per-expert Linear layers (not one made with `target_parameters` on the fused experts, whose
+    keys need no conversion) does not load through this path. As in PEFT, an empty list means the model has no
+    conversions, and nothing is renamed.
     """
     if not weight_conversions:
         return []
