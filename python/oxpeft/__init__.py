@@ -66,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "AdaLoraConfig": "oxpeft.tuners.adalora",
     "AdaLoraModel": "oxpeft.tuners.adalora",
     "IA3Config": "oxpeft.tuners.ia3",
+    "TrainableTokensConfig": "oxpeft.tuners.trainable_tokens",
+    "TrainableTokensModel": "oxpeft.tuners.trainable_tokens",
     "IA3Model": "oxpeft.tuners.ia3",
     "LoHaConfig": "oxpeft.tuners.loha",
     "LoHaModel": "oxpeft.tuners.loha",
@@ -136,6 +138,7 @@ if TYPE_CHECKING:
     from oxpeft.trainer import PeftTrainer
     from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
     from oxpeft.tuners.ia3 import IA3Config, IA3Model
+    from oxpeft.tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
     from oxpeft.tuners.loha import LoHaConfig, LoHaModel
     from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
     from oxpeft.tuners.lora import LoraConfig, LoraModel, LoraRuntimeConfig

@@ -11,6 +11,7 @@ from oxpeft.tuners.lora import LoraConfig, LoraModel
 from oxpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from oxpeft.tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 
 __all__ = [
     "AdaLoraConfig",
@@ -31,4 +32,6 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
 ]

@@ -671,7 +671,7 @@ class BaseTuner(nn.Module, abc.ABC):
                     target.update(adapter_name)
                 else:
                     setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
-            self._inject_parameters(config, adapter_name, targets)
+            self._after_module_injection(config, adapter_name, targets)
         except BaseException:
             self._remove_adapter(adapter_name)
             del self.peft_config[adapter_name]
@@ -684,8 +684,9 @@ class BaseTuner(nn.Module, abc.ABC):
         if config.inference_mode:
             self._freeze_adapter(adapter_name)
 
-    def _inject_parameters(self, config: PeftConfig, adapter_name: str, module_targets: list[str]) -> None:
-        """Adapt `nn.Parameter`s named by the config (LoRA's `target_parameters`); other methods have none."""
+    def _after_module_injection(self, config: PeftConfig, adapter_name: str, module_targets: list[str]) -> None:
+        """What a method adapts beyond its target modules (LoRA: `target_parameters`; trainable tokens: the layers
+        tied to the embedding), inside the injection's roll-back."""
 
     def _resolve_target_modules(self, config: PeftConfig) -> None:
         if not hasattr(config, "target_modules"):

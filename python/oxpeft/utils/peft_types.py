@@ -30,6 +30,7 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
     def __str__(self) -> str:
         return self.value

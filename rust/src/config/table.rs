@@ -242,6 +242,12 @@ static PREFIX_TUNING: &[Field] = &[
     f("init_weights", v(19), "null", Kind::OneOf(&["zero"])),
 ];
 
+static TRAINABLE_TOKENS: &[Field] = &[
+    f("token_indices", v(15), "[]", Kind::Any),
+    f("target_modules", v(15), "null", Kind::Modules),
+    f("init_weights", v(15), "true", Kind::Bool),
+];
+
 /// A string value of a field that only some releases understand.
 #[derive(Debug)]
 pub(crate) struct ValueFeature {
@@ -364,6 +370,14 @@ pub(crate) static METHODS: &[Method] = &[
         since: v(2),
         groups: &[BASE, PROMPT_LEARNING, PREFIX_TUNING],
         required: &["num_virtual_tokens"],
+        values: &[],
+        list_selectors_since: None,
+    },
+    Method {
+        peft_type: "TRAINABLE_TOKENS",
+        since: v(15),
+        groups: &[BASE, TRAINABLE_TOKENS],
+        required: &["token_indices"],
         values: &[],
         list_selectors_since: None,
     },

@@ -83,6 +83,9 @@ class LoraModel(BaseTuner):
             new_module.loftq_init(adapter_name, config.loftq_config)
         setattr(parent, target_name, new_module)
 
+    def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
+        self._inject_parameters(config, adapter_name, module_targets)
+
     def _inject_parameters(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
         """`target_parameters`: wrap each matching parameter (a name equal to, or ending in, an entry) in a
         ParamWrapper, as PEFT does: modules in `named_modules` order and their own parameters in registration order,

@@ -1,0 +1,103 @@
+"""Trainable tokens (`TrainableTokensConfig`, and LoRA's `trainable_token_indices`) against the real peft: files
+both ways, outputs, tied embeddings, merges."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import oxpeft
+
+
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+IDS = torch.tensor([[1, 5, 7, 3, 9, 1]])
+
+
+def _train(model, steps=3):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_tokens_train_only_their_rows_and_move_both_ways(tied, tmp_path):
+    base = _llama(tied)
+    model = oxpeft.get_peft_model(copy.deepcopy(base), oxpeft.TrainableTokensConfig(token_indices=[1, 5, 7]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["base_model.model.model.embed_tokens.trainable_tokens_delta.default"]
+    torch.testing.assert_close(model(IDS).logits, base(IDS).logits)  # a no-op until trained
+    before = base.model.embed_tokens.weight.detach().clone()
+    _train(model)
+    want = model(IDS).logits
+    assert not torch.allclose(want, base(IDS).logits)
+    torch.testing.assert_close(model.base_model.model.model.embed_tokens.get_base_layer().weight, before)
+    model.save_pretrained(tmp_path / "ours")
+    keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    expected = {"base_model.model.model.embed_tokens.trainable_tokens_delta"}
+    if tied:  # PEFT saves the tied output layer's (shared) rows too
+        expected.add("base_model.model.lm_head.trainable_tokens_delta")
+    assert keys == expected
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(IDS).logits, want)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = oxpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(back(IDS).logits, want)
+
+    merged = back.merge_and_unload()
+    torch.testing.assert_close(merged(IDS).logits, want)
+    if tied:
+        assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    rows = merged.model.embed_tokens.weight[[1, 5, 7]]
+    assert not torch.equal(rows, before[[1, 5, 7]])
+    assert torch.equal(merged.model.embed_tokens.weight[[0, 2]], before[[0, 2]])
+
+
+def test_peft_trainable_tokens_file_loads_with_equal_outputs(tmp_path):
+    base = _llama(True)
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.TrainableTokensConfig(token_indices=[2, 4], init_weights=False))
+    theirs.save_pretrained(tmp_path / "p")
+    ours = oxpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    torch.testing.assert_close(ours(IDS).logits, theirs.eval()(IDS).logits)
+    with ours.disable_adapter():
+        torch.testing.assert_close(ours(IDS).logits, base(IDS).logits)
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours.base_model.model.model.embed_tokens.get_base_layer().weight, base.model.embed_tokens.weight)
+
+
+def test_bad_token_indices_are_refused_before_anything_changes():
+    base = _llama(False)
+    for bad in ([], [1, 1], [-1], ["a"]):
+        with pytest.raises(ValueError, match="token_indices"):
+            oxpeft.TrainableTokensConfig(token_indices=bad)
+    with pytest.raises(ValueError, match="outside the embedding's 100 rows"):
+        oxpeft.get_peft_model(base, oxpeft.TrainableTokensConfig(token_indices=[3, 150]))
+    assert not any("trainable" in n for n, _ in base.named_parameters())
+
+
+def test_two_adapters_with_overlapping_rows_cannot_run_together():
+    model = oxpeft.get_peft_model(_llama(False), oxpeft.TrainableTokensConfig(token_indices=[1, 2], init_weights=False))
+    model.add_adapter("b", oxpeft.TrainableTokensConfig(token_indices=[2, 3], init_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match="disjunct"):
+        model(IDS)
