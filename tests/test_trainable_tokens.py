@@ -101,3 +101,45 @@ def test_two_adapters_with_overlapping_rows_cannot_run_together():
     model.base_model.set_adapter(["default", "b"])
     with pytest.raises(ValueError, match="disjunct"):
         model(IDS)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_with_trainable_token_indices_matches_peft_both_ways(tied, tmp_path):
+    """TRL's added-token path: LoRA plus a few trainable embedding rows; PEFT's keys (`token_adapter.`), the tied
+    output layer following the rows, equal outputs and merges both ways."""
+    base = _llama(tied)
+    config = dict(r=2, target_modules=["q_proj", "v_proj"], trainable_token_indices=[1, 5, 7])
+    model = oxpeft.get_peft_model(copy.deepcopy(base), oxpeft.LoraConfig(**config))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("trainable_tokens_delta" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    _train(model)
+    want = model(IDS).logits
+    model.save_pretrained(tmp_path / "ours")
+    keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in keys
+    assert not any("lm_head" in k for k in keys)
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(IDS).logits, want)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert set(load_file(tmp_path / "peft" / "adapter_model.safetensors")) == keys
+    back = oxpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(back(IDS).logits, want)
+    merged = back.merge_and_unload()
+    torch.testing.assert_close(merged(IDS).logits, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged(IDS).logits, theirs.merge_and_unload()(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_trainable_token_indices_per_layer_and_conflicts():
+    base = _llama(False)
+    model = oxpeft.get_peft_model(
+        copy.deepcopy(base), oxpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3]})
+    )
+    assert isinstance(model.base_model.model.model.embed_tokens, oxpeft.tuners.trainable_tokens.TrainableTokensLayer)
+    with pytest.raises(ValueError, match="already marked to be trained fully"):
+        oxpeft.get_peft_model(
+            copy.deepcopy(base),
+            oxpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3]}, modules_to_save=["embed_tokens"]),
+        )
+    with pytest.raises(ValueError, match="matches no module"):
+        oxpeft.get_peft_model(copy.deepcopy(base), oxpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"nope": [3]}))

@@ -73,6 +73,13 @@ class BaseTunerLayer:
     # Whether a layer nested in another (`x.base_layer`) saves its tensors under that nested name. A mixed model's
     # layers save as the module they adapt (`x.lora_A...`); nested ParamWrappers keep the nesting, as PEFT's do.
     file_keys_keep_nesting: ClassVar[bool] = False
+    # Inserted between a layer's name and its tensors' names in a file (`token_adapter.` for LoRA's trainable
+    # tokens, as PEFT's wrapper nests them), and whether the layer's tensors are saved at all (not for a layer
+    # that only follows another's, where PEFT does not save them).
+    file_key_infix: str = ""
+    saves_tensors: bool = True
+    # Whether merging keeps a tied output layer tied (the layer writes the same rows through both).
+    keeps_tying: ClassVar[bool] = False
 
     base_layer: nn.Module
     _active_adapter: list[str]
@@ -978,7 +985,11 @@ class BaseTuner(nn.Module, abc.ABC):
         if output is None or not hasattr(output, "weight"):
             return
         for _, module in self._tuner_modules():
-            if isinstance(module, BaseTunerLayer) and getattr(module.get_base_layer(), "weight", None) is output.weight:
+            if (
+                isinstance(module, BaseTunerLayer)
+                and not module.keeps_tying
+                and getattr(module.get_base_layer(), "weight", None) is output.weight
+            ):
                 output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=False)
                 config = getattr(self.model, "config", None)
                 if config is not None:

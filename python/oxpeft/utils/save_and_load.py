@@ -61,6 +61,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for name, module in named_modules_for_state_dict(model):
         prefix = f"{name}." if name else ""
+        if isinstance(module, BaseTunerLayer) and not module.saves_tensors:
+            continue
         if isinstance(module, BaseTunerLayer):
             # In a mixed model a layer may sit inside another method's layer (`lin0.base_layer`); its file keys
             # are those of the module it adapts (`lin0.lora_A...`), as a plain model writes them.
@@ -78,7 +80,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 else:
                     keys = [f"{prefix}{attr}.{adapter_name}.{k}" for k in item.state_dict()]
                 for key in keys:
-                    ckpt = ckpt_prefix + remove_adapter_name(key, adapter_name)[len(prefix) :]
+                    ckpt = ckpt_prefix + module.file_key_infix + remove_adapter_name(key, adapter_name)[len(prefix) :]
                     if attr == "lora_magnitude_vector" and ckpt.endswith(".weight"):
                         ckpt = ckpt[: -len(".weight")]  # PEFT keeps DoRA's pre-ModuleDict key
                     mapping[key] = ckpt

@@ -25,7 +25,6 @@ _UNSUPPORTED_FEATURES = (
     "layer_replication",
     "arrow_config",
     "kasa_config",
-    "trainable_token_indices",
     "use_bdlora",
     "ensure_weight_tying",
 )
@@ -120,6 +119,14 @@ class LoraConfig(PeftConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         self._check_init(self.init_lora_weights)
         self._refuse_unsupported()
+        if self.trainable_token_indices is not None:
+            from oxpeft.tuners.trainable_tokens.config import check_token_indices
+
+            if isinstance(self.trainable_token_indices, dict):
+                for layer, indices in self.trainable_token_indices.items():
+                    check_token_indices(indices, f"trainable_token_indices[{layer!r}]")
+            else:
+                check_token_indices(self.trainable_token_indices, "trainable_token_indices")
         if self.loftq_config and self.init_lora_weights != "loftq":
             warnings.warn("loftq_config is set but init_lora_weights is not 'loftq'; it has no effect", stacklevel=3)
 

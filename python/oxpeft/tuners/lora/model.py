@@ -12,6 +12,7 @@ from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MA
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
 from oxpeft.tuners.lora.param import ParamWrapper
+from oxpeft.tuners.trainable_tokens.model import add_token_rows, input_embeddings_name, tie_output_layers
 from oxpeft.tuners.lora.weighted import add_weighted_adapter
 
 
@@ -85,6 +86,28 @@ class LoraModel(BaseTuner):
 
     def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
         self._inject_parameters(config, adapter_name, module_targets)
+        if config.trainable_token_indices is not None:
+            self._inject_trainable_tokens(config, adapter_name)
+
+    def _inject_trainable_tokens(self, config: LoraConfig, adapter_name: str) -> None:
+        """`trainable_token_indices`: the listed rows of the input embedding (a list), or of each named embedding
+        layer (a dict), train beside the LoRA weights; a tied output layer follows them (as PEFT does)."""
+        indices = config.trainable_token_indices
+        layers = indices if isinstance(indices, dict) else {input_embeddings_name(self.model): indices}
+        names = self._candidate_module_names()
+        for entry in layers:
+            if config.modules_to_save and entry in config.modules_to_save:
+                raise ValueError(
+                    "The embedding layer is already marked to be trained fully, either specify "
+                    f'`modules_to_save=[..., "{entry}", ...]` or `trainable_tokens={{\'{entry}\': x}}` but not both.'
+                )
+        for entry, rows in layers.items():
+            keys = [k for k in names if k == entry or k.endswith("." + entry)]
+            if not keys:
+                raise ValueError(f"trainable_token_indices: '{entry}' matches no module of the model")
+            for key in keys:
+                add_token_rows(self, adapter_name, key, rows, True, auxiliary=True)
+        tie_output_layers(self, adapter_name, auxiliary=True)
 
     def _inject_parameters(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
         """`target_parameters`: wrap each matching parameter (a name equal to, or ending in, an entry) in a

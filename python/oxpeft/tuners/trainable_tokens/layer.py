@@ -43,6 +43,7 @@ class _RowBuffers(nn.Module):
 class TrainableTokensLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "trainable_tokens_original")
+    keeps_tying = True
 
     def __init__(
         self,

@@ -20,6 +20,54 @@ def input_embeddings_name(model: nn.Module, default: str = "embed_tokens") -> st
     return default
 
 
+def add_token_rows(
+    tuner: BaseTuner, adapter_name: str, key: str, indices: list[int], init_weights: bool, *, auxiliary: bool
+) -> None:
+    """Adapter `adapter_name` trains rows `indices` of the embedding `key`: a TrainableTokensLayer there (or the
+    adapter added to the one already there). `auxiliary`: beside another method's adapter (LoRA's
+    `trainable_token_indices`), saved under PEFT's `<layer>.token_adapter.` keys."""
+    parent, target, target_name = tuner._get_submodules(key)
+    if isinstance(target, TrainableTokensLayer):
+        target.update_layer(adapter_name, indices, init_weights)
+        target.set_adapter(target.active_adapters + [adapter_name])
+        return
+    layer = TrainableTokensLayer(target, adapter_name, indices, init_weights)
+    if auxiliary:
+        layer.file_key_infix = "token_adapter."
+    setattr(parent, target_name, layer)
+
+
+def tie_output_layers(tuner: BaseTuner, adapter_name: str, *, auxiliary: bool) -> None:
+    """With tied embeddings (`tie_word_embeddings`), the layers that share the input embedding's weight (the
+    output layer) get a TrainableTokensLayer tied to the embedding's, so they use the same trained rows; one that
+    was given rows of its own is replaced by a tied one. PEFT saves a tied layer's rows for the trainable-tokens
+    method, not beside LoRA."""
+    model = tuner.model
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    if not isinstance(embedding, TrainableTokensLayer):
+        return
+    weight = embedding.get_base_layer().weight
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if module is embedding:
+            continue
+        if isinstance(module, TrainableTokensLayer):
+            if module.tied_adapter is embedding or module.get_base_layer().weight is not weight:
+                continue
+            base = module.get_base_layer()
+        elif isinstance(module, nn.Linear) and module.weight is weight:
+            base = module
+        else:
+            continue
+        parent, _, target_name = tuner._get_submodules(name)
+        layer = TrainableTokensLayer(base, adapter_name, tied_adapter=embedding)
+        if auxiliary:
+            layer.file_key_infix = "token_adapter."
+            layer.saves_tensors = False
+        setattr(parent, target_name, layer)
+
+
 class TrainableTokensModel(BaseTuner):
     """The trainable-tokens tuner. Usually created through `get_peft_model(model, TrainableTokensConfig(...))`."""
 
@@ -42,35 +90,10 @@ class TrainableTokensModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
-        if isinstance(target, TrainableTokensLayer):
-            target.update_layer(adapter_name, config.token_indices, config.init_weights)
-            return
-        setattr(parent, target_name, TrainableTokensLayer(target, adapter_name, config.token_indices, config.init_weights))
+        add_token_rows(self, adapter_name, current_key, config.token_indices, config.init_weights, auxiliary=False)
 
     def _after_module_injection(self, config: TrainableTokensConfig, adapter_name: str, module_targets: list[str]) -> None:
-        """With tied embeddings, the output layer follows the embedding's trained rows: it gets a layer tied to the
-        embedding's (replacing one of its own, if it was targeted too)."""
-        embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        tied_config = getattr(getattr(self.model, "config", None), "tie_word_embeddings", False)
-        if not tied_config or not isinstance(embedding, TrainableTokensLayer):
-            return
-        weight = embedding.get_base_layer().weight
-        for name, module in list(self.model.named_modules(remove_duplicate=False)):
-            if module is embedding:
-                continue
-            if isinstance(module, TrainableTokensLayer):
-                if module.tied_adapter is embedding or module.get_base_layer().weight is not weight:
-                    continue
-                base = module.get_base_layer()
-            elif isinstance(module, nn.Linear) and module.weight is weight:
-                base = module
-            else:
-                continue
-            parent, _, target_name = self._get_submodules(name)
-            setattr(parent, target_name, TrainableTokensLayer(base, adapter_name, tied_adapter=embedding))
+        tie_output_layers(self, adapter_name, auxiliary=False)
 
     def _warn_tied_targets(self, targets: list[str]) -> None:
         """Tied layers are handled (they follow the embedding's rows), so there is nothing to warn about."""
-
-    def _untie_targeted_embeddings(self) -> None:
-        """Merging writes the same rows through both tied layers, so the weights stay tied."""
