@@ -178,3 +178,17 @@ def test_accelerate_fsdp_adapter_only_state_dicts(alias, tmp_path):
     )
     assert info["fsdp_units"] > 1  # the policy split the model into units
     assert info["differs_before"] and info["equal_after"]
+
+
+def test_trl_added_tokens_train_as_trainable_tokens_and_peft_loads_them(alias, tmp_path):
+    """SFTTrainer(chat_template_path=...) adds tokens, resizes the embeddings and sets trainable_token_indices: the
+    new rows train, are saved under PEFT's keys, and the real peft gets the same logits on input with them."""
+    run("sft_added_tokens.py", str(tmp_path), alias=alias)
+    info = result(tmp_path)
+    assert info["peft"] == "oxpeft" and len(info["losses"]) == 3
+    assert info["trainable_token_indices"] == {"embed_tokens": [254, 255]}  # the two tokens the template added
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in info["keys"]
+    assert info["rows_trained"]
+    oracle = tmp_path / "oracle.pt"
+    run("peft_oracle.py", str(tmp_path / "final"), str(tmp_path / "base"), str(oracle), str(tmp_path / "probe.ids.pt"))
+    torch.testing.assert_close(torch.load(oracle), torch.load(tmp_path / "logits.pt"), atol=1e-5, rtol=1e-5)

@@ -1,7 +1,8 @@
-"""The real HF PEFT loads a saved adapter. Usage: peft_oracle.py ADAPTER_DIR BASE_DIR OUT_PT [nf4].
+"""The real HF PEFT loads a saved adapter. Usage: peft_oracle.py ADAPTER_DIR BASE_DIR OUT_PT [nf4 | IDS_PT].
 
 Loads the base model from BASE_DIR (quantised to NF4 by bitsandbytes with `nf4`, the QLoRA recipe oxpeft uses),
-the adapter with `PeftModel.from_pretrained`, and saves its logits on the probe input to OUT_PT."""
+the adapter with `PeftModel.from_pretrained`, and saves its logits on the probe input (or the input ids saved in
+IDS_PT) to OUT_PT."""
 
 import torch
 from tiny import args, logits, which_peft
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 adapter, base_dir, out_pt, *rest = args()
 assert which_peft() == "peft", "the oracle must run on the real peft"
 kwargs = {}
+ids = torch.load(rest[0]) if rest and rest[0].endswith(".pt") else None
 if rest == ["nf4"]:
     from transformers import BitsAndBytesConfig
 
@@ -20,4 +22,4 @@ if rest == ["nf4"]:
     )
 base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
 model = peft.PeftModel.from_pretrained(base, adapter)
-torch.save(logits(model), out_pt)
+torch.save(logits(model, ids), out_pt)

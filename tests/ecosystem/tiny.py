@@ -57,9 +57,9 @@ def token_dataset(n: int = 16):
 
 
 @torch.no_grad()
-def logits(model) -> torch.Tensor:
+def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
     model.eval()
-    return model(input_ids=IDS).logits.float()
+    return model(input_ids=IDS if ids is None else ids).logits.float()
 
 
 def files(folder: str) -> dict[str, list[str]]:
