@@ -143,3 +143,41 @@ def test_trainable_token_indices_per_layer_and_conflicts():
         )
     with pytest.raises(ValueError, match="matches no module"):
         oxpeft.get_peft_model(copy.deepcopy(base), oxpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"nope": [3]}))
+
+
+@pytest.mark.parametrize("kind", ["trainable_tokens", "lora"])
+def test_oxpeft_merge_writes_the_rows_and_unmerges_exactly(kind, tmp_path):
+    """`oxpeft merge` of trainable-token rows (alone, and beside LoRA) equals PEFT's merge_and_unload; the unmerge
+    gives the checkpoint back byte for byte."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from test_cli import OXPEFT
+
+    base = _llama(True).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    config = (
+        oxpeft.TrainableTokensConfig(token_indices=[1, 5, 7])
+        if kind == "trainable_tokens"
+        else oxpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 5, 7])
+    )
+    model = _train(oxpeft.get_peft_model(copy.deepcopy(base).float(), config))
+    model.save_pretrained(tmp_path / "adapter")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    theirs = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").merge_and_unload()
+    merged = tmp_path / "merged"
+    done = subprocess.run([OXPEFT, "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(merged), "-q"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    offline = AutoModelForCausalLM.from_pretrained(merged).eval()
+    for (name, p), (_, q) in zip(offline.named_parameters(), theirs.named_parameters()):
+        if name.endswith("embed_tokens.weight"):
+            assert torch.equal(p, q), name  # rows are copied, not computed: bit-identical to PEFT's merge
+        else:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-2, msg=name)  # bf16, one rounding vs PEFT's
+    back = tmp_path / "back"
+    done = subprocess.run([OXPEFT, "unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (back / "model.safetensors").read_bytes() == (tmp_path / "base" / "model.safetensors").read_bytes()
