@@ -181,3 +181,30 @@ def test_oxpeft_merge_writes_the_rows_and_unmerges_exactly(kind, tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (back / "model.safetensors").read_bytes() == (tmp_path / "base" / "model.safetensors").read_bytes()
+
+
+def test_ensure_weight_tying_with_trainable_tokens():
+    from oxpeft.tuners.trainable_tokens import TrainableTokensLayer
+
+    lora = dict(r=2, target_modules=["q_proj"], ensure_weight_tying=True)
+    # Tied model, the same rows named for both layers: the output layer follows the embedding's rows.
+    model = oxpeft.get_peft_model(
+        _llama(True), oxpeft.LoraConfig(**lora, trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [1, 2]})
+    )
+    head = model.base_model.model.lm_head
+    assert isinstance(head, TrainableTokensLayer) and head.tied_adapter is model.base_model.model.model.embed_tokens
+    # Different rows for tied layers cannot be tied.
+    with pytest.raises(ValueError, match="Cannot ensure weight tying"):
+        oxpeft.get_peft_model(
+            _llama(True), oxpeft.LoraConfig(**lora, trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]})
+        )
+    # Without ensure_weight_tying each layer trains its own rows, as in PEFT.
+    model = oxpeft.get_peft_model(
+        _llama(True),
+        oxpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]}),
+    )
+    assert model.base_model.model.lm_head.tied_adapter is None
+    with pytest.warns(UserWarning, match="does not have tied weights"):
+        oxpeft.get_peft_model(_llama(False), oxpeft.LoraConfig(**lora, trainable_token_indices=[1]))
+    with pytest.raises(ValueError, match="ensure_weight_tying=True is implemented for trainable_token_indices only"):
+        oxpeft.LoraConfig(r=2, target_modules=["embed_tokens"], ensure_weight_tying=True)

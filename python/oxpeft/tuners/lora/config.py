@@ -26,7 +26,6 @@ _UNSUPPORTED_FEATURES = (
     "arrow_config",
     "kasa_config",
     "use_bdlora",
-    "ensure_weight_tying",
 )
 
 
@@ -119,6 +118,11 @@ class LoraConfig(PeftConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         self._check_init(self.init_lora_weights)
         self._refuse_unsupported()
+        if self.ensure_weight_tying and self.trainable_token_indices is None:
+            raise ValueError(
+                "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "
+                "modules_to_save on tied embeddings oxpeft does not tie the adapters, so it is refused"
+            )
         if self.trainable_token_indices is not None:
             from oxpeft.tuners.trainable_tokens.config import check_token_indices
 

@@ -6,13 +6,18 @@ import warnings
 
 from torch import nn
 
-from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, pattern_key
+from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_list_entry, pattern_key
 from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
 from oxpeft.tuners.lora.param import ParamWrapper
-from oxpeft.tuners.trainable_tokens.model import add_token_rows, input_embeddings_name, tie_output_layers
+from oxpeft.tuners.trainable_tokens.model import (
+    add_token_rows,
+    input_embeddings_name,
+    output_layers_tied_to_embedding,
+    tie_output_layers,
+)
 from oxpeft.tuners.lora.weighted import add_weighted_adapter
 
 
@@ -91,23 +96,48 @@ class LoraModel(BaseTuner):
 
     def _inject_trainable_tokens(self, config: LoraConfig, adapter_name: str) -> None:
         """`trainable_token_indices`: the listed rows of the input embedding (a list), or of each named embedding
-        layer (a dict), train beside the LoRA weights; a tied output layer follows them (as PEFT does)."""
+        layer (a dict), train beside the LoRA weights. With tied embeddings the output layer follows the
+        embedding's rows, unless the dict gives it other rows (then each trains its own; with
+        `ensure_weight_tying=True` that is an error), as PEFT does."""
         indices = config.trainable_token_indices
-        layers = indices if isinstance(indices, dict) else {input_embeddings_name(self.model): indices}
-        names = self._candidate_module_names()
+        embedding_name = input_embeddings_name(self.model)
+        layers = dict(indices) if isinstance(indices, dict) else {embedding_name: indices}
         for entry in layers:
             if config.modules_to_save and entry in config.modules_to_save:
                 raise ValueError(
                     "The embedding layer is already marked to be trained fully, either specify "
                     f'`modules_to_save=[..., "{entry}", ...]` or `trainable_tokens={{\'{entry}\': x}}` but not both.'
                 )
+        tied = bool(getattr(getattr(self.model, "config", None), "tie_word_embeddings", False))
+        tied_outputs = output_layers_tied_to_embedding(self.model) if tied else []
+        tied_entries = [e for e in layers if matches_list_entry(embedding_name, e)] + [
+            e for e in layers if any(matches_list_entry(name, e) for name in tied_outputs)
+        ]
+        mismatch = any(layers[e] != layers[tied_entries[0]] for e in tied_entries[1:])
+        if mismatch and config.ensure_weight_tying:
+            shown = ", ".join(f"{e}: {layers[e]}" for e in tied_entries)
+            raise ValueError(
+                "Cannot ensure weight tying when different token indices are specified for tied layers. "
+                f"Conflicting layers: {shown}. Please use the same indices for all tied layers or set "
+                "ensure_weight_tying=False."
+            )
+        if config.ensure_weight_tying and not tied:
+            warnings.warn(
+                "ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings=False). "
+                "Weight tying will not be applied for trainable_token_indices.",
+                stacklevel=5,
+            )
+        names = self._candidate_module_names()
         for entry, rows in layers.items():
-            keys = [k for k in names if k == entry or k.endswith("." + entry)]
+            if tied and not mismatch and entry in tied_entries and not matches_list_entry(embedding_name, entry):
+                continue  # the output layer follows the embedding's rows
+            keys = [k for k in names if matches_list_entry(k, entry)]
             if not keys:
                 raise ValueError(f"trainable_token_indices: '{entry}' matches no module of the model")
             for key in keys:
                 add_token_rows(self, adapter_name, key, rows, True, auxiliary=True)
-        tie_output_layers(self, adapter_name, auxiliary=True)
+        if not mismatch:
+            tie_output_layers(self, adapter_name, auxiliary=True)
 
     def _inject_parameters(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
         """`target_parameters`: wrap each matching parameter (a name equal to, or ending in, an entry) in a

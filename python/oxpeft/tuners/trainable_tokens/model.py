@@ -20,6 +20,19 @@ def input_embeddings_name(model: nn.Module, default: str = "embed_tokens") -> st
     return default
 
 
+def output_layers_tied_to_embedding(model: nn.Module) -> list[str]:
+    """Names of the Linear layers that share the input embedding's weight (a tied output layer)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None:
+        return []
+    weight = getattr(embedding, "get_base_layer", lambda: embedding)().weight
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.weight is weight
+    ]
+
+
 def add_token_rows(
     tuner: BaseTuner, adapter_name: str, key: str, indices: list[int], init_weights: bool, *, auxiliary: bool
 ) -> None:
