@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "AdaLoraConfig": "oxpeft.tuners.adalora",
     "AdaLoraModel": "oxpeft.tuners.adalora",
     "IA3Config": "oxpeft.tuners.ia3",
+    "BdLoraConfig": "oxpeft.tuners.lora",
     "TrainableTokensConfig": "oxpeft.tuners.trainable_tokens",
     "TrainableTokensModel": "oxpeft.tuners.trainable_tokens",
     "IA3Model": "oxpeft.tuners.ia3",

@@ -7,7 +7,7 @@ from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
 from oxpeft.tuners.ia3 import IA3Config, IA3Model
 from oxpeft.tuners.loha import LoHaConfig, LoHaModel
 from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
-from oxpeft.tuners.lora import LoraConfig, LoraModel
+from oxpeft.tuners.lora import BdLoraConfig, LoraConfig, LoraModel
 from oxpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -16,6 +16,7 @@ from oxpeft.tuners.trainable_tokens import TrainableTokensConfig, TrainableToken
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
+    "BdLoraConfig",
     "IA3Config",
     "IA3Model",
     "LoHaConfig",

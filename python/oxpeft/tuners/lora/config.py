@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
 from oxpeft.config import PeftConfig
+from oxpeft.tuners.lora.bdlora import BdLoraConfig
 from oxpeft.utils.peft_types import PeftType
 
 InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "orthogonal", "loftq"], str]
@@ -25,7 +26,6 @@ _UNSUPPORTED_FEATURES = (
     "layer_replication",
     "arrow_config",
     "kasa_config",
-    "use_bdlora",
 )
 
 
@@ -81,7 +81,7 @@ class LoraConfig(PeftConfig):
     layer_replication: list[tuple[int, int]] | None = None
     lora_bias: bool = False
     target_parameters: list[str] | None = None
-    use_bdlora: dict | None = None
+    use_bdlora: BdLoraConfig | dict | None = None
     arrow_config: dict | None = None
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
@@ -118,6 +118,12 @@ class LoraConfig(PeftConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         self._check_init(self.init_lora_weights)
         self._refuse_unsupported()
+        if isinstance(self.use_bdlora, dict):
+            self.use_bdlora = BdLoraConfig(**self.use_bdlora)
+        if self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
+            raise ValueError(f"use_bdlora must be a BdLoraConfig (or its dict), got {type(self.use_bdlora).__name__}")
+        if self.use_bdlora is not None and self.use_dora:
+            raise ValueError("use_bdlora and use_dora cannot be combined")
         if self.ensure_weight_tying and self.trainable_token_indices is None:
             raise ValueError(
                 "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
+from oxpeft.tuners.lora.bdlora import factor_weight
 from oxpeft.tuners.lora.dora import DoraMagnitude, channel_norm, channel_view, dora_weight_norm
 from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight, innermost_base
 
@@ -364,8 +365,8 @@ class Linear(nn.Module, LoraLayer):
         self.set_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        b = self.lora_B[adapter_name].weight.float()
-        a = self.lora_A[adapter_name].weight.float()
+        b = factor_weight(self.lora_B[adapter_name]).float()
+        a = factor_weight(self.lora_A[adapter_name]).float()
         return _transpose(b @ a, self.fan_in_fan_out) * self.scaling[adapter_name]
 
     @property
@@ -392,7 +393,7 @@ class Linear(nn.Module, LoraLayer):
             x_ = self._cast_input_dtype(x, lora_A.weight.dtype)
             if self.use_dora[name]:
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
-            elif lora_B.bias is None and result.dtype == lora_B.weight.dtype:
+            elif lora_B.bias is None and result.dtype == lora_B.weight.dtype and type(lora_B) is nn.Linear:
                 # Scale the rank-r activations, not the full output, and fuse the add into the GEMM:
                 # two fewer passes over the (tokens x out_features) result than B(A(x)) * s + y.
                 after_a = lora_A(dropout(x_)) * scaling

@@ -9,6 +9,7 @@ from torch import nn
 from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_list_entry, pattern_key
 from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from oxpeft.tuners.lora.bdlora import apply_bdlora
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
 from oxpeft.tuners.lora.param import ParamWrapper
@@ -77,6 +78,8 @@ class LoraModel(BaseTuner):
             if loftq:
                 raise ValueError(f"'{current_key}' already has an adapter; LoftQ initialises a layer's first adapter only")
             target.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(target.get_base_layer()), **options)
+            if config.use_bdlora is not None:
+                apply_bdlora(target, adapter_name, config.use_bdlora, current_key)
             return
         layer_cls, required_fifo = lora_layer_for(target)
         kwargs = dict(options, adapter_dtype=self._adapter_dtype(target))
@@ -87,6 +90,8 @@ class LoraModel(BaseTuner):
         new_module = layer_cls(target, adapter_name, **kwargs)
         if loftq:
             new_module.loftq_init(adapter_name, config.loftq_config)
+        if config.use_bdlora is not None:
+            apply_bdlora(new_module, adapter_name, config.use_bdlora, current_key)
         setattr(parent, target_name, new_module)
 
     def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from oxpeft.tuners.lora.bdlora import factor_weight
 from oxpeft.tuners.tuners_utils import check_adapters_to_combine, union_module_names
 from oxpeft.tuners.lora.layer import Embedding, LoraLayer, _ConvNd
 
@@ -84,7 +85,7 @@ def combine(
 # --- the operation ---------------------------------------------------------------------------------------------
 def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     if adapter in layer.lora_A:
-        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        return factor_weight(layer.lora_A[adapter]), factor_weight(layer.lora_B[adapter])
     if adapter in layer.lora_embedding_A:
         return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
     return None
