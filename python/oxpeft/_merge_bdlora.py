@@ -1,0 +1,43 @@
+"""Offline merge of BD-LoRA adapters (`use_bdlora`): their block-diagonal factors are stored as stacked blocks
+((out, in / n) rather than (out, in)); written out as the dense block-diagonal matrices they stand for, the adapter
+is a plain LoRA adapter that the Rust merge applies (the added zeros leave every product exactly as it was)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from oxpeft._expert_merge import checkpoint_tensor_shapes
+
+_PREFIX = "base_model.model."
+
+
+def needs_conversion(config: dict) -> bool:
+    return config.get("peft_type") == "LORA" and bool(config.get("use_bdlora"))
+
+
+def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    settings = config["use_bdlora"]
+    blocks = int(settings.get("nblocks", 1)) if isinstance(settings, dict) else 1
+    shapes = checkpoint_tensor_shapes(base)
+    tensors = load_file(str(weights))
+    for a_key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        b_key = a_key.replace(".lora_A.weight", ".lora_B.weight")
+        target = a_key[len(_PREFIX) : -len(".lora_A.weight")] + ".weight"
+        if target not in shapes or b_key not in tensors or blocks == 1:
+            continue  # the Rust planner names what does not fit
+        a, b = tensors[a_key], tensors[b_key]
+        rank, in_features = a.shape[0], shapes[target][1]
+        # Dense, lora_A is (r, in) and lora_B (out, r); a block-diagonal one keeps 1/n of its second dimension.
+        if a.shape[1] * blocks == in_features:
+            tensors[a_key] = torch.block_diag(*torch.chunk(a, blocks, dim=0)).contiguous()
+        if b.shape[1] * blocks == rank:
+            tensors[b_key] = torch.block_diag(*torch.chunk(b, blocks, dim=0)).contiguous()
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "use_bdlora"}))
+    result = out / "adapter_model.safetensors"
+    save_file(tensors, str(result), metadata={"format": "pt"})
+    return result
