@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence, Union
 
-from oxpeft import _expert_merge, _merge_bdlora, _merge_tokens, _native
+from oxpeft import _expert_merge, _merge_tokens, _merge_variants, _native
 from oxpeft._io import make_parents, refuse_existing, remove_created, umask_mode
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -348,9 +348,9 @@ def _resolve_adapter(
 
     A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
     unpickle) and converted to a safetensors file in ``scratch``. Trainable token rows become embedding
-    replacements (``_merge_tokens``), block-diagonal BD-LoRA factors dense ones (``_merge_bdlora``), and a LoRA adapter on MoE expert parameters (``target_parameters``) the
-    equivalent per-expert LoRA adapter for the checkpoint ``base`` (``_expert_merge``), both in ``scratch``. The
-    fingerprint is always of the adapter's own files.
+    replacements (``_merge_tokens``), LoRA variants plain LoRA (``_merge_variants``), and LoRA on MoE expert
+    parameters (``target_parameters``) the equivalent per-expert LoRA for the checkpoint ``base``
+    (``_expert_merge``), each in ``scratch``. The fingerprint is always of the adapter's own files.
     """
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such adapter folder")
@@ -373,7 +373,7 @@ def _resolve_adapter(
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
     adapter_dir = folder
     config_values = _read_adapter_config(config)
-    for conversion in (_merge_tokens, _merge_bdlora, _expert_merge):
+    for conversion in (_merge_tokens, _merge_variants, _expert_merge):
         if conversion.needs_conversion(config_values):
             adapter_dir = scratch / f"converted-{len(list(scratch.iterdir()))}"
             weights_file = conversion.convert(config_values, Path(weights_file), base, adapter_dir)

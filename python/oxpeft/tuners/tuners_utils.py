@@ -144,6 +144,8 @@ class BaseTunerLayer:
             item = container[adapter_name]
             if isinstance(item, nn.Parameter):
                 yield item
+            elif isinstance(item, torch.Tensor):
+                continue  # a buffer (VeLoRA's projection vector): saved, not trained
             elif not item._modules:
                 # A leaf such as lora_A's nn.Linear: its own parameters, without torch's recursive walk
                 # (set_adapter visits every adapter of every layer).
@@ -172,6 +174,8 @@ class BaseTunerLayer:
             item = container[adapter_name]
             if isinstance(item, nn.Parameter):
                 container[adapter_name] = nn.Parameter(item.data.to(device=device, dtype=dtype))
+            elif isinstance(item, torch.Tensor):
+                container[adapter_name] = item.to(device=device)
             else:
                 item.to(device=device, dtype=dtype)
 

@@ -75,7 +75,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 if adapter_name not in container:
                     continue
                 item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
+                if isinstance(item, torch.Tensor):
                     keys = [f"{prefix}{attr}.{adapter_name}"]
                 else:
                     keys = [f"{prefix}{attr}.{adapter_name}.{k}" for k in item.state_dict()]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from oxpeft.config import PeftConfig
 from oxpeft.tuners.lora.bdlora import BdLoraConfig
+from oxpeft.tuners.lora.velora import VeloraConfig
 from oxpeft.utils.peft_types import PeftType
 
 InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "orthogonal", "loftq"], str]
@@ -20,7 +21,6 @@ _UNSUPPORTED_FEATURES = (
     "eva_config",
     "corda_config",
     "lora_ga_config",
-    "velora_config",
     "alora_invocation_tokens",
     "monteclora_config",
     "layer_replication",
@@ -73,7 +73,7 @@ class LoraConfig(PeftConfig):
     corda_config: dict | None = None
     lora_ga_config: dict | None = None
     use_dora: bool = False
-    velora_config: dict | None = None
+    velora_config: VeloraConfig | dict | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
@@ -124,6 +124,12 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"use_bdlora must be a BdLoraConfig (or its dict), got {type(self.use_bdlora).__name__}")
         if self.use_bdlora is not None and self.use_dora:
             raise ValueError("use_bdlora and use_dora cannot be combined")
+        if isinstance(self.velora_config, dict):
+            self.velora_config = VeloraConfig(**self.velora_config)
+        if self.velora_config is not None and not isinstance(self.velora_config, VeloraConfig):
+            raise ValueError(f"velora_config must be a VeloraConfig (or its dict), got {type(self.velora_config).__name__}")
+        if self.velora_config is not None and (self.use_dora or self.use_bdlora is not None):
+            raise ValueError("velora_config cannot be combined with use_dora or use_bdlora")
         if self.ensure_weight_tying and self.trainable_token_indices is None:
             raise ValueError(
                 "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "

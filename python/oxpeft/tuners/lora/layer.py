@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
+from oxpeft.tuners._buffer_dict import BufferDict
 from oxpeft.tuners.lora.bdlora import factor_weight
+from oxpeft.tuners.lora.velora import VeloraState
 from oxpeft.tuners.lora.dora import DoraMagnitude, channel_norm, channel_view, dora_weight_norm
 from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight, innermost_base
 
@@ -30,7 +32,9 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 class LoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_layer_names = (
+        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_velora_embed",
+    )  # fmt: skip
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     fan_in_fan_out: bool = False
@@ -50,6 +54,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_velora_embed = BufferDict(persistent=True)  # VeLoRA's projection vectors (saved, as PEFT's)
+        self._velora = VeloraState()
         self._dora_norm_cache: dict[str, torch.Tensor] = {}
         # Per-sample adapter names while a mixed-batch forward runs (set by LoraModel.batch_adapters).
         self._batch_adapter_names: list[str] | None = None
@@ -309,6 +315,10 @@ class LoraLayer(BaseTunerLayer):
             if bias_delta is not None:
                 base.bias.data = (base.bias.float() - bias_delta).to(base.bias.dtype)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._velora.remove(adapter_name)
+
     def _check_forward_args(self, x: torch.Tensor) -> None:
         if self.merged and self.disable_adapters:
             self.unmerge()
@@ -393,14 +403,16 @@ class Linear(nn.Module, LoraLayer):
             x_ = self._cast_input_dtype(x, lora_A.weight.dtype)
             if self.use_dora[name]:
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
-            elif lora_B.bias is None and result.dtype == lora_B.weight.dtype and type(lora_B) is nn.Linear:
+                continue
+            after_a = self._velora.after_a(self, name, dropout(x_)) if name in self.lora_velora_embed else lora_A(dropout(x_))
+            if lora_B.bias is None and result.dtype == lora_B.weight.dtype and type(lora_B) is nn.Linear:
                 # Scale the rank-r activations, not the full output, and fuse the add into the GEMM:
                 # two fewer passes over the (tokens x out_features) result than B(A(x)) * s + y.
-                after_a = lora_A(dropout(x_)) * scaling
+                after_a = after_a * scaling
                 flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_a.reshape(-1, after_a.shape[-1]), lora_B.weight.t())
                 result = flat.view(result.shape)
             else:
-                result = result + lora_B(lora_A(dropout(x_))) * scaling
+                result = result + lora_B(after_a) * scaling
         return result.to(result_dtype)
 
     def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:

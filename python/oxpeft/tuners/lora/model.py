@@ -38,6 +38,14 @@ def _layer_options(config: LoraConfig, key: str) -> dict:
     )
 
 
+def _apply_velora(layer: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> None:
+    if config.velora_config is None:
+        return
+    if type(layer).__name__ != "Linear":
+        raise ValueError(f"VeLoRA applies to LoRA on Linear layers; '{key}' is a {type(layer).__name__}")
+    layer._velora.add(layer, adapter_name, config.velora_config)
+
+
 def _strip_base_layer(name: str) -> str:
     """A module name without the `.base_layer` steps that wrappers insert."""
     return ".".join(part for part in name.split(".") if part != "base_layer")
@@ -80,6 +88,7 @@ class LoraModel(BaseTuner):
             target.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(target.get_base_layer()), **options)
             if config.use_bdlora is not None:
                 apply_bdlora(target, adapter_name, config.use_bdlora, current_key)
+            _apply_velora(target, adapter_name, config, current_key)
             return
         layer_cls, required_fifo = lora_layer_for(target)
         kwargs = dict(options, adapter_dtype=self._adapter_dtype(target))
@@ -92,6 +101,7 @@ class LoraModel(BaseTuner):
             new_module.loftq_init(adapter_name, config.loftq_config)
         if config.use_bdlora is not None:
             apply_bdlora(new_module, adapter_name, config.use_bdlora, current_key)
+        _apply_velora(new_module, adapter_name, config, current_key)
         setattr(parent, target_name, new_module)
 
     def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:

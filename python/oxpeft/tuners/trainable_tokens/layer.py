@@ -12,32 +12,14 @@ those of the layer it is tied to, so the two always agree.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oxpeft.tuners._buffer_dict import BufferDict
 from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight
-
-
-class _RowBuffers(nn.Module):
-    """Per-adapter tensors kept as non-persistent buffers: they follow `.to()`, and are not saved."""
-
-    def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        self.register_buffer(name, value, persistent=False)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._buffers[name]
-
-    def __delitem__(self, name: str) -> None:
-        del self._buffers[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._buffers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._buffers))
 
 
 class TrainableTokensLayer(nn.Module, BaseTunerLayer):
@@ -63,7 +45,7 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
             self.token_indices = tied_adapter.token_indices
         else:
             self.trainable_tokens_delta = nn.ParameterDict()
-            self.trainable_tokens_original = _RowBuffers()
+            self.trainable_tokens_original = BufferDict(persistent=False)
             self.token_indices: dict[str, list[int]] = {}
         base = self.get_base_layer()
         if not isinstance(base, (nn.Embedding, nn.Linear)):

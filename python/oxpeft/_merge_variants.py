@@ -1,6 +1,12 @@
-"""Offline merge of BD-LoRA adapters (`use_bdlora`): their block-diagonal factors are stored as stacked blocks
-((out, in / n) rather than (out, in)); written out as the dense block-diagonal matrices they stand for, the adapter
-is a plain LoRA adapter that the Rust merge applies (the added zeros leave every product exactly as it was)."""
+"""Offline merge of LoRA variants whose files hold more than plain LoRA factors.
+
+- BD-LoRA (`use_bdlora`): block-diagonal factors are stored as stacked blocks ((out, in / n) rather than
+  (out, in)); written out as the dense block-diagonal matrices they stand for (the added zeros leave every product
+  exactly as it was).
+- VeLoRA (`velora_config`): its projection vectors (`lora_velora_embed`) only shape training gradients; the merged
+  delta is plain LoRA's, so they are left out.
+
+The result is a plain LoRA adapter that the Rust merge applies."""
 
 from __future__ import annotations
 
@@ -13,17 +19,17 @@ _PREFIX = "base_model.model."
 
 
 def needs_conversion(config: dict) -> bool:
-    return config.get("peft_type") == "LORA" and bool(config.get("use_bdlora"))
+    return config.get("peft_type") == "LORA" and bool(config.get("use_bdlora") or config.get("velora_config"))
 
 
 def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    settings = config["use_bdlora"]
+    settings = config.get("use_bdlora")
     blocks = int(settings.get("nblocks", 1)) if isinstance(settings, dict) else 1
     shapes = checkpoint_tensor_shapes(base)
-    tensors = load_file(str(weights))
+    tensors = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(".lora_velora_embed")}
     for a_key in [k for k in tensors if k.endswith(".lora_A.weight")]:
         b_key = a_key.replace(".lora_A.weight", ".lora_B.weight")
         target = a_key[len(_PREFIX) : -len(".lora_A.weight")] + ".weight"
@@ -37,7 +43,7 @@ def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
         if b.shape[1] * blocks == rank:
             tensors[b_key] = torch.block_diag(*torch.chunk(b, blocks, dim=0)).contiguous()
     out.mkdir()
-    (out / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "use_bdlora"}))
+    (out / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in ("use_bdlora", "velora_config")}))
     result = out / "adapter_model.safetensors"
     save_file(tensors, str(result), metadata={"format": "pt"})
     return result
