@@ -80,6 +80,13 @@ class BaseTunerLayer:
     saves_tensors: bool = True
     # Whether merging keeps a tied output layer tied (the layer writes the same rows through both).
     keeps_tying: ClassVar[bool] = False
+    # Whether the layers inside this layer's base belong to it (LoRA on MultiheadAttention owns its out_proj layer):
+    # the tuner's loops then leave them to this layer.
+    owns_inner_layers: ClassVar[bool] = False
+
+    def unwrapped_base(self) -> nn.Module:
+        """What replaces this layer when it is unloaded."""
+        return self.base_layer
 
     base_layer: nn.Module
     _active_adapter: list[str]
@@ -846,7 +853,7 @@ class BaseTuner(nn.Module, abc.ABC):
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
                 if isinstance(module, BaseTunerLayer):
-                    children = [("base_layer", module._modules.get("base_layer"))]
+                    children = [] if module.owns_inner_layers else [("base_layer", module._modules.get("base_layer"))]
             prefix = name + "." if name else ""
             stack.extend((prefix + key, child) for key, child in reversed(list(children)) if child is not None)
 
@@ -916,7 +923,7 @@ class BaseTuner(nn.Module, abc.ABC):
             )
             if empty:
                 parent, _, target_name = self._get_submodules(key)
-                base = module.base_layer if isinstance(module, BaseTunerLayer) else module.original_module
+                base = module.unwrapped_base() if isinstance(module, BaseTunerLayer) else module.original_module
                 setattr(parent, target_name, base)
 
     # --- merge / unload ------------------------------------------------------------------------------------------
@@ -974,7 +981,7 @@ class BaseTuner(nn.Module, abc.ABC):
                     if not requantize and hasattr(module, "dequantize_base"):
                         module.dequantize_base()
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, module.base_layer)
+                setattr(parent, target_name, module.unwrapped_base())
             elif isinstance(module, ModulesToSaveWrapper):
                 setattr(parent, target_name, module.unwrapped())
         if self.model.__dict__.get("peft_config") is self.peft_config:

@@ -11,7 +11,8 @@ from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.bdlora import apply_bdlora
 from oxpeft.tuners.lora.config import LoraConfig
-from oxpeft.tuners.lora.layer import LoraLayer, lora_layer_for, warn_fan_in_fan_out
+from oxpeft.tuners.lora.dispatch import lora_layer_for
+from oxpeft.tuners.lora.layer import LoraLayer, warn_fan_in_fan_out
 from oxpeft.tuners.lora.param import ParamWrapper
 from oxpeft.tuners.trainable_tokens.model import (
     add_token_rows,
