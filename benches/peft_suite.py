@@ -34,6 +34,7 @@ CONFIG_CLASSES = {
     "loha": "LoHaConfig",
     "lokr": "LoKrConfig",
     "adalora": "AdaLoraConfig",
+    "trainable_tokens": "TrainableTokensConfig",
 }
 TEST_FILE = "tests/test_custom_models.py"
 HELPERS = ("tests/testing_utils.py", "tests/testing_common.py", TEST_FILE)
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers per run (default 2)")
     parser.add_argument("--case-timeout", type=int, default=120, help="seconds per case (pytest-timeout)")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N selected cases (a quick look)")
+    parser.add_argument("--filter", default="", help="run only the selected cases whose id matches this regex")
     parser.add_argument("--out", type=Path, default=None, help="write the per-case results and the summary as JSON")
     args = parser.parse_args()
 
@@ -156,6 +158,8 @@ def main() -> None:
         scratch = Path(tmp)
         src = _working_copy(src, scratch)
         ids = collect(src, methods, scratch)
+        if args.filter:
+            ids = [i for i in ids if re.search(args.filter, i)]
         if args.limit:
             ids = ids[: args.limit]
         print(f"{len(ids)} cases of {', '.join(methods)} in {TEST_FILE} (PEFT {peft.__version__})", file=sys.stderr)

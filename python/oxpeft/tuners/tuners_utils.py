@@ -610,6 +610,8 @@ class BaseTuner(nn.Module, abc.ABC):
     def _adapter_dtype(self, target: nn.Module) -> torch.dtype | None:
         """The dtype of new adapter weights: fp32 for half-precision bases (autocast_adapter_dtype), else the base's."""
         weight = target if isinstance(target, torch.Tensor) else getattr(target, "weight", None)
+        if weight is None:
+            weight = getattr(target, "in_proj_weight", None)  # nn.MultiheadAttention
         if weight is None or not weight.dtype.is_floating_point:
             return torch.float32
         if self.autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):

@@ -75,12 +75,13 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 if adapter_name not in container:
                     continue
                 item = container[adapter_name]
+                inner = prefix + module.file_key_infix  # the containers may sit in a child (`token_adapter.`)
                 if isinstance(item, torch.Tensor):
-                    keys = [f"{prefix}{attr}.{adapter_name}"]
+                    keys = [f"{inner}{attr}.{adapter_name}"]
                 else:
-                    keys = [f"{prefix}{attr}.{adapter_name}.{k}" for k in item.state_dict()]
+                    keys = [f"{inner}{attr}.{adapter_name}.{k}" for k in item.state_dict()]
                 for key in keys:
-                    ckpt = ckpt_prefix + module.file_key_infix + remove_adapter_name(key, adapter_name)[len(prefix) :]
+                    ckpt = ckpt_prefix + remove_adapter_name(key, adapter_name)[len(prefix) :]
                     if attr == "lora_magnitude_vector" and ckpt.endswith(".weight"):
                         ckpt = ckpt[: -len(".weight")]  # PEFT keeps DoRA's pre-ModuleDict key
                     mapping[key] = ckpt

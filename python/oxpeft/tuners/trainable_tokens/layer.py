@@ -34,33 +34,63 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
         token_indices: list[int] | None = None,
         init_weights: bool = True,
         tied_adapter: TrainableTokensLayer | None = None,
+        auxiliary: bool = False,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self._init_tuner_layer(base_layer)
         # In a list, so that the tied layer is not a submodule (its rows are saved once, under its own name).
         self._tied = [tied_adapter] if tied_adapter is not None else []
+        # Beside another method (LoRA's trainable_token_indices) the rows sit in a `token_adapter` child, where
+        # PEFT's wrapper has them: `emb.token_adapter.trainable_tokens_delta` in state dicts, files and code.
+        holder: nn.Module = self
+        if auxiliary:
+            self.token_adapter = nn.Module()
+            holder = self.token_adapter
+            self.file_key_infix = "token_adapter."
         if tied_adapter is not None:
-            self.trainable_tokens_delta = tied_adapter.trainable_tokens_delta
-            self.trainable_tokens_original = tied_adapter.trainable_tokens_original
+            holder.trainable_tokens_delta = tied_adapter.trainable_tokens_delta
+            holder.trainable_tokens_original = tied_adapter.trainable_tokens_original
             self.token_indices = tied_adapter.token_indices
         else:
-            self.trainable_tokens_delta = nn.ParameterDict()
-            self.trainable_tokens_original = BufferDict(persistent=False)
+            holder.trainable_tokens_delta = nn.ParameterDict()
+            holder.trainable_tokens_original = BufferDict(persistent=False)
             self.token_indices: dict[str, list[int]] = {}
         base = self.get_base_layer()
         if not isinstance(base, (nn.Embedding, nn.Linear)):
             raise ValueError(
                 f"trainable tokens adapt an nn.Embedding (or an output nn.Linear tied to one), not {type(base).__name__}"
             )
+        # PEFT's: (rows, width) for an embedding, (in, out) for a linear layer.
+        if isinstance(base, nn.Embedding):
+            self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         if token_indices is not None:
-            self.update_layer(adapter_name, token_indices, init_weights)
+            self.update_layer(adapter_name, token_indices, init_weights, adapter_dtype)
         self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("trainable_tokens_delta", "trainable_tokens_original") and "token_adapter" in self._modules:
+                return getattr(self._modules["token_adapter"], name)
+            raise
 
     @property
     def tied_adapter(self) -> TrainableTokensLayer | None:
         return self._tied[0] if self._tied else None
 
-    def update_layer(self, adapter_name: str, token_indices: list[int], init_weights: bool = True, **_: Any) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        token_indices: list[int],
+        init_weights: bool = True,
+        adapter_dtype: torch.dtype | None = None,
+        **_: Any,
+    ) -> None:
+        """Adapter `adapter_name` trains rows `token_indices`, held in `adapter_dtype` (default: the weight's)."""
         if self.tied_adapter is not None:
             return  # the rows are the tied layer's
         weight = self.get_base_layer().weight
@@ -74,6 +104,8 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
         index = torch.tensor(token_indices, device=weight.device)
         originals = weight.detach()[index].clone()
         values = originals.clone() if init_weights else torch.randn_like(originals)
+        if adapter_dtype is not None:
+            values = values.to(adapter_dtype)
         self.token_indices[adapter_name] = list(token_indices)
         self.trainable_tokens_delta[adapter_name] = nn.Parameter(values, requires_grad=True)
         self.trainable_tokens_original[adapter_name] = originals

@@ -40,13 +40,12 @@ def add_token_rows(
     adapter added to the one already there). `auxiliary`: beside another method's adapter (LoRA's
     `trainable_token_indices`), saved under PEFT's `<layer>.token_adapter.` keys."""
     parent, target, target_name = tuner._get_submodules(key)
+    dtype = tuner._adapter_dtype(target.get_base_layer() if isinstance(target, TrainableTokensLayer) else target)
     if isinstance(target, TrainableTokensLayer):
-        target.update_layer(adapter_name, indices, init_weights)
+        target.update_layer(adapter_name, indices, init_weights, dtype)
         target.set_adapter(target.active_adapters + [adapter_name])
         return
-    layer = TrainableTokensLayer(target, adapter_name, indices, init_weights)
-    if auxiliary:
-        layer.file_key_infix = "token_adapter."
+    layer = TrainableTokensLayer(target, adapter_name, indices, init_weights, auxiliary=auxiliary, adapter_dtype=dtype)
     setattr(parent, target_name, layer)
 
 
@@ -74,10 +73,8 @@ def tie_output_layers(tuner: BaseTuner, adapter_name: str, *, auxiliary: bool) -
         else:
             continue
         parent, _, target_name = tuner._get_submodules(name)
-        layer = TrainableTokensLayer(base, adapter_name, tied_adapter=embedding)
-        if auxiliary:
-            layer.file_key_infix = "token_adapter."
-            layer.saves_tensors = False
+        layer = TrainableTokensLayer(base, adapter_name, tied_adapter=embedding, auxiliary=auxiliary)
+        layer.saves_tensors = not auxiliary  # PEFT saves a tied layer's rows for the method, not beside LoRA
         setattr(parent, target_name, layer)
 
 
