@@ -74,11 +74,9 @@ def test_bad_bdlora_settings_are_refused():
 
 
 def test_oxpeft_merge_of_a_bdlora_adapter_equals_peft(tmp_path):
-    import subprocess
-
     from transformers import AutoModelForCausalLM
 
-    from test_cli import OXPEFT
+    from test_cli import run as run_oxpeft
 
     base = make_llama()
     base.save_pretrained(tmp_path / "base")
@@ -89,13 +87,11 @@ def test_oxpeft_merge_of_a_bdlora_adapter_equals_peft(tmp_path):
                 p.normal_(0, 0.1)
     model.save_pretrained(tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").merge_and_unload()
-    done = subprocess.run([OXPEFT, "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(tmp_path / "m"), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(tmp_path / "m"), "-q")
     assert done.returncode == 0, done.stderr
     offline = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     for (name, p), (_, q) in zip(offline.named_parameters(), theirs.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
-    done = subprocess.run([OXPEFT, "unmerge", str(tmp_path / "m"), str(tmp_path / "adapter"), "-o", str(tmp_path / "b"), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("unmerge", str(tmp_path / "m"), str(tmp_path / "adapter"), "-o", str(tmp_path / "b"), "-q")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "base" / "model.safetensors").read_bytes()

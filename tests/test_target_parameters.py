@@ -174,11 +174,9 @@ def test_qwen3_moe_experts_trained_saved_loaded_in_peft_and_merged_offline(moe, 
     loaded in the real peft with equal logits, and merged offline by the `oxpeft merge` command into the
     checkpoint transformers wrote (one weight per expert): equal to PEFT's merge_and_unload, and unmerged back to
     the base byte for byte."""
-    import subprocess
-
     from transformers import AutoModelForCausalLM
 
-    from test_cli import OXPEFT
+    from test_cli import run as run_oxpeft
 
     base_dir = tmp_path / "base"
     moe.save_pretrained(base_dir)
@@ -197,15 +195,13 @@ def test_qwen3_moe_experts_trained_saved_loaded_in_peft_and_merged_offline(moe, 
     want = theirs.merge_and_unload()(ids).logits
 
     merged = tmp_path / "merged"
-    done = subprocess.run([OXPEFT, "merge", str(base_dir), str(tmp_path / "adapter"), "-o", str(merged), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("merge", str(base_dir), str(tmp_path / "adapter"), "-o", str(merged), "-q")
     assert done.returncode == 0, done.stderr
     offline = AutoModelForCausalLM.from_pretrained(merged).eval()
     torch.testing.assert_close(offline(ids).logits, want, rtol=0, atol=1e-5)
     assert not torch.allclose(offline(ids).logits, moe(ids).logits)
 
     back = tmp_path / "back"
-    done = subprocess.run([OXPEFT, "unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q")
     assert done.returncode == 0, done.stderr
     assert (back / "model.safetensors").read_bytes() == (base_dir / "model.safetensors").read_bytes()

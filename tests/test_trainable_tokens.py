@@ -149,11 +149,9 @@ def test_trainable_token_indices_per_layer_and_conflicts():
 def test_oxpeft_merge_writes_the_rows_and_unmerges_exactly(kind, tmp_path):
     """`oxpeft merge` of trainable-token rows (alone, and beside LoRA) equals PEFT's merge_and_unload; the unmerge
     gives the checkpoint back byte for byte."""
-    import subprocess
-
     from transformers import AutoModelForCausalLM
 
-    from test_cli import OXPEFT
+    from test_cli import run as run_oxpeft
 
     base = _llama(True).to(torch.bfloat16)
     base.save_pretrained(tmp_path / "base")
@@ -167,8 +165,7 @@ def test_oxpeft_merge_writes_the_rows_and_unmerges_exactly(kind, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     theirs = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").merge_and_unload()
     merged = tmp_path / "merged"
-    done = subprocess.run([OXPEFT, "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(merged), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(merged), "-q")
     assert done.returncode == 0, done.stderr
     offline = AutoModelForCausalLM.from_pretrained(merged).eval()
     for (name, p), (_, q) in zip(offline.named_parameters(), theirs.named_parameters()):
@@ -177,8 +174,7 @@ def test_oxpeft_merge_writes_the_rows_and_unmerges_exactly(kind, tmp_path):
         else:
             torch.testing.assert_close(p, q, rtol=0, atol=1e-2, msg=name)  # bf16, one rounding vs PEFT's
     back = tmp_path / "back"
-    done = subprocess.run([OXPEFT, "unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q")
     assert done.returncode == 0, done.stderr
     assert (back / "model.safetensors").read_bytes() == (tmp_path / "base" / "model.safetensors").read_bytes()
 

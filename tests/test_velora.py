@@ -72,11 +72,9 @@ def test_bad_velora_settings_are_refused():
 
 
 def test_oxpeft_merge_of_a_velora_adapter_is_its_lora_merge(tmp_path):
-    import subprocess
-
     from transformers import AutoModelForCausalLM
 
-    from test_cli import OXPEFT
+    from test_cli import run as run_oxpeft
 
     base = make_llama()
     base.save_pretrained(tmp_path / "base")
@@ -84,8 +82,7 @@ def test_oxpeft_merge_of_a_velora_adapter_is_its_lora_merge(tmp_path):
     _grads(model)
     model.save_pretrained(tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").merge_and_unload()
-    done = subprocess.run([OXPEFT, "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(tmp_path / "m"), "-q"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = run_oxpeft("merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(tmp_path / "m"), "-q")
     assert done.returncode == 0, done.stderr
     offline = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     for (name, p), (_, q) in zip(offline.named_parameters(), theirs.named_parameters()):

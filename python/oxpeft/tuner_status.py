@@ -9,6 +9,7 @@ import collections
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
+import torch
 from torch import nn
 
 from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -65,8 +66,10 @@ def _adapter_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module | nn.Pa
             yield name, item
 
 
-def _parameters(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
-    return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+def _parameters(item: nn.Module | torch.Tensor) -> list[nn.Parameter]:
+    if isinstance(item, torch.Tensor):
+        return [item] if isinstance(item, nn.Parameter) else []  # a buffer (VeLoRA's projection) is not trained
+    return list(item.parameters())
 
 
 def _tuner_of(model: nn.Module) -> nn.Module:

@@ -32,3 +32,12 @@ class BufferDict(nn.Module):
 
     def __len__(self) -> int:
         return len(self._buffers)
+
+    def keys(self) -> list[str]:
+        return list(self._buffers)
+
+    def values(self) -> list[torch.Tensor]:
+        return list(self._buffers.values())
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._buffers.items())
