@@ -104,3 +104,28 @@ def test_mha_options_it_cannot_take_are_refused():
     net.mha = nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
     with pytest.raises(ValueError, match="same size"):
         oxpeft.get_peft_model(net, _config(oxpeft))
+
+
+def test_oxpeft_merge_of_an_mha_adapter_equals_merge_and_unload(tmp_path):
+    """The offline merge puts the in_proj delta into `in_proj_weight` and the out_proj delta (saved under
+    `base_layer.out_proj`) into `out_proj.weight`, and unmerges back to the same bytes."""
+    from safetensors.torch import save_file
+
+    from test_cli import run as run_oxpeft
+
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in _Net().state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    model = oxpeft.get_peft_model(_Net(), _config(oxpeft))
+    model.save_pretrained(tmp_path / "adapter")
+    want = model.merge_and_unload().state_dict()
+    done = run_oxpeft("merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(tmp_path / "m"), "-q")
+    assert done.returncode == 0, done.stderr
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    assert not torch.equal(got["mha.in_proj_weight"], _Net().mha.in_proj_weight)
+    assert not torch.equal(got["mha.out_proj.weight"], _Net().mha.out_proj.weight)
+    done = run_oxpeft("unmerge", str(tmp_path / "m"), str(tmp_path / "adapter"), "-o", str(tmp_path / "b"), "-q")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "base" / "model.safetensors").read_bytes()

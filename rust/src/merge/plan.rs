@@ -388,8 +388,10 @@ impl MergePlan {
                     .iter()
                     .find_map(|(suffix, f)| Some((rest.strip_suffix(suffix)?, *f)));
                 if let Some((module, field)) = field {
+                    // A layer PEFT nests inside another's base (MultiheadAttention's out_proj) is saved under
+                    // `<outer>.base_layer.<inner>`; its weight is `<outer>.<inner>.weight` in the checkpoint.
                     modules
-                        .entry(module.to_string())
+                        .entry(module.replace(".base_layer.", "."))
                         .or_default()
                         .insert(field, t.name.clone());
                 } else if let Some(m) = rest.strip_suffix(".base_layer.weight") {
@@ -487,7 +489,13 @@ impl Planner<'_> {
 
     /// The 2-D float base weight of `module`, which `adapter_key` changes.
     fn base_weight(&self, module: &str, adapter_key: &str) -> Result<(String, &TensorInfo)> {
-        let weight_key = format!("{module}.weight");
+        let mut weight_key = format!("{module}.weight");
+        if self.base.get(&weight_key).is_none()
+            && self.base.get(&format!("{module}.in_proj_weight")).is_some()
+        {
+            // nn.MultiheadAttention: LoRA on the module adapts its packed q/k/v projection.
+            weight_key = format!("{module}.in_proj_weight");
+        }
         let (_, w) = self.base.get(&weight_key).ok_or_else(|| {
             self.err(
                 adapter_key,
