@@ -87,9 +87,11 @@ def test_peft_trainable_tokens_file_loads_with_equal_outputs(tmp_path):
 
 def test_bad_token_indices_are_refused_before_anything_changes():
     base = _llama(False)
-    for bad in ([], [1, 1], [-1], ["a"]):
+    for bad in ([1, 1], [-1], ["a"]):
         with pytest.raises(ValueError, match="token_indices"):
             oxpeft.TrainableTokensConfig(token_indices=bad)
+    with pytest.raises(ValueError, match="token_indices is empty"):
+        oxpeft.get_peft_model(copy.deepcopy(base), oxpeft.TrainableTokensConfig())
     with pytest.raises(ValueError, match="outside the embedding's 100 rows"):
         oxpeft.get_peft_model(base, oxpeft.TrainableTokensConfig(token_indices=[3, 150]))
     assert not any("trainable" in n for n, _ in base.named_parameters())

@@ -29,14 +29,17 @@ class TrainableTokensConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_token_indices(self.token_indices, "token_indices")
+        # Empty is allowed here, as PEFT allows it (a config may be built before its indices are known); adding an
+        # adapter without rows is refused.
+        check_token_indices(self.token_indices, "token_indices", allow_empty=True)
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
 
 
-def check_token_indices(indices: object, field_name: str) -> None:
-    """Token indices must be a non-empty list of distinct non-negative ints (a bad entry is named)."""
-    if not isinstance(indices, (list, tuple)) or not indices:
+def check_token_indices(indices: object, field_name: str, allow_empty: bool = False) -> None:
+    """Token indices must be a list of distinct non-negative ints, non-empty unless `allow_empty` (a bad entry is
+    named)."""
+    if not isinstance(indices, (list, tuple)) or not (indices or allow_empty):
         raise ValueError(f"{field_name} must be a non-empty list of token ids, got {indices!r}"[:200])
     for index in indices:
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:

@@ -39,6 +39,8 @@ def add_token_rows(
     """Adapter `adapter_name` trains rows `indices` of the embedding `key`: a TrainableTokensLayer there (or the
     adapter added to the one already there). `auxiliary`: beside another method's adapter (LoRA's
     `trainable_token_indices`), saved under PEFT's `<layer>.token_adapter.` keys."""
+    if not indices:
+        raise ValueError(f"trainable tokens for '{key}': token_indices is empty, so there is nothing to train")
     parent, target, target_name = tuner._get_submodules(key)
     dtype = tuner._adapter_dtype(target.get_base_layer() if isinstance(target, TrainableTokensLayer) else target)
     if isinstance(target, TrainableTokensLayer):
