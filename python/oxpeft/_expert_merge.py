@@ -15,7 +15,6 @@ unmerge, so the sidecar's manifest records the user's adapter files.
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 # Fused expert parameter -> the per-expert weights it is made of, in the order their rows are concatenated, one
@@ -29,29 +28,14 @@ _REGISTRATION_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_p
 _PREFIX = "base_model.model."
 
 
-def checkpoint_tensor_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape of a safetensors checkpoint folder, from its headers (nothing else is read)."""
-    index = folder / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
-    shapes: dict[str, list[int]] = {}
-    for name in files:
-        with open(folder / name, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
-    return shapes
-
-
 def needs_conversion(config: dict) -> bool:
     return config.get("peft_type") == "LORA" and bool(config.get("target_parameters"))
 
 
-def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
+def convert(config: dict, weights: Path, base: Path, tensors_of_base: dict, out: Path) -> Path:
     """Write the per-expert LoRA adapter equivalent to the `target_parameters` adapter (`config`, `weights`) for
-    the checkpoint `base` into the new folder `out`; returns its weights file. Anything that does not fit is a
-    ValueError naming the tensor."""
+    the checkpoint `base` (whose tensors are `tensors_of_base`: name -> (shape, shard)) into the new folder `out`;
+    returns its weights file. Anything that does not fit is a ValueError naming the tensor."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -63,7 +47,7 @@ def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
             )
     r = int(config["r"])
     entries = sorted(config["target_parameters"])
-    shapes = checkpoint_tensor_shapes(base)
+    shapes = {name: shape for name, (shape, _) in tensors_of_base.items()}
     tensors = load_file(str(weights))
     converted: dict[str, torch.Tensor] = {}
     modules: set[str] = set()
@@ -92,11 +76,11 @@ def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
             )
         b = b.reshape(b.shape[0], r, experts)
         for e in range(experts):
-            a_e = a[e * r : (e + 1) * r].contiguous()
             start = 0
             for name, n in zip(names, rows):
                 target = f"{module}.{e}.{name}"
-                converted[f"{_PREFIX}{target}.lora_A.weight"] = a_e
+                # A_e is shared by gate and up; each key gets its own copy (a file holds no shared storage).
+                converted[f"{_PREFIX}{target}.lora_A.weight"] = a[e * r : (e + 1) * r].clone()
                 converted[f"{_PREFIX}{target}.lora_B.weight"] = b[start : start + n, :, e].contiguous()
                 modules.add(target)
                 start += n
@@ -107,8 +91,7 @@ def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
     new_config["target_modules"] = sorted(modules)
     (out / "adapter_config.json").write_text(json.dumps(new_config))
     result = out / "adapter_model.safetensors"
-    # A_e is shared by gate and up: each key gets its own copy in the file.
-    save_file({k: v.clone() for k, v in converted.items()}, str(result), metadata={"format": "pt"})
+    save_file(converted, str(result), metadata={"format": "pt"})
     return result
 
 

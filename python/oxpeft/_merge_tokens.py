@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from oxpeft._expert_merge import checkpoint_tensor_shapes
-
 _PREFIX = "base_model.model."
 _ROWS = "trainable_tokens_delta"
 
@@ -27,16 +25,16 @@ def needs_conversion(config: dict) -> bool:
     )
 
 
-def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
-    """Write the adapter (`config`, `weights`) for checkpoint `base` with its token rows as embedding replacements
-    into the new folder `out`; returns its weights file."""
+def convert(config: dict, weights: Path, base: Path, tensors_of_base: dict, out: Path) -> Path:
+    """Write the adapter (`config`, `weights`) for checkpoint `base` (whose tensors are `tensors_of_base`: name ->
+    (shape, shard)) with its token rows as embedding replacements into the new folder `out`; returns its weights
+    file."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(weights))
-    shapes = checkpoint_tensor_shapes(base)
-    index = base / "model.safetensors.index.json"
-    shard_of = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    shapes = {name: shape for name, (shape, _) in tensors_of_base.items()}
     converted = {k: v for k, v in tensors.items() if not k.endswith(_ROWS)}
     for key in sorted(k for k in tensors if k.endswith(_ROWS)):
         module = key[len(_PREFIX) : -len(_ROWS) - 1].removesuffix(".token_adapter")
@@ -55,10 +53,8 @@ def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
         outside = [i for i in indices if i >= shapes[target][0]]
         if outside:
             raise ValueError(f"tensor '{key}': token indices {outside[:5]} are outside '{target}' ({shapes[target]})")
-        with safe_open(str(base / shard_of.get(target, "model.safetensors")), "pt") as f:
+        with safe_open(str(base / tensors_of_base[target][1]), "pt") as f:
             weight = f.get_tensor(target)
-        import torch
-
         weight = weight.index_copy(0, torch.tensor(indices), rows.to(weight.dtype))
         converted[f"{_PREFIX}{target}"] = weight
     out.mkdir()

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from oxpeft._expert_merge import checkpoint_tensor_shapes
-
 _PREFIX = "base_model.model."
 
 
@@ -22,13 +20,13 @@ def needs_conversion(config: dict) -> bool:
     return config.get("peft_type") == "LORA" and bool(config.get("use_bdlora") or config.get("velora_config"))
 
 
-def convert(config: dict, weights: Path, base: Path, out: Path) -> Path:
+def convert(config: dict, weights: Path, base: Path, tensors_of_base: dict, out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
     settings = config.get("use_bdlora")
     blocks = int(settings.get("nblocks", 1)) if isinstance(settings, dict) else 1
-    shapes = checkpoint_tensor_shapes(base)
+    shapes = {name: shape for name, (shape, _) in tensors_of_base.items()}
     tensors = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(".lora_velora_embed")}
     for a_key in [k for k in tensors if k.endswith(".lora_A.weight")]:
         b_key = a_key.replace(".lora_A.weight", ".lora_B.weight")

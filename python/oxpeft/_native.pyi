@@ -77,6 +77,7 @@ from typing import Any, Callable, Sequence
 SIDECAR_DIR: str
 
 def checkpoint_size(path: str) -> tuple[int, int]: ...
+def checkpoint_tensors(path: str) -> dict[str, tuple[list[int], str]]: ...
 def merge_checkpoint(
     base: str,
     adapters: Sequence[tuple[str, str, float]],

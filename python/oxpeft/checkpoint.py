@@ -373,10 +373,13 @@ def _resolve_adapter(
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file), metadata={"format": "pt"})
     adapter_dir = folder
     config_values = _read_adapter_config(config)
+    tensors_of_base: dict | None = None  # read once, if a conversion needs it
     for conversion in (_merge_tokens, _merge_variants, _expert_merge):
         if conversion.needs_conversion(config_values):
+            if tensors_of_base is None:
+                tensors_of_base = _native.checkpoint_tensors(str(base))
             adapter_dir = scratch / f"converted-{len(list(scratch.iterdir()))}"
-            weights_file = conversion.convert(config_values, Path(weights_file), base, adapter_dir)
+            weights_file = conversion.convert(config_values, Path(weights_file), base, tensors_of_base, adapter_dir)
             config_values = _read_adapter_config(adapter_dir / "adapter_config.json")
     return str(adapter_dir), str(weights_file), weight, partial(_fingerprint, config, source, weight)
 

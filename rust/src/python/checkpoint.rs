@@ -5,6 +5,7 @@
 //! and checks for signals every 100 ms, so that Ctrl-C stops a long merge promptly (Python only
 //! delivers signals on its main thread).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -24,6 +25,27 @@ type PyAdapter = (PathBuf, PathBuf, f64);
 fn checkpoint_size(py: Python<'_>, path: PathBuf) -> PyResult<(u64, usize)> {
     let ck = py.detach(|| Checkpoint::open(&path))?;
     Ok((ck.total_bytes(), ck.num_tensors()))
+}
+
+/// Tensor name -> (shape, shard file name) of the checkpoint in `path` (validates every shard; reads headers only).
+#[pyfunction]
+fn checkpoint_tensors(
+    py: Python<'_>,
+    path: PathBuf,
+) -> PyResult<HashMap<String, (Vec<usize>, String)>> {
+    let ck = py.detach(|| Checkpoint::open(&path))?;
+    let mut out = HashMap::new();
+    for shard in ck.shards() {
+        let file = shard
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for t in shard.tensors() {
+            out.insert(t.name.clone(), (t.shape.clone(), file.clone()));
+        }
+    }
+    Ok(out)
 }
 
 fn run(
@@ -168,6 +190,7 @@ fn unmerge_checkpoint(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint_size, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(merge_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(unmerge_checkpoint, m)?)?;
     m.add("SIDECAR_DIR", merge::SIDECAR_DIR)?;

@@ -92,18 +92,21 @@ class ParamWrapper(nn.Module, LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """scaling * B @ A per expert, in fp32 and in the parameter's layout."""
-        a = self.lora_A[adapter_name].weight.float()
-        b = self.lora_B[adapter_name].weight.float()
-        scaling = self.scaling[adapter_name]
+    def _delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lhs, rhs) whose product, times the scaling, is the adapter's delta in the parameter's layout (one pair
+        per expert for a stack)."""
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if self.num_experts == 1 and self.get_param().dim() == 2:
-            return (b @ a) * scaling
+            return b, a
         r = self.r[adapter_name]
         a = a.reshape(self.num_experts, r, self.in_features)  # (E, r, in)
         b = b.reshape(self.out_features, r, self.num_experts).permute(2, 0, 1)  # (E, out, r)
-        delta = torch.bmm(b, a) * scaling  # (E, out, in)
-        return delta if self._swapped else delta.transpose(1, 2)
+        return (b, a) if self._swapped else (a.transpose(1, 2), b.transpose(1, 2))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A per expert, in fp32 and in the parameter's layout."""
+        lhs, rhs = self._delta_factors(adapter_name)
+        return (lhs.float() @ rhs.float()) * self.scaling[adapter_name]
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -113,9 +116,12 @@ class ParamWrapper(nn.Module, LoraLayer):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        param = self.get_param()
-        delta = sum(self.get_delta_weight(a) for a in active)
-        replaced = param + delta.to(param.dtype)
+        param = replaced = self.get_param()
+        for adapter in active:
+            # W + s * lhs @ rhs in one fused op per adapter: no separate delta the size of the expert stack.
+            lhs, rhs = self._delta_factors(adapter)
+            fused = torch.baddbmm if lhs.dim() == 3 else torch.addmm
+            replaced = fused(replaced, lhs.to(param.dtype), rhs.to(param.dtype), alpha=self.scaling[adapter])
         # The path from base_layer down to the parameter's module (nested wrappers hold the module deeper).
         path, module = [], self.base_layer
         while isinstance(module, ParamWrapper):
