@@ -217,6 +217,25 @@ def test_dora_and_unmerge_exact(models, tmp_path):
         assert sha_per_tensor(back) == sha_per_tensor(base)
 
 
+@pytest.mark.parametrize("first_dora", [False, True])
+def test_dora_after_another_adapter_takes_the_base_norm(models, tmp_path, first_dora):
+    """A DoRA adapter merged after another one into the same weight: its norm is that of the base weight plus its
+    own delta (as in the forward pass and PEFT's merge), not of the weight with the first adapter merged."""
+    base = models["llama32"]
+    a = make_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8, use_dora=first_dora, target_modules=["q_proj", "v_proj"])
+    b = make_adapter(base, tmp_path / "b", seed=2, r=4, lora_alpha=8, use_dora=True, target_modules=["v_proj", "o_proj"])
+    out = tmp_path / "merged"
+    oxpeft.merge_checkpoint(base, [a, b], out, progress=False)
+    # PEFT recovers the base weight by unmerging the first adapter in fp32, so its results are some ulp off (as
+    # much as oxpeft's are from an fp64 reference); taking the norm of the weight so far is off by ~1e-2.
+    ours, oracle = read_checkpoint(out), peft_merged(base, [a, b], torch.float32).state_dict()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, oracle[key], rtol=1e-5, atol=1e-6, msg=key)
+    back = tmp_path / "back"
+    oxpeft.unmerge_checkpoint(out, [a, b], back, progress=False)
+    assert sha_per_tensor(back) == sha_per_tensor(base)
+
+
 def test_fan_in_fan_out_gpt2_with_lora_bias(models, tmp_path):
     base = models["gpt2"]
     adapter = make_adapter(

@@ -180,3 +180,53 @@ def test_a_trainable_adapter_that_is_not_active_is_loud(two_peft_adapters):
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")
         model.load_adapter(path / "second", "inference-only")  # not trainable: switching for inference is normal
+
+
+class _Layers(torch.nn.Module):
+    """One Embedding, one Conv2d and one Linear, so that every kind of DoRA norm (rows, columns, kernels) is merged."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 12)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.lin = torch.nn.Linear(12, 6)
+
+    def forward(self, ids, image):
+        return self.lin(self.emb(ids)).sum(1), self.conv(image).flatten(1)
+
+
+@pytest.mark.parametrize("first_dora", [False, True])
+def test_stacked_dora_merge_equals_the_unmerged_forward_and_peft(first_dora):
+    import peft
+
+    torch.manual_seed(0)
+    base = _Layers()
+    ids, image = torch.randint(0, 20, (2, 5)), torch.randn(2, 3, 6, 6)
+    outputs = {}
+    for lib in (oxpeft, peft):
+        model = lib.get_peft_model(
+            twin(base),
+            lib.LoraConfig(target_modules=["emb", "conv", "lin"], use_dora=first_dora, init_lora_weights=False),
+            adapter_name="one",
+        )
+        model.add_adapter("two", lib.LoraConfig(target_modules=["emb", "conv", "lin"], use_dora=True,
+                                                init_lora_weights=False))
+        torch.manual_seed(1)
+        with torch.no_grad():  # the same values in both libraries: the parameters are named alike
+            for name, p in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    p.copy_(torch.rand_like(p) + 1.0 if "magnitude" in name else torch.randn_like(p) * 0.3)
+        model.base_model.set_adapter(["one", "two"])
+        with torch.no_grad():
+            forward = model(ids, image)
+            model.merge_adapter(["one", "two"])
+            merged = model(ids, image)
+            model.unmerge_adapter()
+            unmerged = model(ids, image)
+            weights = {k: v.clone() for k, v in model.merge_and_unload(adapter_names=["one", "two"]).state_dict().items()}
+        for f, m, u in zip(forward, merged, unmerged):
+            torch.testing.assert_close(m, f, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(u, f, rtol=1e-5, atol=1e-5)
+        outputs[lib.__name__] = weights
+    for key, theirs in outputs["peft"].items():
+        torch.testing.assert_close(outputs["oxpeft"][key], theirs, rtol=1e-5, atol=1e-6, msg=key)

@@ -606,19 +606,27 @@ fn apply_terms(
     acc: &mut [f32],
     factors: &mut [[f32; ROW_BLOCK]; MAX_DORA_TERMS],
 ) {
+    // DoRA's norm is that of the base row (`acc` on entry) plus the adapter's own delta, whatever was
+    // merged before it, as in the forward pass (and PEFT's merge): the merged weight then computes what
+    // the unmerged adapters do together.
     let mut di = 0;
     for (ti, t) in p.terms.iter().enumerate() {
-        let d = &deltas[delta_row(p.cols, ti, rr)];
         if let Some(m) = &t.magnitude {
-            // PEFT: the norm is that of the weight so far (the base row for the first adapter)
-            // plus this adapter's delta.
+            let d = &deltas[delta_row(p.cols, ti, rr)];
             let mut sq = 0f64;
             for (a, dj) in acc.iter().zip(d) {
                 let v = (a + dj) as f64;
                 sq += v * v;
             }
-            let f = m[row] / (sq.sqrt() as f32);
-            factors[di][rr] = f;
+            factors[di][rr] = m[row] / (sq.sqrt() as f32);
+            di += 1;
+        }
+    }
+    let mut di = 0;
+    for (ti, t) in p.terms.iter().enumerate() {
+        let d = &deltas[delta_row(p.cols, ti, rr)];
+        if t.magnitude.is_some() {
+            let f = factors[di][rr];
             di += 1;
             for (a, dj) in acc.iter_mut().zip(d) {
                 *a = f * (*a + dj);

@@ -269,14 +269,30 @@ class LoraLayer(BaseTunerLayer):
         raise TypeError(f"{type(self).__name__} has no delta weight")
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The fp32 weight after merging one adapter into `weight` (in the base weight's layout)."""
-        merged = weight.float() + self.get_delta_weight(adapter_name)
+        """The fp32 weight after merging one adapter into `weight` (in the base weight's layout).
+
+        DoRA's norm is that of the base weight without any merged adapter plus this adapter's delta, as in the
+        forward pass: the merged model then computes what the unmerged one with the same adapters active does.
+        """
+        delta = self.get_delta_weight(adapter_name)
+        merged = weight.float() + delta
         if self.use_dora.get(adapter_name, False):
             dim = self._dora_channel_dim
-            norm = channel_norm(merged, dim)
+            pristine = merged if not self.merged_adapters else self._pristine_weight(weight) + delta
+            norm = channel_norm(pristine, dim)
             self._dora_norm_cache[adapter_name] = norm
             merged = merged * channel_view(self._dora_factor(adapter_name, norm), merged.dim(), dim)
         return merged
+
+    def _pristine_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (the stored weight) with the merged adapters undone, in fp32; the caches are kept."""
+        current = weight.float()
+        for name in reversed(self.merged_adapters):
+            if self.use_dora.get(name, False):
+                factor = self._dora_factor(name, self._dora_norm_cache[name])
+                current = current / channel_view(factor, current.dim(), self._dora_channel_dim)
+            current = current - self.get_delta_weight(name)
+        return current
 
     def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         current = weight.float()
