@@ -251,32 +251,21 @@ def test_mixed_methods_merge_in_order_with_weights(models, tmp_path):
     merge_and_check(base, [factor, ia3, loha], tmp_path / "mixed", torch.float32, weights=[0.5, 1.0, -2.0])
 
 
-def test_convolutions_and_other_methods_are_refused_before_writing(tmp_path):
+def test_other_methods_are_refused_before_writing(tmp_path):
+    """Methods the offline merge does not know are refused by name (convolutions: test_checkpoint_merge_conv.py)."""
+
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = torch.nn.Conv2d(4, 8, 3)
             self.lin = torch.nn.Linear(8, 8)
 
     base = tmp_path / "base"
     base.mkdir()
-    net = Net()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, base / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in Net().state_dict().items()}, base / "model.safetensors")
     work = tmp_path / "work"
     work.mkdir()
-    for name, config, match in [
-        ("loha", LoHaConfig(r=2, alpha=2, target_modules=["conv", "lin"]), r"'conv\.weight'.*\[8, 4, 3, 3\].*2-D"),
-        (
-            "loha-cp",
-            LoHaConfig(r=2, alpha=2, target_modules=["conv"], use_effective_conv2d=True),
-            r"hada_t1.*use_effective_conv2d",
-        ),
-        ("lokr", LoKrConfig(r=2, alpha=2, target_modules=["conv"]), r"'conv\.weight'.*2-D"),
-        ("ia3", IA3Config(target_modules=["conv"], feedforward_modules=[]), r"conv\.ia3_l.*'conv\.weight'.*2-D"),
-        ("adalora", AdaLoraConfig(target_modules=["lin"], total_step=10), "peft_type 'ADALORA'"),
-    ]:
-        pm = get_peft_model(Net(), config)
-        pm.save_pretrained(tmp_path / name)
-        with pytest.raises(ValueError, match=match):
-            oxpeft.merge_checkpoint(base, tmp_path / name, work / "out", progress=False)
-        assert list(work.iterdir()) == [], name
+    pm = get_peft_model(Net(), AdaLoraConfig(target_modules=["lin"], total_step=10))
+    pm.save_pretrained(tmp_path / "adalora")
+    with pytest.raises(ValueError, match="peft_type 'ADALORA'"):
+        oxpeft.merge_checkpoint(base, tmp_path / "adalora", work / "out", progress=False)
+    assert list(work.iterdir()) == []

@@ -9,7 +9,7 @@
 //! full-size delta ever exists. IA3 multiplies where the others add, and its unmerge divides.
 
 use super::half16;
-use super::plan::{KronFactor, MergePlan, Term, TermKind};
+use super::plan::{view2, KronFactor, MergePlan, Term, TermKind};
 use super::{MAX_DORA_TERMS, ROW_BLOCK};
 use crate::checkpoint::{FloatType, TensorInfo};
 use crate::{Error, Result};
@@ -145,11 +145,8 @@ fn matmul(left: &[f32], right: &[f32], rows: usize, r: usize, cols: usize) -> Ve
 
 pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Result<Prepared> {
     let ft = FloatType::of(w.dtype).expect("checked by the plan");
-    let (rows, cols) = if w.shape.len() == 2 {
-        (w.shape[0], w.shape[1])
-    } else {
-        (1, w.numel())
-    };
+    // A convolution kernel is changed as its (out, in * kernel size) view, a bias as one row.
+    let [rows, cols] = view2(&w.shape);
     let ready = terms
         .iter()
         .map(|t| {
@@ -170,7 +167,7 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
                 Ok(match k {
                     KronFactor::Full(key) => {
                         let (m, s) = read(key)?;
-                        (m, s[1])
+                        (m, view2(&s)[1])
                     }
                     KronFactor::LowRank(a, b) => {
                         let p = product(a, b)?;
@@ -189,7 +186,7 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
                     magnitude: m,
                 } => {
                     let ((av, ash), (bv, bsh)) = (read(a)?, read(b)?);
-                    let (r, fan_in, fan_out) = (ash[0], ash[1], bsh[0]);
+                    let (r, fan_in, fan_out) = (ash[0], view2(&ash)[1], bsh[0]);
                     // delta^T[i][j] = sum_k A[k][i] B[j][k]: left = A^T, right = B^T, same k order.
                     let (left, right) = if *transposed {
                         (transpose(&av, r, fan_in), transpose(&bv, fan_out, r))
@@ -227,11 +224,18 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
                 }
                 TermKind::Scale {
                     vector, per_row, ..
-                } => Delta::Scale {
-                    // As the plan checked for zeros: the vector times the adapter's weight.
-                    v: read(vector)?.0.iter().map(|x| x * scaling).collect(),
-                    per_row: *per_row,
-                },
+                } => {
+                    // As the plan checked for zeros: the vector times the adapter's weight. A
+                    // convolution's input-channel factor covers that channel's kernel columns.
+                    let v = read(vector)?.0;
+                    let run = if *per_row { 1 } else { cols / v.len() };
+                    Delta::Scale {
+                        v: (v.iter())
+                            .flat_map(|x| std::iter::repeat_n(x * scaling, run))
+                            .collect(),
+                        per_row: *per_row,
+                    }
+                }
             };
             Ok(ReadyTerm { delta, magnitude })
         })

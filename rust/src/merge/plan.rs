@@ -446,7 +446,8 @@ impl Planner<'_> {
         Error::invalid_file(self.file.path(), format!("tensor '{key}': {reason}"))
     }
 
-    /// The adapter tensor `key`, which must be a float matrix.
+    /// The adapter tensor `key`, which must be a float matrix, or the kernel of a convolution
+    /// adapter (up to 5-D), taken as its 2-D [`view2`].
     fn matrix(&self, key: &str) -> Result<&TensorInfo> {
         let t = self.file.require(key)?;
         if FloatType::of(t.dtype).is_none() {
@@ -455,17 +456,29 @@ impl Planner<'_> {
                 format!("dtype {} is not a float type", t.dtype.as_str()),
             ));
         }
-        if t.shape.len() != 2 {
+        if !(2..=MAX_DIMS).contains(&t.shape.len()) {
             return Err(self.err(
                 key,
                 format!(
-                    "has shape {:?}; only the 2-D tensors of Linear / Conv1D layers can be merged",
+                    "has shape {:?}; only matrices and convolution kernels (up to {MAX_DIMS}-D) can be merged",
                     t.shape
                 ),
             ));
         }
         if t.numel() == 0 {
             return Err(self.err(key, format!("is empty (shape {:?})", t.shape)));
+        }
+        Ok(t)
+    }
+
+    /// The adapter tensor `key`, which must be a float matrix (a factor of a low-rank product).
+    fn matrix2(&self, key: &str) -> Result<&TensorInfo> {
+        let t = self.matrix(key)?;
+        if t.shape.len() != 2 {
+            return Err(self.err(
+                key,
+                format!("has shape {:?}; a 2-D factor was expected", t.shape),
+            ));
         }
         Ok(t)
     }
@@ -487,7 +500,8 @@ impl Planner<'_> {
         })
     }
 
-    /// The 2-D float base weight of `module`, which `adapter_key` changes.
+    /// The float base weight of `module`, which `adapter_key` changes: a matrix or a convolution
+    /// kernel (out, in / groups, *kernel), which the kernels take as its 2-D [`view2`].
     fn base_weight(&self, module: &str, adapter_key: &str) -> Result<(String, &TensorInfo)> {
         let mut weight_key = format!("{module}.weight");
         if self.base.get(&weight_key).is_none()
@@ -514,12 +528,12 @@ impl Planner<'_> {
                 ),
             ));
         }
-        if w.shape.len() != 2 {
+        if !(2..=MAX_DIMS).contains(&w.shape.len()) || w.numel() == 0 {
             return Err(self.err(
                 adapter_key,
                 format!(
-                    "base tensor '{weight_key}' has shape {:?}: only 2-D (Linear / Conv1D) weights \
-                     can be merged, not convolutions",
+                    "base tensor '{weight_key}' has shape {:?}: only matrices and convolution kernels \
+                     (up to {MAX_DIMS}-D) can be merged",
                     w.shape
                 ),
             ));
@@ -570,7 +584,11 @@ impl Planner<'_> {
         };
         let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
         let (_, scaling) = self.settings.rank_and_scaling(module);
-        if ta.shape[0] != tb.shape[1] {
+        let (weight_key, w) = self.base_weight(module, a)?;
+        if w.shape.len() > 2 || ta.shape.len() > 2 || tb.shape.len() > 2 {
+            self.check_conv_lora(&weight_key, w, (a, ta), (b, tb))?;
+        }
+        if ta.shape[0] != view2(&tb.shape)[1] {
             return Err(self.err(
                 a,
                 format!(
@@ -580,17 +598,16 @@ impl Planner<'_> {
             ));
         }
         self.check_rank(a, ta.shape[0], module)?;
-        let (weight_key, w) = self.base_weight(module, a)?;
         // The stored layout of W: (out, in) for Linear, (in, out) for Conv1D (fan_in_fan_out)
         // and (num_embeddings, dim) for embeddings, whose delta is (B @ A) transposed.
         let transposed = embedding || self.settings.fan_in_fan_out;
-        let (fan_in, fan_out) = (ta.shape[1], tb.shape[0]);
+        let (fan_in, fan_out) = (view2(&ta.shape)[1], tb.shape[0]);
         let expect = if transposed {
             [fan_in, fan_out]
         } else {
             [fan_out, fan_in]
         };
-        if w.shape != expect {
+        if view2(&w.shape) != expect {
             return Err(self.err(a, format!(
                 "with {b} makes a delta of shape {expect:?} but base tensor '{weight_key}' has shape {:?}",
                 w.shape
@@ -666,12 +683,57 @@ impl Planner<'_> {
         Ok(())
     }
 
+    /// A convolution LoRA: A is a kernel (r, in, *kernel) like W's and B a 1x1 kernel (out, r, 1, ...),
+    /// so the delta is B @ A on the 2-D views, reshaped as W. PEFT cannot merge LoRA on grouped
+    /// convolutions (its delta is not a grouped kernel), nor can oxpeft.
+    fn check_conv_lora(
+        &self,
+        weight_key: &str,
+        w: &TensorInfo,
+        (a, ta): (&str, &TensorInfo),
+        (b, tb): (&str, &TensorInfo),
+    ) -> Result<()> {
+        let n = w.shape.len();
+        let mismatch = |what: &str| {
+            self.err(
+                a,
+                format!(
+                    "of shape {:?} with {b} of shape {:?} is not a LoRA of base tensor '{weight_key}' of \
+                     shape {:?}: {what}",
+                    ta.shape, tb.shape, w.shape
+                ),
+            )
+        };
+        if ta.shape.len() != n || tb.shape.len() != n {
+            return Err(mismatch("the kernels' dimensions differ"));
+        }
+        if ta.shape[1] != w.shape[1] && ta.shape[1] % w.shape[1] == 0 {
+            return Err(self.err(
+                a,
+                format!(
+                    "adapts a grouped convolution (groups={}) of base tensor '{weight_key}'; LoRA on \
+                     grouped convolutions cannot be merged (PEFT refuses too): keep the adapter unmerged",
+                    ta.shape[1] / w.shape[1]
+                ),
+            ));
+        }
+        if ta.shape[1..] != w.shape[1..] || tb.shape[2..].iter().any(|&k| k != 1) {
+            return Err(mismatch(
+                "lora_A must have W's kernel and lora_B must be 1x1",
+            ));
+        }
+        Ok(())
+    }
+
     /// IA3 scales a layer's output (the rows of a Linear weight, and its bias) or, for a
     /// feedforward layer, its input (the columns); a Conv1D weight is stored transposed.
     fn ia3(&self, ops: &mut HashMap<String, Op>, module: &str, keys: &ModuleKeys) -> Result<()> {
         let key = self.field(module, keys, Field::Ia3Vector)?;
         let (weight_key, w) = self.base_weight(module, key)?;
         let tv = self.matrix(key)?;
+        if w.shape.len() > 2 {
+            return self.ia3_conv(ops, module, key, (&weight_key, w), tv);
+        }
         let (in_features, out_features) = if self.settings.fan_in_fan_out {
             (w.shape[0], w.shape[1])
         } else {
@@ -686,30 +748,114 @@ impl Planner<'_> {
         } else {
             [out_features, 1]
         };
-        if tv.shape != expect {
-            return Err(self.err(
+        if tv.shape[..] != expect[..] {
+            return Err(self.ia3_shape_error(
                 key,
-                format!(
-                    "has shape {:?}, but a {} IA3 vector for base tensor '{weight_key}' of shape {:?} \
-                     has shape {expect:?}",
-                    tv.shape,
-                    if feedforward { "feedforward" } else { "non-feedforward" },
-                    w.shape
-                ),
+                tv,
+                feedforward,
+                weight_key.as_ref(),
+                w,
+                &expect,
             ));
         }
+        let per_row = feedforward == self.settings.fan_in_fan_out;
+        self.add_ia3(
+            ops,
+            module,
+            key,
+            &weight_key,
+            per_row,
+            !feedforward,
+            out_features,
+        )
+    }
+
+    /// IA3 on a convolution: a (1, channels, 1, ...) vector that scales W's output channels (the
+    /// rows of its 2-D view) or, for a feedforward layer, its input channels (each a run of
+    /// `kernel size` columns of the view).
+    fn ia3_conv(
+        &self,
+        ops: &mut HashMap<String, Op>,
+        module: &str,
+        key: &String,
+        (weight_key, w): (&str, &TensorInfo),
+        tv: &TensorInfo,
+    ) -> Result<()> {
+        let n = tv.numel();
+        let feedforward =
+            (self.settings.is_feedforward(module)).unwrap_or(n == w.shape[1] && n != w.shape[0]);
+        let channels = w.shape[if feedforward { 1 } else { 0 }];
+        let mut expect = vec![1; w.shape.len()];
+        expect[1] = channels;
+        if tv.shape[..] != expect[..] {
+            return Err(self.ia3_shape_error(
+                key,
+                tv,
+                feedforward,
+                weight_key.as_ref(),
+                w,
+                &expect,
+            ));
+        }
+        self.add_ia3(
+            ops,
+            module,
+            key,
+            weight_key,
+            !feedforward,
+            !feedforward,
+            w.shape[0],
+        )
+    }
+
+    fn ia3_shape_error(
+        &self,
+        key: &str,
+        tv: &TensorInfo,
+        feedforward: bool,
+        weight_key: &str,
+        w: &TensorInfo,
+        expect: &[usize],
+    ) -> Error {
+        self.err(
+            key,
+            format!(
+                "has shape {:?}, but a {} IA3 vector for base tensor '{weight_key}' of shape {:?} has shape \
+                 {expect:?}",
+                tv.shape,
+                if feedforward { "feedforward" } else { "non-feedforward" },
+                w.shape
+            ),
+        )
+    }
+
+    /// Adds an IA3 vector's term to the weight, and to the bias when it scales the output.
+    #[allow(clippy::too_many_arguments)]
+    fn add_ia3(
+        &self,
+        ops: &mut HashMap<String, Op>,
+        module: &str,
+        key: &String,
+        weight_key: &str,
+        per_row: bool,
+        scales_output: bool,
+        out_features: usize,
+    ) -> Result<()> {
         // PEFT's add_weighted_adapter weighs IA3 vectors themselves.
         let weight = self.weight as f32;
-        let zero = self.file.read_f32(tv)?.iter().any(|&v| v * weight == 0.0);
-        let per_row = feedforward == self.settings.fan_in_fan_out;
+        let zero = self
+            .file
+            .read_f32(self.file.require(key)?)?
+            .iter()
+            .any(|&v| v * weight == 0.0);
         let kind = |per_row| TermKind::Scale {
             vector: key.clone(),
             per_row,
             zero,
         };
-        self.add(ops, &weight_key, kind(per_row), self.weight)?;
+        self.add(ops, weight_key, kind(per_row), self.weight)?;
         let bias_key = format!("{module}.bias");
-        if let (false, Some((_, b))) = (feedforward, self.base.get(&bias_key)) {
+        if let (true, Some((_, b))) = (scales_output, self.base.get(&bias_key)) {
             if b.numel() != out_features || FloatType::of(b.dtype).is_none() {
                 return Err(self.err(
                     key,
@@ -736,8 +882,8 @@ impl Planner<'_> {
         let (w1a, w1b, w2a, w2b) = (w1a?, w1b?, w2a?, w2b?);
         let (weight_key, w) = self.base_weight(module, w1a)?;
         for (a, b) in [(w1a, w1b), (w2a, w2b)] {
-            let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
-            if ta.shape[1] != tb.shape[0] || [ta.shape[0], tb.shape[1]] != w.shape[..] {
+            let (ta, tb) = (self.matrix2(a)?, self.matrix2(b)?);
+            if ta.shape[1] != tb.shape[0] || [ta.shape[0], tb.shape[1]] != view2(&w.shape) {
                 return Err(self.err(
                     a,
                     format!(
@@ -771,14 +917,20 @@ impl Planner<'_> {
                 return Err(self.err(k, "is stored both whole and as a low-rank pair".into()));
             }
             let t = self.matrix(k)?;
-            return Ok((
-                KronFactor::Full(k.clone()),
-                [t.shape[0], t.shape[1]],
-                k.clone(),
-            ));
+            if t.shape.len() == 3 {
+                // PEFT's torch.kron of a matrix and a 3-D kernel pairs w1 with the kernel's last two
+                // dimensions, a layout oxpeft does not reproduce.
+                return Err(self.err(
+                    k,
+                    "is a full Conv1d Kronecker factor; oxpeft cannot merge it offline (merge it in \
+                     memory with merge_and_unload)"
+                        .into(),
+                ));
+            }
+            return Ok((KronFactor::Full(k.clone()), view2(&t.shape), k.clone()));
         }
         let (a, b) = (self.field(module, keys, fa)?, self.field(module, keys, fb)?);
-        let (ta, tb) = (self.matrix(a)?, self.matrix(b)?);
+        let (ta, tb) = (self.matrix2(a)?, self.matrix2(b)?);
         if ta.shape[1] != tb.shape[0] {
             return Err(self.err(
                 a,
@@ -810,7 +962,7 @@ impl Planner<'_> {
             [Field::LokrW2, Field::LokrW2A, Field::LokrW2B],
         )?;
         let expect = [s1[0] * s2[0], s1[1] * s2[1]];
-        if w.shape != expect {
+        if view2(&w.shape) != expect {
             return Err(self.err(
                 &k1,
                 format!(
@@ -827,6 +979,19 @@ impl Planner<'_> {
             TermKind::Kron { w1, w2 },
             scaling * self.weight,
         )
+    }
+}
+
+/// The most dimensions of a tensor the merge changes: a Conv3d kernel (out, in, d, h, w).
+const MAX_DIMS: usize = 5;
+
+/// A matrix, or a convolution kernel (out, in, *kernel) seen as the (out, in * kernel size)
+/// matrix its row-major bytes are: how every adapter factor and delta of a kernel is laid out.
+pub(super) fn view2(shape: &[usize]) -> [usize; 2] {
+    match shape {
+        [] => [1, 1],
+        [n] => [1, *n],
+        [rows, rest @ ..] => [*rows, rest.iter().product()],
     }
 }
 

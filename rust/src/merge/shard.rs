@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::digest::{self, TensorDigests};
 use super::fixlist::{self, FixList};
 use super::kernel::{self, prepare, Fixups, Prepared, Scratch};
-use super::plan::{MergePlan, Op};
+use super::plan::{view2, MergePlan, Op};
 use super::release::ChunkRelease;
 use super::sidecar::SidecarSpill;
 use super::{
@@ -108,16 +108,15 @@ fn chunk_rows(row_bytes: usize) -> usize {
 }
 
 /// Bytes per work chunk of `t`, the unit of the parallel work and of the digests: whole rows of
-/// a matrix (as the merge kernel takes them), a whole vector (merged in one piece), CHUNK_BYTES
-/// of anything else.
+/// a matrix or of a kernel's 2-D view (as the merge kernel takes them), or a whole vector
+/// (merged in one piece).
 pub(super) fn chunk_bytes(t: &TensorInfo) -> usize {
     let len = match t.shape.len() {
         0 | 1 => t.nbytes(),
-        2 => {
-            let row = t.shape[1] * t.dtype.size();
+        _ => {
+            let row = view2(&t.shape)[1] * t.dtype.size();
             chunk_rows(row) * row
         }
-        _ => CHUNK_BYTES,
     };
     len.max(1)
 }

@@ -439,7 +439,7 @@ fn mixed_methods_apply_in_order() {
 }
 
 #[test]
-fn convolutions_are_refused_naming_the_tensor() {
+fn convolution_kernels_merge_as_their_2d_view_but_cp_cores_are_refused() {
     // A LoHa on a 4-D (conv) base weight.
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
@@ -494,16 +494,10 @@ fn convolutions_are_refused_naming_the_tensor() {
             weights_file: ad.join("adapter_model.safetensors"),
             weight: 1.0,
         };
-        MergePlan::build(&ck, &[input], false)
-            .err()
-            .unwrap()
-            .to_string()
+        MergePlan::build(&ck, &[input], false).map_err(|e| e.to_string())
     };
-    let e = build(&t);
-    assert!(
-        e.contains("'conv.weight'") && e.contains("[4, 3, 2, 2]") && e.contains("2-D"),
-        "{e}"
-    );
+    // Factors of the (4, 3 * 2 * 2) view: planned (tests/test_checkpoint_merge_conv.py checks the values).
+    build(&t).unwrap();
     // use_effective_conv2d's CP core.
     t.push((
         format!("{p}hada_t1"),
@@ -511,7 +505,7 @@ fn convolutions_are_refused_naming_the_tensor() {
         vec![2, 2, 2, 2],
         vec![0.1; 16],
     ));
-    let e = build(&t);
+    let e = build(&t).err().unwrap();
     assert!(
         e.contains("hada_t1") && e.contains("use_effective_conv2d"),
         "{e}"
