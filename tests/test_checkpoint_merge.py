@@ -250,6 +250,35 @@ def test_fan_in_fan_out_gpt2_with_lora_bias(models, tmp_path):
     assert torch.equal(logits(out), logits(oracle))
 
 
+@pytest.mark.parametrize("model_key, dtype", [("gpt2", torch.float32), ("llama16b", torch.bfloat16)])
+def test_dora_along_columns_embeddings_and_fan_in_fan_out(models, tmp_path, model_key, dtype):
+    """DoRA whose magnitude scales W's columns: GPT-2's Conv1D weights (stored (in, out)) and embedding tables, the
+    norms taken over every row of the base tensor. In fp32 two adapters are stacked (in bf16 PEFT recovers the base
+    for the second one's norm by unmerging the first in bf16, some ulp off: one adapter is compared there)."""
+    base = models[model_key]
+    if model_key == "gpt2":
+        kwargs = dict(target_modules=["c_attn", "wte"], fan_in_fan_out=True)
+    else:
+        kwargs = dict(target_modules=["embed_tokens", "q_proj"])
+    a = make_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8, use_dora=True, **kwargs)
+    b = make_adapter(base, tmp_path / "b", seed=2, r=2, lora_alpha=4, use_dora=True, **kwargs)
+    adapters = [a, b] if dtype == torch.float32 else [a]
+    out = tmp_path / "merged"
+    oxpeft.merge_checkpoint(base, adapters, out, progress=False)
+    ours, oracle = read_checkpoint(out), peft_merged(base, adapters, dtype)
+    changed = {k for k, v in read_checkpoint(base).items() if not torch.equal(v, ours[k])}
+    assert any("wte" in k or "embed_tokens" in k for k in changed)
+    if dtype == torch.float32:
+        for key, value in oracle.state_dict().items():
+            if key in ours:
+                torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    else:
+        compare(ours, oracle, max_ulp=1, scale=read_checkpoint(base))
+    back = tmp_path / "back"
+    assert oxpeft.unmerge_checkpoint(out, adapters, back, progress=False).exact
+    assert sha_per_tensor(back) == sha_per_tensor(base)
+
+
 def test_embedding_lora_modules_to_save_and_exact_unmerge(models, tmp_path):
     base = models["llama16b"]
     adapter = make_adapter(

@@ -74,6 +74,8 @@ CONFIGS = {
     ),
     "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=CONVS + ["point", "lin"]),
     # PEFT's LoHa and LoKr have no Conv3d layer.
+    # An embedding's DoRA magnitude scales the table's columns, each norm taken over the whole vocabulary.
+    "dora-embedding": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["emb", "c2"]),
     "loha": lambda: LoHaConfig(r=3, alpha=6, target_modules=["c1", "c2", "point"]),
     "lokr": lambda: LoKrConfig(r=2, alpha=4, target_modules=["c1", "c2", "point"]),
     "lokr-full": lambda: LoKrConfig(r=16, alpha=4, target_modules=["c2", "lin"]),

@@ -8,6 +8,8 @@
 //! elementwise; LoKr: rows of the Kronecker product; IA3: the row or column factors), so no
 //! full-size delta ever exists. IA3 multiplies where the others add, and its unmerge divides.
 
+use rayon::prelude::*;
+
 use super::half16;
 use super::plan::{view2, KronFactor, MergePlan, Term, TermKind};
 use super::{MAX_DORA_TERMS, ROW_BLOCK};
@@ -52,9 +54,27 @@ pub(super) struct Prepared {
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) terms: Vec<ReadyTerm>,
+    /// DoRA's magnitude runs along W's columns (an embedding table, a fan_in_fan_out weight)
+    /// rather than its rows: each factor is then fixed by a pass over the whole base tensor.
+    pub(super) dora_columns: bool,
+    /// With `dora_columns`, the DoRA terms' factors, (n_dora, cols): set by [`set_column_factors`]
+    /// (merge) or from the sidecar (unmerge) before the kernels run.
+    pub(super) column_factors: Vec<f32>,
 }
 
 impl Prepared {
+    /// How many terms are DoRA terms.
+    pub(super) fn n_dora(&self) -> usize {
+        self.terms.iter().filter(|t| t.magnitude.is_some()).count()
+    }
+
+    /// DoRA term `di`'s per-column factors, when the magnitude runs along the columns.
+    #[inline(always)]
+    fn column_factors(&self, di: usize) -> Option<&[f32]> {
+        self.dora_columns
+            .then(|| &self.column_factors[di * self.cols..(di + 1) * self.cols])
+    }
+
     /// One term without DoRA, the kernels' fused single-pass case: `Some(false)` when it is
     /// added (LoRA, LoHa, LoKr), `Some(true)` when it multiplies (IA3).
     fn single(&self) -> Option<bool> {
@@ -178,6 +198,7 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
             };
             let scaling = t.scaling;
             let mut magnitude = None;
+            let mut columns = false;
             let delta = match &t.kind {
                 TermKind::LowRank {
                     a,
@@ -194,6 +215,7 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
                         (bv, av)
                     };
                     magnitude = m.as_ref().map(|m| Ok::<_, Error>(read(m)?.0)).transpose()?;
+                    columns = *transposed;
                     Delta::LowRank {
                         p: Product { left, right, r },
                         scaling,
@@ -237,9 +259,21 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
                     }
                 }
             };
-            Ok(ReadyTerm { delta, magnitude })
+            Ok((ReadyTerm { delta, magnitude }, columns))
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut along = ready
+        .iter()
+        .filter(|(t, _)| t.magnitude.is_some())
+        .map(|(_, c)| *c);
+    let dora_columns = along.next().unwrap_or(false);
+    if along.any(|c| c != dora_columns) {
+        return Err(Error::tensor(
+            &w.name,
+            "DoRA adapters whose magnitudes run along different axes (fan_in_fan_out set differently)",
+        ));
+    }
+    let ready: Vec<ReadyTerm> = ready.into_iter().map(|(t, _)| t).collect();
     if ready.iter().filter(|t| t.magnitude.is_some()).count() > MAX_DORA_TERMS {
         return Err(Error::tensor(
             &w.name,
@@ -251,6 +285,8 @@ pub(super) fn prepare(plan: &MergePlan, w: &TensorInfo, terms: &[Term]) -> Resul
         rows,
         cols,
         terms: ready,
+        dora_columns,
+        column_factors: Vec::new(),
     })
 }
 
@@ -562,6 +598,57 @@ fn deltas(p: &Prepared, first_row: usize, nrows: usize, scratch: &mut Scratch) {
     }
 }
 
+/// DoRA along columns (PEFT's embedding and fan_in_fan_out DoRA): factor j of each DoRA term is
+/// m[j] / ||W[:, j] + D[:, j]||, the norm over every row of the base tensor `data` (as in the
+/// forward pass, whatever else is merged). Sums of squares are reduced in f64 over row blocks.
+pub(super) fn set_column_factors(p: &mut Prepared, data: &[u8]) {
+    let (cols, n_dora) = (p.cols, p.n_dora());
+    let row_bytes = cols * p.ft.size();
+    let shared: &Prepared = p;
+    let sums = (0..shared.rows.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .fold(
+            || (Scratch::new(shared), vec![0f64; n_dora * cols]),
+            |(mut scratch, mut sums), bi| {
+                let first = bi * ROW_BLOCK;
+                let nrows = ROW_BLOCK.min(shared.rows - first);
+                deltas(shared, first, nrows, &mut scratch);
+                let Scratch { acc, deltas, .. } = &mut scratch;
+                for rr in 0..nrows {
+                    let at = (first + rr) * row_bytes;
+                    decode(shared.ft, &data[at..at + row_bytes], acc);
+                    let dora = shared
+                        .terms
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| t.magnitude.is_some());
+                    for (di, (ti, _)) in dora.enumerate() {
+                        let d = &deltas[delta_row(cols, ti, rr)];
+                        let s = &mut sums[di * cols..(di + 1) * cols];
+                        for ((s, a), dj) in s.iter_mut().zip(acc.iter()).zip(d) {
+                            let v = (a + dj) as f64;
+                            *s += v * v;
+                        }
+                    }
+                }
+                (scratch, sums)
+            },
+        )
+        .map(|(_, sums)| sums)
+        .reduce(
+            || vec![0f64; n_dora * cols],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let magnitudes = p.terms.iter().filter_map(|t| t.magnitude.as_ref());
+    p.column_factors = magnitudes
+        .zip(sums.chunks_exact(cols))
+        .flat_map(|(m, s)| m.iter().zip(s).map(|(m, s)| m / (s.sqrt() as f32)))
+        .collect();
+}
+
 /// Where term `ti`'s delta for row `rr` of the block lies in `Scratch::deltas`.
 fn delta_row(cols: usize, ti: usize, rr: usize) -> std::ops::Range<usize> {
     let start = (ti * ROW_BLOCK + rr) * cols;
@@ -615,6 +702,9 @@ fn apply_terms(
     // the unmerged adapters do together.
     let mut di = 0;
     for (ti, t) in p.terms.iter().enumerate() {
+        if p.dora_columns {
+            break;
+        }
         if let Some(m) = &t.magnitude {
             let d = &deltas[delta_row(p.cols, ti, rr)];
             let mut sq = 0f64;
@@ -630,11 +720,17 @@ fn apply_terms(
     for (ti, t) in p.terms.iter().enumerate() {
         let d = &deltas[delta_row(p.cols, ti, rr)];
         if t.magnitude.is_some() {
-            let f = factors[di][rr];
-            di += 1;
-            for (a, dj) in acc.iter_mut().zip(d) {
-                *a = f * (*a + dj);
+            if let Some(fs) = p.column_factors(di) {
+                for ((a, dj), f) in acc.iter_mut().zip(d).zip(fs) {
+                    *a = f * (*a + dj);
+                }
+            } else {
+                let f = factors[di][rr];
+                for (a, dj) in acc.iter_mut().zip(d) {
+                    *a = f * (*a + dj);
+                }
             }
+            di += 1;
         } else if t.delta.is_scale() {
             for (a, dj) in acc.iter_mut().zip(d) {
                 *a *= dj;
@@ -656,14 +752,20 @@ fn undo_terms(
     acc: &mut [f32],
     factor: impl Fn(usize) -> f32,
 ) {
-    let mut di = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
+    let mut di = p.n_dora();
     for (ti, t) in p.terms.iter().enumerate().rev() {
         let d = &deltas[delta_row(p.cols, ti, rr)];
         if t.magnitude.is_some() {
             di -= 1;
-            let f = factor(di);
-            for (a, dj) in acc.iter_mut().zip(d) {
-                *a = *a / f - dj;
+            if let Some(fs) = p.column_factors(di) {
+                for ((a, dj), f) in acc.iter_mut().zip(d).zip(fs) {
+                    *a = *a / f - dj;
+                }
+            } else {
+                let f = factor(di);
+                for (a, dj) in acc.iter_mut().zip(d) {
+                    *a = *a / f - dj;
+                }
             }
         } else if t.delta.is_scale() {
             for (a, dj) in acc.iter_mut().zip(d) {
@@ -851,7 +953,8 @@ fn merge_block_t(
     }
     deltas(p, first_row, nrows, scratch);
     let Scratch { acc, deltas, .. } = scratch;
-    let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
+    // Row factors go to the sidecar from here; column factors were fixed before the merge.
+    let n_dora = if p.dora_columns { 0 } else { p.n_dora() };
     let mut factors = [[0f32; ROW_BLOCK]; MAX_DORA_TERMS];
     for rr in 0..nrows {
         let w = &inp[rr * row_bytes..(rr + 1) * row_bytes];

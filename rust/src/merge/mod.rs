@@ -308,7 +308,7 @@ fn refuse_impossible_unmerge(
                 let why = if matches!(op, Op::Replace { .. }) {
                     "was replaced by modules_to_save"
                 } else {
-                    "was merged with DoRA, whose row norms"
+                    "was merged with DoRA, whose norms"
                 };
                 return Err(Error::tensor(key, format!(
                     "{why} cannot be undone without the exact-unmerge sidecar ({}: missing '{needed}')",

@@ -629,12 +629,8 @@ impl Planner<'_> {
             ));
         }
         if let Some(m) = magnitude {
-            if transposed {
-                return Err(self.err(
-                    m,
-                    "DoRA on fan_in_fan_out or embedding layers is not supported".into(),
-                ));
-            }
+            // Its entries scale W's rows, or its columns when W is stored transposed
+            // (fan_in_fan_out, embeddings): fan_out either way.
             let tm = self.file.require(m)?;
             if tm.numel() != fan_out || FloatType::of(tm.dtype).is_none() {
                 return Err(self.err(
@@ -777,7 +773,7 @@ impl Planner<'_> {
         &self,
         ops: &mut HashMap<String, Op>,
         module: &str,
-        key: &String,
+        key: &str,
         (weight_key, w): (&str, &TensorInfo),
         tv: &TensorInfo,
     ) -> Result<()> {
@@ -835,7 +831,7 @@ impl Planner<'_> {
         &self,
         ops: &mut HashMap<String, Op>,
         module: &str,
-        key: &String,
+        key: &str,
         weight_key: &str,
         per_row: bool,
         scales_output: bool,
@@ -849,7 +845,7 @@ impl Planner<'_> {
             .iter()
             .any(|&v| v * weight == 0.0);
         let kind = |per_row| TermKind::Scale {
-            vector: key.clone(),
+            vector: key.to_string(),
             per_row,
             zero,
         };

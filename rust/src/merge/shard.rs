@@ -206,8 +206,8 @@ impl<'a> ShardOut<'a> {
                 self.restored_whole(cx, sc, st, t)
             }
             Some(Op::Add(terms)) => {
-                let p = prepare(cx.plan, t, terms)?;
-                self.add(cx, pos, t, &p, &mut report)?
+                let mut p = prepare(cx.plan, t, terms)?;
+                self.add(cx, pos, t, &mut p, &mut report)?
             }
         };
         cx.check(&t.name, digests)?;
@@ -366,7 +366,7 @@ impl<'a> ShardOut<'a> {
         cx: &Context,
         pos: usize,
         t: &TensorInfo,
-        p: &Prepared,
+        p: &mut Prepared,
         report: &mut Report,
     ) -> Result<TensorDigests> {
         report.tensors_changed += 1;
@@ -379,14 +379,17 @@ impl<'a> ShardOut<'a> {
         );
         let n_chunks = p.rows.div_ceil(chunk_rows);
         let (hash, check_finite) = (cx.hashing(), cx.checks_finite());
-        let n_dora = p.terms.iter().filter(|t| t.magnitude.is_some()).count();
+        let n_dora = p.n_dora();
         let (unmerge, record) = (cx.unmerging(), cx.recording());
         let fixes = match (unmerge, self.sidecar) {
             (true, Some(sc)) => SidecarFixes::read(sc, t, p, n_dora)?,
             _ => SidecarFixes::default(),
         };
-
         let data = self.shard.data(t);
+        if p.dora_columns && !unmerge {
+            kernel::set_column_factors(p, data);
+        }
+        let p: &Prepared = p;
         let release = ChunkRelease::new(self.shard, t, chunk_rows * row_bytes);
         // Per chunk: its fix-ups, the elements restored, and the hashes of its input and output.
         let chunks: Vec<(Fixups, u64, u64, u64)> = (0..n_chunks)
@@ -529,7 +532,22 @@ impl<'a> ShardOut<'a> {
             spilled?;
         }
         report.sidecar_elements += n_fix as u64;
-        if n_dora > 0 {
+        if n_dora > 0 && p.dora_columns {
+            let bytes: Vec<u8> = p
+                .column_factors
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            spill.spill(
+                (pos, ORDER_DORA),
+                TensorSpec {
+                    name: format!("{}{SUFFIX_DORA}", t.name),
+                    dtype: Dtype::F32,
+                    shape: vec![n_dora, p.cols],
+                },
+                &bytes,
+            )?;
+        } else if n_dora > 0 {
             // Each block of ROW_BLOCK rows left n_dora runs of its rows' factors.
             let mut factors = vec![0f32; n_dora * p.rows];
             for (ci, (fix, _)) in chunks.iter().enumerate() {
@@ -667,8 +685,8 @@ fn nonfinite_error(t: &TensorInfo, p: &Prepared, element: usize, was: f32) -> Er
     )
 }
 
-/// An unmerge's inputs from the sidecar for one tensor: DoRA's row factors and the sorted list
-/// of elements whose original bits are restored.
+/// An unmerge's inputs from the sidecar for one tensor: DoRA's row factors (column factors go
+/// into the [`Prepared`]) and the sorted list of elements whose original bits are restored.
 #[derive(Default)]
 struct SidecarFixes<'a> {
     dora: Vec<f32>,
@@ -681,21 +699,31 @@ struct SidecarFixes<'a> {
 }
 
 impl<'a> SidecarFixes<'a> {
-    fn read(sc: &'a SafeTensorsFile, t: &TensorInfo, p: &Prepared, n_dora: usize) -> Result<Self> {
+    fn read(
+        sc: &'a SafeTensorsFile,
+        t: &TensorInfo,
+        p: &mut Prepared,
+        n_dora: usize,
+    ) -> Result<Self> {
         let mut fixes = SidecarFixes::default();
         if n_dora > 0 {
             let tf = sc.require(&format!("{}{SUFFIX_DORA}", t.name))?;
-            if tf.shape != [n_dora, p.rows] {
+            let expect = [n_dora, if p.dora_columns { p.cols } else { p.rows }];
+            if tf.shape != expect || tf.dtype != Dtype::F32 {
                 return Err(Error::tensor(
                     &tf.name,
                     format!(
-                        "sidecar shape {:?}, expected {:?}",
+                        "sidecar shape {:?} {}, expected {expect:?} F32",
                         tf.shape,
-                        [n_dora, p.rows]
+                        tf.dtype.as_str()
                     ),
                 ));
             }
-            fixes.dora = sc.read_f32(tf)?;
+            if p.dora_columns {
+                p.column_factors = sc.read_f32(tf)?;
+            } else {
+                fixes.dora = sc.read_f32(tf)?;
+            }
         }
         if let (Some(tf), Some(ts)) = (
             sc.get(&format!("{}{SUFFIX_FIXES}", t.name)),
