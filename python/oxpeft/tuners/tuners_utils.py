@@ -84,9 +84,35 @@ class BaseTunerLayer:
     # the tuner's loops then leave them to this layer.
     owns_inner_layers: ClassVar[bool] = False
 
+    # Adapter weights that a variant keeps frozen, per adapter (PEFT's attribute and format): MiCA's lora_B. Never
+    # mutated in place: `freeze_adapter_weight` replaces the dict, so the class default stays empty.
+    frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+
     def unwrapped_base(self) -> nn.Module:
         """What replaces this layer when it is unloaded."""
         return self.base_layer
+
+    def freeze_adapter_weight(self, adapter_name: str, weight_name: str) -> None:
+        """Keep `weight_name` (one of `adapter_layer_names`) of the adapter frozen, whatever makes it trainable."""
+        names = dict(self.frozen_peft_weight_names)
+        if weight_name not in names.get(adapter_name, ()):
+            names[adapter_name] = names.get(adapter_name, ()) + (weight_name,)
+        self.frozen_peft_weight_names = names
+        self._freeze_non_trainable_peft_weights(adapter_name)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names: str | Iterable[str] | None = None) -> None:
+        """Freeze the adapter weights a variant declared frozen (after anything that made adapter weights trainable)."""
+        if not self.frozen_peft_weight_names:
+            return
+        if adapter_names is None:
+            adapter_names = list(self.frozen_peft_weight_names)
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for name in adapter_names:
+            for attr in self.frozen_peft_weight_names.get(name, ()):
+                container = getattr(self, attr, None)
+                if container is not None and name in container:
+                    container[name].requires_grad_(False)
 
     base_layer: nn.Module
     _active_adapter: list[str]
@@ -242,6 +268,7 @@ class BaseTunerLayer:
             for p in self.adapter_parameters(name):
                 if p.requires_grad != trainable:
                     p.requires_grad_(trainable)
+        self._freeze_non_trainable_peft_weights(names)
         # As PEFT, the names are kept even where this layer holds no such adapter (its forward skips them), so
         # every layer of a model reports the same active adapters.
         self._active_adapter = names
@@ -252,6 +279,8 @@ class BaseTunerLayer:
         for name in names:
             for p in self.adapter_parameters(name):
                 p.requires_grad_(requires_grad)
+        if requires_grad:
+            self._freeze_non_trainable_peft_weights(names)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
@@ -270,6 +299,9 @@ class BaseTunerLayer:
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        if adapter_name in self.frozen_peft_weight_names:
+            # In place: holding the name, the dict is this layer's own (the class default is empty).
+            del self.frozen_peft_weight_names[adapter_name]
         if adapter_name in self._active_adapter:
             self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
             if not self._active_adapter:
@@ -829,6 +861,9 @@ class BaseTuner(nn.Module, abc.ABC):
             for module in self.model.modules():
                 if isinstance(module, layer_cls) and getattr(module.get_base_layer(), "bias", None) is not None:
                     module.get_base_layer().bias.requires_grad_(True)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._freeze_non_trainable_peft_weights()
 
     @property
     def targeted_module_names(self) -> list[str]:

@@ -12,7 +12,7 @@ from oxpeft.tuners.lora.bdlora import BdLoraConfig
 from oxpeft.tuners.lora.velora import VeloraConfig
 from oxpeft.utils.peft_types import PeftType
 
-InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "orthogonal", "loftq"], str]
+InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "orthogonal", "loftq", "mica"], str]
 
 # Fields PEFT defines for methods oxpeft does not implement. They are kept so that any PEFT config loads;
 # a non-neutral value is refused with a clear error instead of being silently ignored.
@@ -130,6 +130,8 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"velora_config must be a VeloraConfig (or its dict), got {type(self.velora_config).__name__}")
         if self.velora_config is not None and (self.use_dora or self.use_bdlora is not None):
             raise ValueError("velora_config cannot be combined with use_dora or use_bdlora")
+        if self.init_lora_weights == "mica" and (self.use_dora or self.use_bdlora is not None or self.velora_config):
+            raise ValueError("init_lora_weights='mica' cannot be combined with use_dora, use_bdlora or velora_config")
         if self.ensure_weight_tying and self.trainable_token_indices is None:
             raise ValueError(
                 "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "
@@ -148,13 +150,13 @@ class LoraConfig(PeftConfig):
 
     @staticmethod
     def _check_init(init: Any) -> None:
-        if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq", "orthogonal"):
+        if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq", "orthogonal", "mica"):
             return
         if isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_") :].isdigit():
             return
         raise ValueError(
             f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-            "'pissa_niter_<K>', 'olora', 'orthogonal' or 'loftq'"
+            "'pissa_niter_<K>', 'olora', 'orthogonal', 'mica' or 'loftq'"
         )
 
     def _refuse_unsupported(self) -> None:

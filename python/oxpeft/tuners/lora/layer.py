@@ -108,6 +108,9 @@ class LoraLayer(BaseTunerLayer):
         if init_lora_weights == "orthogonal":
             self._init_orthogonal(adapter_name)
             return
+        if init_lora_weights == "mica":
+            self._init_mica(adapter_name)
+            return
         if adapter_name in self.lora_A:
             A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
             if init_lora_weights == "gaussian":
@@ -179,6 +182,23 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B[adapter_name].weight.data.copy_(b)
         if self.lora_B[adapter_name].bias is not None:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def _init_mica(self, adapter_name: str) -> None:
+        """MiCA (minor component adaptation): B holds the left singular vectors of the base weight's r smallest
+        singular values and stays frozen, A starts at zero and is the only weight trained."""
+        raise ValueError(
+            f"init_lora_weights='mica' is defined for Linear and Embedding layers, not {type(self.get_base_layer()).__name__}"
+        )
+
+    def _mica_factors(self, weight: torch.Tensor, r: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zero A, minor left singular vectors of `weight` as B) for a (out, in) `weight` in fp32."""
+        if r > min(weight.shape):
+            raise ValueError(
+                f"init_lora_weights='mica' needs r <= min{tuple(weight.shape)} = {min(weight.shape)} for the {what} "
+                f"of shape {tuple(weight.shape)}, got r={r}"
+            )
+        u, _, _ = torch.linalg.svd(weight, full_matrices=False)
+        return torch.zeros(r, weight.shape[1], device=weight.device), u[:, -r:].contiguous()
 
     # --- LoftQ ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -399,6 +419,15 @@ class Linear(nn.Module, LoraLayer):
     def _dora_channel_dim(self) -> int:  # type: ignore[override]
         return 1 if self.fan_in_fan_out else 0
 
+    def _init_mica(self, adapter_name: str) -> None:
+        self.freeze_adapter_weight(adapter_name, "lora_B")
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if a.device.type == "meta":  # created for a state dict to be loaded
+            return
+        zero, minor = self._mica_factors(self._dense_base_weight().float(), self.r[adapter_name], "weight")
+        a.data.copy_(zero)
+        b.data.copy_(minor)
+
     def _dora_reference(self, adapter_name: str) -> tuple[torch.Tensor, int]:
         a, b = self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float()
         return self._dense_base_weight().float() + self.scaling[adapter_name] * (b @ a), 0
@@ -501,6 +530,17 @@ class Embedding(nn.Module, LoraLayer):
         b = self.lora_embedding_B[adapter_name].float()
         a = self.lora_embedding_A[adapter_name].float()
         return (b @ a).T * self.scaling[adapter_name]
+
+    def _init_mica(self, adapter_name: str) -> None:
+        # The projection the adapter adds to is the table transposed, (dim, num_embeddings).
+        self.freeze_adapter_weight(adapter_name, "lora_embedding_B")
+        a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        if a.device.type == "meta":
+            return
+        table = self.get_base_layer().weight.detach().float().T
+        zero, minor = self._mica_factors(table, self.r[adapter_name], "embedding table (transposed)")
+        a.data.copy_(zero)
+        b.data.copy_(minor)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x)
