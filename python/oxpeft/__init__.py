@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "AdaLoraModel": "oxpeft.tuners.adalora",
     "IA3Config": "oxpeft.tuners.ia3",
     "BdLoraConfig": "oxpeft.tuners.lora",
+    "KasaConfig": "oxpeft.tuners.lora",
     "VeloraConfig": "oxpeft.tuners.lora",
     "TrainableTokensConfig": "oxpeft.tuners.trainable_tokens",
     "TrainableTokensModel": "oxpeft.tuners.trainable_tokens",

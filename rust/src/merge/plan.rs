@@ -161,6 +161,12 @@ impl AdapterSettings {
                 ));
             }
         }
+        if set("kasa_config") {
+            return Err("'kasa_config' is set: KaSA truncates the base weights by an SVD when the adapter \
+                        is added, which the offline merge does not do; merge in memory (merge_and_unload(), \
+                        then save_pretrained)"
+                .into());
+        }
         let flag = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
         if method == Method::Ia3 {
             let feedforward = match cfg.get("feedforward_modules") {

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from oxpeft.config import PeftConfig
 from oxpeft.tuners.lora.bdlora import BdLoraConfig
+from oxpeft.tuners.lora.kasa import KasaConfig, kasa_config_of
 from oxpeft.tuners.lora.velora import VeloraConfig
 from oxpeft.utils.peft_types import PeftType
 
@@ -25,7 +26,6 @@ _UNSUPPORTED_FEATURES = (
     "monteclora_config",
     "layer_replication",
     "arrow_config",
-    "kasa_config",
 )
 
 
@@ -83,7 +83,7 @@ class LoraConfig(PeftConfig):
     target_parameters: list[str] | None = None
     use_bdlora: BdLoraConfig | dict | None = None
     arrow_config: dict | None = None
-    kasa_config: dict | None = None
+    kasa_config: KasaConfig | dict | None = None
     ensure_weight_tying: bool = False
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={"runtime_only": True})
 
@@ -132,6 +132,14 @@ class LoraConfig(PeftConfig):
             raise ValueError("velora_config cannot be combined with use_dora or use_bdlora")
         if self.init_lora_weights == "mica" and (self.use_dora or self.use_bdlora is not None or self.velora_config):
             raise ValueError("init_lora_weights='mica' cannot be combined with use_dora, use_bdlora or velora_config")
+        self.kasa_config = kasa_config_of(self.kasa_config)
+        if self.kasa_config is not None:
+            others = [n for n, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
+                                      ("velora_config", self.velora_config is not None),
+                                      ("init_lora_weights='mica'", self.init_lora_weights == "mica"),
+                                      ("target_parameters", bool(self.target_parameters))) if on]
+            if others:
+                raise ValueError(f"kasa_config cannot be combined with {', '.join(others)}")
         if self.ensure_weight_tying and self.trainable_token_indices is None:
             raise ValueError(
                 "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "

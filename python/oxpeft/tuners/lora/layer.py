@@ -18,6 +18,7 @@ from torch import nn
 from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
 from oxpeft.tuners._buffer_dict import BufferDict
 from oxpeft.tuners.lora.bdlora import factor_weight
+from oxpeft.tuners.lora.kasa import apply_pending
 from oxpeft.tuners.lora.velora import VeloraState
 from oxpeft.tuners.lora.dora import DoraMagnitude, channel_norm, channel_view, dora_weight_norm
 from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight, innermost_base
@@ -34,6 +35,7 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 class LoraLayer(BaseTunerLayer):
     adapter_layer_names = (
         "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_velora_embed",
+        "lora_diag",
     )  # fmt: skip
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
@@ -56,6 +58,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_magnitude_vector = nn.ModuleDict()
         self.lora_velora_embed = BufferDict(persistent=True)  # VeLoRA's projection vectors (saved, as PEFT's)
         self._velora = VeloraState()
+        self.lora_diag = nn.ParameterDict()  # KaSA's learnable singular values
+        self._kasa_pending: set[str] = set()  # KaSA adapters whose base truncation waits for a real weight
         self._dora_norm_cache: dict[str, torch.Tensor] = {}
         # Per-sample adapter names while a mixed-batch forward runs (set by LoraModel.batch_adapters).
         self._batch_adapter_names: list[str] | None = None
@@ -329,7 +333,10 @@ class LoraLayer(BaseTunerLayer):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
-        for name in self._adapters_to_merge(adapter_names):
+        names = self._adapters_to_merge(adapter_names)
+        if self._kasa_pending:
+            apply_pending(self, names)
+        for name in names:
             merged = self._merged_weight(name, self._stored_weight())
             if safe_merge:
                 check_merged_weight(merged, name)
@@ -354,8 +361,11 @@ class LoraLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._velora.remove(adapter_name)
+        self._kasa_pending.discard(adapter_name)
 
     def _check_forward_args(self, x: torch.Tensor) -> None:
+        if self._kasa_pending:
+            apply_pending(self, self._active_adapter)
         if self.merged and self.disable_adapters:
             self.unmerge()
         if self._batch_adapter_names is not None and self.merged:
@@ -413,6 +423,8 @@ class Linear(nn.Module, LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         b = factor_weight(self.lora_B[adapter_name]).float()
         a = factor_weight(self.lora_A[adapter_name]).float()
+        if adapter_name in self.lora_diag:  # KaSA: B @ diag @ A
+            b = b * self.lora_diag[adapter_name].float()
         return _transpose(b @ a, self.fan_in_fan_out) * self.scaling[adapter_name]
 
     @property
@@ -450,6 +462,8 @@ class Linear(nn.Module, LoraLayer):
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
                 continue
             after_a = self._velora.after_a(self, name, dropout(x_)) if name in self.lora_velora_embed else lora_A(dropout(x_))
+            if name in self.lora_diag:
+                after_a = after_a * self.lora_diag[name]
             if lora_B.bias is None and result.dtype == lora_B.weight.dtype and type(lora_B) is nn.Linear:
                 # Scale the rank-r activations, not the full output, and fuse the add into the GEMM:
                 # two fewer passes over the (tokens x out_features) result than B(A(x)) * s + y.
@@ -464,7 +478,10 @@ class Linear(nn.Module, LoraLayer):
         if self.use_dora[name]:
             raise ValueError("per-sample adapter_names is not supported for DoRA adapters")
         lora_A = self.lora_A[name]
-        return self.lora_B[name](lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))) * self.scaling[name]
+        after_a = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))
+        if name in self.lora_diag:
+            after_a = after_a * self.lora_diag[name]
+        return self.lora_B[name](after_a) * self.scaling[name]
 
     def _dora_forward(
         self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropout: nn.Module, scaling: float

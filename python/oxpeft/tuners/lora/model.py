@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
+from oxpeft.config import PeftConfig
 from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_list_entry, pattern_key
 from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.bdlora import apply_bdlora
+from oxpeft.tuners.lora.kasa import add_kasa, kasa_loss, truncate_base
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.dispatch import lora_layer_for
 from oxpeft.tuners.lora.layer import LoraLayer, warn_fan_in_fan_out
@@ -39,12 +42,16 @@ def _layer_options(config: LoraConfig, key: str) -> dict:
     )
 
 
-def _apply_velora(layer: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> None:
-    if config.velora_config is None:
-        return
-    if type(layer).__name__ != "Linear":
-        raise ValueError(f"VeLoRA applies to LoRA on Linear layers; '{key}' is a {type(layer).__name__}")
-    layer._velora.add(layer, adapter_name, config.velora_config)
+def _apply_variants(layer: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> None:
+    """The LoRA variants a new adapter of `layer` takes from its config (BD-LoRA, VeLoRA, KaSA)."""
+    if config.use_bdlora is not None:
+        apply_bdlora(layer, adapter_name, config.use_bdlora, key)
+    if config.velora_config is not None:
+        if type(layer).__name__ != "Linear":
+            raise ValueError(f"VeLoRA applies to LoRA on Linear layers; '{key}' is a {type(layer).__name__}")
+        layer._velora.add(layer, adapter_name, config.velora_config)
+    if config.kasa_config is not None:
+        add_kasa(layer, adapter_name, key)
 
 
 def _strip_base_layer(name: str) -> str:
@@ -87,9 +94,7 @@ class LoraModel(BaseTuner):
             if loftq:
                 raise ValueError(f"'{current_key}' already has an adapter; LoftQ initialises a layer's first adapter only")
             target.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(target.get_base_layer()), **options)
-            if config.use_bdlora is not None:
-                apply_bdlora(target, adapter_name, config.use_bdlora, current_key)
-            _apply_velora(target, adapter_name, config, current_key)
+            _apply_variants(target, adapter_name, config, current_key)
             return
         layer_cls, required_fifo = lora_layer_for(target)
         kwargs = dict(options, adapter_dtype=self._adapter_dtype(target))
@@ -100,15 +105,44 @@ class LoraModel(BaseTuner):
         new_module = layer_cls(target, adapter_name, **kwargs)
         if loftq:
             new_module.loftq_init(adapter_name, config.loftq_config)
-        if config.use_bdlora is not None:
-            apply_bdlora(new_module, adapter_name, config.use_bdlora, current_key)
-        _apply_velora(new_module, adapter_name, config, current_key)
+        _apply_variants(new_module, adapter_name, config, current_key)
         setattr(parent, target_name, new_module)
 
     def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
         self._inject_parameters(config, adapter_name, module_targets)
         if config.trainable_token_indices is not None:
             self._inject_trainable_tokens(config, adapter_name)
+        if config.kasa_config is not None:
+            # Last, once every layer took the adapter: KaSA's truncation of the base weights cannot be undone.
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer) and adapter_name in module.lora_diag:
+                    truncate_base(module, adapter_name)
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        super()._check_new_adapter_config(config)
+        # KaSA truncates the base weights when its adapter is added: what other adapters see depends on the order.
+        kasa = getattr(config, "kasa_config", None) is not None
+        for name, other in self.peft_config.items():
+            if (getattr(other, "kasa_config", None) is not None) != kasa:
+                raise ValueError(
+                    "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base weights: "
+                    f"the new adapter {'uses' if kasa else 'does not use'} KaSA but adapter '{name}' "
+                    f"{'does not' if kasa else 'does'}."
+                )
+
+    def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """KaSA's regularisers summed over the layers of the KaSA adapters among `adapter_names` (default: the
+        active ones), with each adapter's `beta` and `gamma`; 0.0 when there are none. Add it to the task loss."""
+        names = self.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        total: torch.Tensor | float = 0.0
+        for module in self.model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for name in names:
+                if name in module.lora_diag:
+                    settings = self.peft_config[name].kasa_config
+                    total = total + kasa_loss(module, name, settings.beta, settings.gamma)
+        return total
 
     def _inject_trainable_tokens(self, config: LoraConfig, adapter_name: str) -> None:
         """`trainable_token_indices`: the listed rows of the input embedding (a list), or of each named embedding
