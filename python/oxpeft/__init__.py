@@ -68,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "IA3Config": "oxpeft.tuners.ia3",
     "BdLoraConfig": "oxpeft.tuners.lora",
     "KasaConfig": "oxpeft.tuners.lora",
+    "MontecloraConfig": "oxpeft.tuners.lora",
     "VeloraConfig": "oxpeft.tuners.lora",
     "TrainableTokensConfig": "oxpeft.tuners.trainable_tokens",
     "TrainableTokensModel": "oxpeft.tuners.trainable_tokens",

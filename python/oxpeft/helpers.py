@@ -1,5 +1,5 @@
 """Helpers around PEFT models (PEFT's `peft.helpers`): signatures for introspection, a check for adapter folders,
-temporary LoRA rescaling, and turning off the adapters' input dtype casting."""
+temporary LoRA rescaling, turning off the adapters' input dtype casting, and a Trainer mixin for MonteCLoRA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import inspect
 import types
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -16,6 +16,7 @@ from oxpeft.tuners.lora.layer import LoraLayer
 from oxpeft.tuners.tuners_utils import BaseTunerLayer
 
 __all__ = [
+    "MontecloraTrainerMixin",
     "check_if_peft_model",
     "disable_input_dtype_casting",
     "rescale_adapter_scale",
@@ -114,3 +115,19 @@ def disable_input_dtype_casting(model: nn.Module, active: bool = True) -> Iterat
     finally:
         for m, enabled in before:
             m.cast_input_dtype_enabled = enabled
+
+
+class MontecloraTrainerMixin:
+    """Put before a Trainer class (`class MyTrainer(MontecloraTrainerMixin, Trainer)`, SFTTrainer too) to add
+    MonteCLoRA's variational loss to the task loss; nothing changes for other adapters. With several LoRA tuners in
+    the model, their losses are averaged."""
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any):
+        from oxpeft.tuners.lora.model import LoraModel
+
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)  # type: ignore[misc]
+        loss, outputs = result if return_outputs else (result, None)
+        tuners = [m for m in model.modules() if isinstance(m, LoraModel)]
+        extra = sum((t._get_monteclora_loss() for t in tuners), 0.0)
+        loss = loss + (extra / len(tuners) if len(tuners) > 1 else extra)
+        return (loss, outputs) if return_outputs else loss

@@ -7,7 +7,7 @@ from oxpeft.tuners.adalora import AdaLoraConfig, AdaLoraModel
 from oxpeft.tuners.ia3 import IA3Config, IA3Model
 from oxpeft.tuners.loha import LoHaConfig, LoHaModel
 from oxpeft.tuners.lokr import LoKrConfig, LoKrModel
-from oxpeft.tuners.lora import BdLoraConfig, KasaConfig, LoraConfig, LoraModel, VeloraConfig
+from oxpeft.tuners.lora import BdLoraConfig, KasaConfig, LoraConfig, LoraModel, MontecloraConfig, VeloraConfig
 from oxpeft.tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from oxpeft.tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from oxpeft.tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -18,6 +18,7 @@ __all__ = [
     "AdaLoraModel",
     "BdLoraConfig",
     "KasaConfig",
+    "MontecloraConfig",
     "IA3Config",
     "IA3Model",
     "LoHaConfig",

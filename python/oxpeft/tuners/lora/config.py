@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal, Union
 from oxpeft.config import PeftConfig
 from oxpeft.tuners.lora.bdlora import BdLoraConfig
 from oxpeft.tuners.lora.kasa import KasaConfig, kasa_config_of
+from oxpeft.tuners.lora.monteclora import MontecloraConfig, monteclora_config_of
 from oxpeft.tuners.lora.velora import VeloraConfig
 from oxpeft.utils.peft_types import PeftType
 
@@ -23,7 +24,6 @@ _UNSUPPORTED_FEATURES = (
     "corda_config",
     "lora_ga_config",
     "alora_invocation_tokens",
-    "monteclora_config",
     "layer_replication",
     "arrow_config",
 )
@@ -77,7 +77,7 @@ class LoraConfig(PeftConfig):
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
-    monteclora_config: dict | None = None
+    monteclora_config: MontecloraConfig | dict | None = None
     layer_replication: list[tuple[int, int]] | None = None
     lora_bias: bool = False
     target_parameters: list[str] | None = None
@@ -133,13 +133,16 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights == "mica" and (self.use_dora or self.use_bdlora is not None or self.velora_config):
             raise ValueError("init_lora_weights='mica' cannot be combined with use_dora, use_bdlora or velora_config")
         self.kasa_config = kasa_config_of(self.kasa_config)
-        if self.kasa_config is not None:
-            others = [n for n, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
-                                      ("velora_config", self.velora_config is not None),
-                                      ("init_lora_weights='mica'", self.init_lora_weights == "mica"),
-                                      ("target_parameters", bool(self.target_parameters))) if on]
-            if others:
-                raise ValueError(f"kasa_config cannot be combined with {', '.join(others)}")
+        self.monteclora_config = monteclora_config_of(self.monteclora_config)
+        variants = [n for n, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
+                                    ("velora_config", self.velora_config is not None),
+                                    ("init_lora_weights='mica'", self.init_lora_weights == "mica"),
+                                    ("kasa_config", self.kasa_config is not None),
+                                    ("monteclora_config", self.monteclora_config is not None)) if on]
+        for variant in ("kasa_config", "monteclora_config"):
+            others = [n for n in variants if n != variant]
+            if variant in variants and (others or self.target_parameters):
+                raise ValueError(f"{variant} cannot be combined with {', '.join(others or ['target_parameters'])}")
         if self.ensure_weight_tying and self.trainable_token_indices is None:
             raise ValueError(
                 "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "

@@ -19,6 +19,7 @@ from oxpeft.quant.bnb import bnb_bits, dequantize_bnb
 from oxpeft.tuners._buffer_dict import BufferDict
 from oxpeft.tuners.lora.bdlora import factor_weight
 from oxpeft.tuners.lora.kasa import apply_pending
+from oxpeft.tuners.lora.monteclora import sampled_lora_a
 from oxpeft.tuners.lora.velora import VeloraState
 from oxpeft.tuners.lora.dora import DoraMagnitude, channel_norm, channel_view, dora_weight_norm
 from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight, innermost_base
@@ -35,7 +36,7 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 class LoraLayer(BaseTunerLayer):
     adapter_layer_names = (
         "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_velora_embed",
-        "lora_diag",
+        "lora_diag", "lora_monteclora_sampler",
     )  # fmt: skip
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
@@ -60,6 +61,7 @@ class LoraLayer(BaseTunerLayer):
         self._velora = VeloraState()
         self.lora_diag = nn.ParameterDict()  # KaSA's learnable singular values
         self._kasa_pending: set[str] = set()  # KaSA adapters whose base truncation waits for a real weight
+        self.lora_monteclora_sampler = nn.ModuleDict()  # MonteCLoRA's variational state
         self._dora_norm_cache: dict[str, torch.Tensor] = {}
         # Per-sample adapter names while a mixed-batch forward runs (set by LoraModel.batch_adapters).
         self._batch_adapter_names: list[str] | None = None
@@ -461,7 +463,12 @@ class Linear(nn.Module, LoraLayer):
             if self.use_dora[name]:
                 result = result + self._dora_forward(x_, result, name, dropout, scaling)
                 continue
-            after_a = self._velora.after_a(self, name, dropout(x_)) if name in self.lora_velora_embed else lora_A(dropout(x_))
+            if name in self.lora_velora_embed:
+                after_a = self._velora.after_a(self, name, dropout(x_))
+            elif self.training and name in self.lora_monteclora_sampler:
+                after_a = F.linear(dropout(x_), sampled_lora_a(self, name))
+            else:
+                after_a = lora_A(dropout(x_))
             if name in self.lora_diag:
                 after_a = after_a * self.lora_diag[name]
             if lora_B.bias is None and result.dtype == lora_B.weight.dtype and type(lora_B) is nn.Linear:

@@ -13,6 +13,7 @@ from oxpeft.utils.error import NoMatchingPeftModuleError
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.bdlora import apply_bdlora
 from oxpeft.tuners.lora.kasa import add_kasa, kasa_loss, truncate_base
+from oxpeft.tuners.lora.monteclora import add_monteclora
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.dispatch import lora_layer_for
 from oxpeft.tuners.lora.layer import LoraLayer, warn_fan_in_fan_out
@@ -52,6 +53,8 @@ def _apply_variants(layer: nn.Module, adapter_name: str, config: LoraConfig, key
         layer._velora.add(layer, adapter_name, config.velora_config)
     if config.kasa_config is not None:
         add_kasa(layer, adapter_name, key)
+    if config.monteclora_config is not None:
+        add_monteclora(layer, adapter_name, config.monteclora_config, key)
 
 
 def _strip_base_layer(name: str) -> str:
@@ -129,6 +132,22 @@ class LoraModel(BaseTuner):
                     f"the new adapter {'uses' if kasa else 'does not use'} KaSA but adapter '{name}' "
                     f"{'does not' if kasa else 'does'}."
                 )
+
+    def _get_monteclora_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """MonteCLoRA's variational loss (KL terms and the entropy term) of the adapters among `adapter_names`
+        (default: the active ones), averaged over their layers; 0.0 outside training or without MonteCLoRA. Add it
+        to the task loss (`oxpeft.helpers.MontecloraTrainerMixin` does so for a Trainer)."""
+        names = self.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        total: torch.Tensor | float = 0.0
+        count = 0
+        for module in self.model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for name in names:
+                if name in module.lora_monteclora_sampler:
+                    kl, entropy = module.lora_monteclora_sampler[name].variational_loss()
+                    total, count = total + kl + entropy, count + 1
+        return total / count if count else 0.0
 
     def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
         """KaSA's regularisers summed over the layers of the KaSA adapters among `adapter_names` (default: the
