@@ -516,11 +516,6 @@ def test_orthogonal_init_matches_peft_and_keeps_the_output():
         oxpeft.get_peft_model(twin(base), oxpeft.LoraConfig(target_modules=["embed_tokens"], init_lora_weights="orthogonal"))
 
 
-def test_ensure_weight_tying_is_refused_rather_than_ignored():
-    with pytest.raises(ValueError, match="ensure_weight_tying"):
-        oxpeft.LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True)
-
-
 @pytest.mark.parametrize("method", ["lora-dora", "ia3", "loha", "adalora"])
 def test_low_cpu_mem_usage_creates_meta_weights_that_loading_assigns(method, tmp_path):
     """As PEFT: low_cpu_mem_usage=True injects uninitialised adapter weights on the meta device; loading a state

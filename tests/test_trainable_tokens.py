@@ -204,5 +204,4 @@ def test_ensure_weight_tying_with_trainable_tokens():
     assert model.base_model.model.lm_head.tied_adapter is None
     with pytest.warns(UserWarning, match="does not have tied weights"):
         oxpeft.get_peft_model(_llama(False), oxpeft.LoraConfig(**lora, trainable_token_indices=[1]))
-    with pytest.raises(ValueError, match="ensure_weight_tying=True is implemented for trainable_token_indices only"):
-        oxpeft.LoraConfig(r=2, target_modules=["embed_tokens"], ensure_weight_tying=True)
+    # LoRA on the tied embedding with ensure_weight_tying: test_lora_tying.py.

@@ -707,7 +707,8 @@ class BaseTuner(nn.Module, abc.ABC):
         if unmatched_save:
             msg = "; ".join(f"{_shown(e)} (closest: {_closest_names(e, all_names)})" for e in unmatched_save[:_SHOWN_ENTRIES])
             raise ValueError(f"modules_to_save entries match no module: {msg}")
-        self._warn_tied_targets(targets)
+        if not getattr(config, "_tied_targets", None):  # ensure_weight_tying ties them (LoRA)
+            self._warn_tied_targets(targets)
 
         given.__dict__.update(config.__dict__)
         config = given

@@ -124,9 +124,10 @@ def get_peft_model_state_dict(
                     out[key] = tensors[key]
 
     if _save_embeddings(model, config, save_embedding_layers):
-        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        # The input and the output embedding, where an adapter wraps them (a tied output layer too), as PEFT does.
+        layers = [getattr(model, f"get_{kind}_embeddings", lambda: None)() for kind in ("input", "output")]
         for name, module in named_modules_for_state_dict(model):
-            if module is embedding and isinstance(module, BaseTunerLayer):
+            if any(module is layer for layer in layers) and isinstance(module, BaseTunerLayer):
                 key = f"{name}.base_layer.weight"
                 out[key] = tensors[key]
     return {k: v.detach() for k, v in out.items()}

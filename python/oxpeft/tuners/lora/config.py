@@ -143,11 +143,6 @@ class LoraConfig(PeftConfig):
             others = [n for n in variants if n != variant]
             if variant in variants and (others or self.target_parameters):
                 raise ValueError(f"{variant} cannot be combined with {', '.join(others or ['target_parameters'])}")
-        if self.ensure_weight_tying and self.trainable_token_indices is None:
-            raise ValueError(
-                "ensure_weight_tying=True is implemented for trainable_token_indices only; for LoRA or "
-                "modules_to_save on tied embeddings oxpeft does not tie the adapters, so it is refused"
-            )
         if self.trainable_token_indices is not None:
             from oxpeft.tuners.trainable_tokens.config import check_token_indices
 

@@ -62,6 +62,11 @@ class LoraLayer(BaseTunerLayer):
         self.lora_diag = nn.ParameterDict()  # KaSA's learnable singular values
         self._kasa_pending: set[str] = set()  # KaSA adapters whose base truncation waits for a real weight
         self.lora_monteclora_sampler = nn.ModuleDict()  # MonteCLoRA's variational state
+        # ensure_weight_tying (tied.py): on the input embedding, its adapters that tied output layers share (and those
+        # merged when such a layer merged); on an output layer, the embedding layer each tied adapter follows.
+        self._tied_adapters: set[str] = set()
+        self._merged_through_tie: set[str] = set()
+        self._tied_sources: dict[str, nn.Module] = {}
         self._dora_norm_cache: dict[str, torch.Tensor] = {}
         # Per-sample adapter names while a mixed-batch forward runs (set by LoraModel.batch_adapters).
         self._batch_adapter_names: list[str] | None = None
@@ -332,13 +337,33 @@ class LoraLayer(BaseTunerLayer):
             return None
         return self.lora_B[adapter_name].bias.float() * self.scaling[adapter_name]
 
+    @property
+    def keeps_tying(self) -> bool:  # type: ignore[override]
+        """Whether every adapter here is tied to / by a tied output layer (merging then keeps the tie)."""
+        names = self.adapter_names()
+        return bool(names) and all(n in self._tied_adapters or n in self._tied_sources for n in names)
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if self._merged_through_tie:  # merged already, when a tied output layer merged
+            requested = self.active_adapters if adapter_names is None else list(adapter_names)
+            adapter_names = [n for n in requested if n not in self._merged_through_tie]
+            self._merged_through_tie.clear()
+            if not adapter_names:
+                return
         base = self.get_base_layer()
         names = self._adapters_to_merge(adapter_names)
         if self._kasa_pending:
             apply_pending(self, names)
         for name in names:
+            if name in self._tied_sources:
+                # The shared weight takes the delta once, through the embedding's layer.
+                source = self._tied_sources[name]
+                if name not in source.merged_adapters:
+                    source.merge(safe_merge=safe_merge, adapter_names=[name])
+                    source._merged_through_tie.add(name)
+                self.merged_adapters.append(name)
+                continue
             merged = self._merged_weight(name, self._stored_weight())
             if safe_merge:
                 check_merged_weight(merged, name)
@@ -353,8 +378,13 @@ class LoraLayer(BaseTunerLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         base = self.get_base_layer()
+        self._merged_through_tie.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            if name in self._tied_sources:
+                if name in self._tied_sources[name].merged_adapters:
+                    self._tied_sources[name].unmerge()
+                continue
             self._store_weight(self._unmerged_weight(name, self._stored_weight()))
             bias_delta = self._bias_delta(name)
             if bias_delta is not None:
@@ -364,6 +394,8 @@ class LoraLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._velora.remove(adapter_name)
         self._kasa_pending.discard(adapter_name)
+        self._tied_adapters.discard(adapter_name)
+        self._tied_sources.pop(adapter_name, None)
 
     def _check_forward_args(self, x: torch.Tensor) -> None:
         if self._kasa_pending:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -14,6 +15,7 @@ from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MA
 from oxpeft.tuners.lora.bdlora import apply_bdlora
 from oxpeft.tuners.lora.kasa import add_kasa, kasa_loss, truncate_base
 from oxpeft.tuners.lora.monteclora import add_monteclora
+from oxpeft.tuners.lora.tied import tie_to_embedding
 from oxpeft.tuners.lora.config import LoraConfig
 from oxpeft.tuners.lora.dispatch import lora_layer_for
 from oxpeft.tuners.lora.layer import LoraLayer, warn_fan_in_fan_out
@@ -111,7 +113,69 @@ class LoraModel(BaseTuner):
         _apply_variants(new_module, adapter_name, config, current_key)
         setattr(parent, target_name, new_module)
 
+    def _resolve_target_modules(self, config: PeftConfig) -> None:
+        super()._resolve_target_modules(config)
+        if getattr(config, "ensure_weight_tying", False) and config.target_modules is not None:
+            self._plan_weight_tying(config)
+
+    def _plan_weight_tying(self, config: LoraConfig) -> None:
+        """`ensure_weight_tying` with the input embedding or a layer tied to it among the targets: the adapter goes
+        on the embedding, and the tied output layers take it too, tied (see tied.py), after the other targets."""
+        tied = output_layers_tied_to_embedding(self.model)
+        embedding = input_embeddings_name(self.model)
+        pair = [embedding, *tied]
+        targets = config.target_modules
+        if isinstance(targets, str):
+            in_targets = any(re.fullmatch(targets, name) for name in pair)
+        else:
+            in_targets = any(matches_list_entry(name, entry) for name in pair for entry in targets)
+        saved = any(matches_list_entry(name, e) for name in pair for e in config.modules_to_save or [])
+        if not tied:
+            if config.trainable_token_indices is None:  # the trainable tokens warn for themselves
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model", stacklevel=5)
+            return
+        if saved:
+            raise ValueError(
+                "ensure_weight_tying=True with the tied embedding in modules_to_save is not implemented by oxpeft "
+                "(a LoRA target or trainable_token_indices on it is); it is refused rather than trained untied"
+            )
+        if not in_targets:
+            if config.trainable_token_indices is None:
+                warnings.warn(
+                    "You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                    "`modules_to_save` or `target_modules`",
+                    stacklevel=5,
+                )
+            return
+        if config.use_dora:
+            raise ValueError("ensure_weight_tying=True cannot tie DoRA adapters: each layer would have its own magnitude")
+        # PEFT's rewrite (so that files move both ways): the embedding joins the targets, the tied layers leave them.
+        if isinstance(targets, str):
+            config.target_modules = rf"(?:{targets}|^{re.escape(embedding)}$)"
+        else:
+            config.target_modules = {e for e in targets if not any(matches_list_entry(t, e) for t in tied)} | {embedding}
+        config._tied_targets = tied
+
+    def _matching_targets(self, config: PeftConfig, names: list[str], modules_to_save: list[str]) -> list[str]:
+        tied = getattr(config, "_tied_targets", ())
+        return [k for k in super()._matching_targets(config, names, modules_to_save) if k not in tied]
+
+    def _tie_output_layers(self, config: LoraConfig, adapter_name: str) -> None:
+        embedding_layer = self.model.get_input_embeddings()
+        for key in getattr(config, "_tied_targets", ()):
+            parent, target, target_name = self._get_submodules(key)
+            options = dict(_layer_options(config, key), init_lora_weights=False, use_dora=False)
+            if isinstance(target, LoraLayer):
+                target.update_layer(adapter_name, adapter_dtype=self._adapter_dtype(target.get_base_layer()), **options)
+            else:
+                layer_cls, fifo = lora_layer_for(target)
+                target = layer_cls(target, adapter_name, fan_in_fan_out=bool(fifo), adapter_dtype=self._adapter_dtype(target), **options)
+                setattr(parent, target_name, target)
+            tie_to_embedding(target, embedding_layer, adapter_name)
+
     def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
+        if getattr(config, "_tied_targets", None):
+            self._tie_output_layers(config, adapter_name)
         self._inject_parameters(config, adapter_name, module_targets)
         if config.trainable_token_indices is not None:
             self._inject_trainable_tokens(config, adapter_name)
