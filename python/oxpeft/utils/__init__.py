@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "WEIGHTS_NAME": "oxpeft.utils.constants",
     "AuxiliaryTrainingWrapper": "oxpeft.utils.other",
     "ModulesToSaveWrapper": "oxpeft.utils.other",
+    "TrainableTokensWrapper": "oxpeft.tuners.trainable_tokens.layer",
     "_get_submodules": "oxpeft.utils.other",
     "cast_mixed_precision_params": "oxpeft.utils.other",
     "infer_device": "oxpeft.utils.other",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
         cast_mixed_precision_params,
         infer_device,
     )
+    from oxpeft.tuners.trainable_tokens.layer import TrainableTokensWrapper
     from oxpeft.utils.peft_types import PeftType, TaskType, register_peft_method
     from oxpeft.utils.save_and_load import (
         get_base_model_state_dict,

@@ -2,9 +2,9 @@
 `in_proj_weight` (3 * embed x embed) and a LoRA `Linear` on `out_proj`, as PEFT lays them out (the latter inside the
 wrapped module, saved as `<name>.base_layer.out_proj.lora_*`).
 
-torch's attention reads both weights directly rather than calling a Linear's forward, so the forward runs the
-module with `W + delta` substituted for both (`torch.func.functional_call`: nothing is written into the module, and
-gradients reach the adapters). This layer owns the `out_proj` layer: switching, merging, deleting and unloading
+torch's attention reads both weights directly rather than calling a Linear's forward, so the forward runs torch's
+attention function with `W + delta` passed for both (nothing is written into the module, gradients reach the
+adapters, and FSDP's parameter views are read as they are). This layer owns the `out_proj` layer: switching, merging, deleting and unloading
 act on both.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.tuners.lora.layer import Linear, LoraLayer
@@ -103,23 +104,42 @@ class MultiheadAttention(nn.Module, LoraLayer):
         return base
 
     # --- forward -------------------------------------------------------------------------------------------------
-    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_forward_args(query)
         if self._batch_adapter_names is not None:
             raise ValueError("lora.MultiheadAttention does not support per-sample adapter_names")
         active = [n for n in self.active_adapters if n in self.lora_A]
         base = self.get_base_layer()
         if self.disable_adapters or self.merged or not active:
-            return base(query, *args, **kwargs)
-        in_w = base.in_proj_weight
-        out_w = self._out.get_base_layer().weight
-        in_delta = sum(self.get_delta_weight(n) for n in active)
-        out_delta = sum(self._out.get_delta_weight(n) for n in active if n in self._out.lora_A)
-        replaced = {
-            "in_proj_weight": in_w + in_delta.to(in_w.dtype),
-            "out_proj.base_layer.weight": out_w + torch.as_tensor(out_delta).to(out_w.dtype),
-        }
-        return torch.func.functional_call(base, replaced, (query, *args), kwargs, strict=False)
+            return base(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+        in_w, out = base.in_proj_weight, self._out
+        out_w = out.get_base_layer().weight
+        in_w = in_w + sum(self.get_delta_weight(n) for n in active).to(in_w.dtype)
+        out_deltas = [out.get_delta_weight(n) for n in active if n in out.lora_A]
+        if out_deltas:
+            out_w = out_w + sum(out_deltas).to(out_w.dtype)
+        # torch's module path, with W + delta passed for both weights (the arguments, not the module's attributes,
+        # so that it also holds where FSDP swaps the attributes for views of its flat parameters).
+        batched = query.dim() == 3
+        if base.batch_first and batched:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        output, weights = F.multi_head_attention_forward(
+            query, key, value, base.embed_dim, base.num_heads, in_w, base.in_proj_bias, base.bias_k, base.bias_v,
+            base.add_zero_attn, base.dropout, out_w, out.get_base_layer().bias, training=base.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        return (output.transpose(1, 0) if base.batch_first and batched else output), weights
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

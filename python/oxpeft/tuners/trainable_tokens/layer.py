@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxpeft.tuners._buffer_dict import BufferDict
-from oxpeft.tuners.tuners_utils import BaseTunerLayer, check_merged_weight
+from oxpeft.tuners.tuners_utils import _ADAPTERS_ON_META, BaseTunerLayer, check_merged_weight
 
 
 class TrainableTokensLayer(nn.Module, BaseTunerLayer):
@@ -103,7 +103,10 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
             )
         index = torch.tensor(token_indices, device=weight.device)
         originals = weight.detach()[index].clone()
-        values = originals.clone() if init_weights else torch.randn_like(originals)
+        if _ADAPTERS_ON_META.get():  # low_cpu_mem_usage: a file's rows are assigned to it
+            values = torch.empty(originals.shape, device="meta", dtype=adapter_dtype or originals.dtype)
+        else:
+            values = originals.clone() if init_weights else torch.randn_like(originals)
         if adapter_dtype is not None:
             values = values.to(adapter_dtype)
         self.token_indices[adapter_name] = list(token_indices)
@@ -177,3 +180,12 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
             name = self.merged_adapters.pop()
             index = torch.tensor(self.token_indices[name], device=weight.device)
             weight.data.index_copy_(0, index, self.trainable_tokens_original[name].to(weight))
+
+
+class TrainableTokensWrapper(TrainableTokensLayer):
+    """Trainable token rows beside another method's adapter (LoRA's `trainable_token_indices`), held in a
+    `token_adapter` child as in PEFT's class of this name, which code written for PEFT looks for."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        kwargs["auxiliary"] = True
+        super().__init__(base_layer, adapter_name, *args, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from oxpeft.tuners.trainable_tokens.config import TrainableTokensConfig
-from oxpeft.tuners.trainable_tokens.layer import TrainableTokensLayer
+from oxpeft.tuners.trainable_tokens.layer import TrainableTokensLayer, TrainableTokensWrapper
 from oxpeft.tuners.tuners_utils import BaseTuner
 
 
@@ -47,7 +47,8 @@ def add_token_rows(
         target.update_layer(adapter_name, indices, init_weights, dtype)
         target.set_adapter(target.active_adapters + [adapter_name])
         return
-    layer = TrainableTokensLayer(target, adapter_name, indices, init_weights, auxiliary=auxiliary, adapter_dtype=dtype)
+    layer_cls = TrainableTokensWrapper if auxiliary else TrainableTokensLayer
+    layer = layer_cls(target, adapter_name, indices, init_weights, adapter_dtype=dtype)
     setattr(parent, target_name, layer)
 
 
@@ -75,7 +76,7 @@ def tie_output_layers(tuner: BaseTuner, adapter_name: str, *, auxiliary: bool) -
         else:
             continue
         parent, _, target_name = tuner._get_submodules(name)
-        layer = TrainableTokensLayer(base, adapter_name, tied_adapter=embedding, auxiliary=auxiliary)
+        layer = (TrainableTokensWrapper if auxiliary else TrainableTokensLayer)(base, adapter_name, tied_adapter=embedding)
         layer.saves_tensors = not auxiliary  # PEFT saves a tied layer's rows for the method, not beside LoRA
         setattr(parent, target_name, layer)
 
