@@ -136,3 +136,49 @@ def test_fsdp2_fully_shard_on_cpu(tmp_path):
         assert all(torch.isfinite(torch.tensor(result["losses"])))
         # sharded training computes the same updates as DDP on the same per-rank data
         torch.testing.assert_close(result["flat"], ddp_result, atol=1e-5, rtol=1e-4)
+
+
+class _AttentionModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(10, 2)
+        self.lin0 = torch.nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.lin0(self.mha(x, x, x)[0])
+
+
+def _fsdp1_attention_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import oxpeft
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    _setup(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = oxpeft.get_peft_model(_AttentionModel(), oxpeft.LoraConfig(target_modules=["mha"], init_lora_weights=False))
+        x = torch.randn(9, 10)
+        with torch.no_grad():
+            plain = model(x)
+        wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+        with torch.no_grad():
+            sharded = wrapped(x)
+        state = oxpeft.get_peft_model_state_dict(wrapped)
+        torch.save({"x": x, "plain": plain, "sharded": sharded, "state": state}, os.path.join(out_dir, "fsdp1.pt"))
+        del wrapped, model
+    finally:
+        _teardown()
+
+
+def test_fsdp_wrapped_multihead_attention_keeps_its_adapter(tmp_path):
+    """FSDP (use_orig_params) swaps a module's parameters for views of its flat parameter: LoRA on
+    nn.MultiheadAttention must read those, and its state dict round-trips."""
+    import oxpeft
+
+    mp.spawn(_fsdp1_attention_worker, args=(1, _free_port(), str(tmp_path)), nprocs=1, join=True)
+    result = torch.load(tmp_path / "fsdp1.pt")
+    torch.testing.assert_close(result["sharded"], result["plain"])
+    torch.manual_seed(0)
+    fresh = oxpeft.get_peft_model(_AttentionModel(), oxpeft.LoraConfig(target_modules=["mha"]))
+    oxpeft.set_peft_model_state_dict(fresh, result["state"])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(result["x"]), result["plain"])
