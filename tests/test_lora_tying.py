@@ -100,3 +100,29 @@ def test_what_cannot_be_tied():
     with pytest.warns(UserWarning, match="no tied modules are added"):
         oxpeft.get_peft_model(make_llama(tie_word_embeddings=True), oxpeft.LoraConfig(
             target_modules=["q_proj"], ensure_weight_tying=True))
+
+
+def test_oxpeft_merge_of_a_tied_adapter_into_a_tied_checkpoint(tmp_path):
+    """The checkpoint stores the shared weight once (as the embedding): the embedding's delta is the whole merge."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from test_checkpoint_merge import sha_per_tensor
+
+    base = make_llama(tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    model = _tied_model(oxpeft, base, ["embed_tokens", "q_proj"])
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the merged model differs" warning: it does not
+        oxpeft.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    oxpeft.unmerge_checkpoint(tmp_path / "merged", tmp_path / "adapter", tmp_path / "back", progress=False)
+    assert sha_per_tensor(tmp_path / "back") == sha_per_tensor(tmp_path / "base")

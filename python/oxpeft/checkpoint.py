@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence, Union
 
-from oxpeft import _expert_merge, _merge_tokens, _merge_variants, _native
+from oxpeft import _expert_merge, _merge_tied, _merge_tokens, _merge_variants, _native
 from oxpeft._io import make_parents, refuse_existing, remove_created, umask_mode
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -150,7 +150,7 @@ def merge_checkpoint(
     with tempfile.TemporaryDirectory(prefix="oxpeft-adapters-") as scratch:
         size = _native.checkpoint_size(str(base_dir))  # (bytes, tensors): read once, for the checks and the bar
         resolved = [_resolve_adapter(d, w, Path(scratch), size[0], base_dir) for d, w in zip(adapter_dirs, weights)]
-        _warn_if_tied_embedding_changes(base_dir, [r[1] for r in resolved])
+        _warn_if_tied_embedding_changes(base_dir, [(r[0], r[1]) for r in resolved])
 
         def work(tmp: Path, bar: _Progress) -> dict:
             # The adapters' sha256 (for the sidecar's manifest) is computed on a thread while the
@@ -348,7 +348,8 @@ def _resolve_adapter(
 
     A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (never a full
     unpickle) and converted to a safetensors file in ``scratch``. Trainable token rows become embedding
-    replacements (``_merge_tokens``), LoRA variants plain LoRA (``_merge_variants``), and LoRA on MoE expert
+    replacements (``_merge_tokens``), LoRA variants plain LoRA (``_merge_variants``), a tied output layer's copy
+    of the embedding's LoRA is left to the embedding (``_merge_tied``), and LoRA on MoE expert
     parameters (``target_parameters``) the equivalent per-expert LoRA for the checkpoint ``base``
     (``_expert_merge``), each in ``scratch``. The fingerprint is always of the adapter's own files.
     """
@@ -374,7 +375,7 @@ def _resolve_adapter(
     adapter_dir = folder
     config_values = _read_adapter_config(config)
     tensors_of_base: dict | None = None  # read once, if a conversion needs it
-    for conversion in (_merge_tokens, _merge_variants, _expert_merge):
+    for conversion in (_merge_tokens, _merge_variants, _merge_tied, _expert_merge):
         if conversion.needs_conversion(config_values):
             if tensors_of_base is None:
                 tensors_of_base = _native.checkpoint_tensors(str(base))
@@ -410,9 +411,10 @@ def _refuse_oversized_adapters(base_bytes: int, weight_files: list[str]) -> None
             )
 
 
-def _warn_if_tied_embedding_changes(base: Path, weight_files: list[str]) -> None:
+def _warn_if_tied_embedding_changes(base: Path, adapters: list[tuple[str, str]]) -> None:
     """LoRA on an input embedding that the output layer shares (tie_word_embeddings) changes the output
-    layer too once merged, which the adapted model did not do."""
+    layer too once merged, which the adapted model did not do, unless it was trained tied (ensure_weight_tying).
+    `adapters`: (folder, weights file) of each."""
     config = base / "config.json"
     if not config.is_file():
         return
@@ -422,7 +424,9 @@ def _warn_if_tied_embedding_changes(base: Path, weight_files: list[str]) -> None
         return
     from safetensors import safe_open
 
-    for f in weight_files:
+    for folder, f in adapters:
+        if _read_adapter_config(Path(folder) / "adapter_config.json").get("ensure_weight_tying"):
+            continue
         with safe_open(f, "np") as st:
             if any(k.endswith(".lora_embedding_A") for k in st.keys()):
                 warnings.warn(
