@@ -140,6 +140,38 @@ def test_transformers_adapter_api_end_to_end(alias, tmp_path):
     assert_peft_loads_it(tmp_path / "saved", tmp_path / "base", tmp_path / "logits.pt", tmp_path)
 
 
+def test_transformers_adapter_api_loads_and_adds_lora_on_fused_experts(alias, tmp_path):
+    """`model.load_adapter` of a real-peft adapter on Qwen3-MoE's fused expert parameters (`target_parameters`), and
+    `model.add_adapter` of one, saved for the real peft: equal logits both ways."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    import peft
+
+    config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    moe = AutoModelForCausalLM.from_config(config).eval()
+    moe.save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    trained = peft.get_peft_model(copy.deepcopy(moe), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=experts, init_lora_weights=False)).eval()
+    trained.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    out.mkdir()
+    run("adapter_api_moe.py", str(tmp_path / "base"), str(tmp_path / "adapter"), str(out), alias=alias)
+    assert result(out)["peft"] == "oxpeft" and result(out)["active"] == ["added"]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(out / "loaded.pt"), trained(ids).logits, atol=1e-6, rtol=0)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(moe), out / "added").eval()
+        torch.testing.assert_close(theirs(ids).logits, torch.load(out / "added.pt"), atol=1e-6, rtol=0)
+
+
 PROBE = """
 import warnings
 warnings.simplefilter("always")

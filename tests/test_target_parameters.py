@@ -205,3 +205,26 @@ def test_qwen3_moe_experts_trained_saved_loaded_in_peft_and_merged_offline(moe, 
     done = run_oxpeft("unmerge", str(merged), str(tmp_path / "adapter"), "-o", str(back), "-q")
     assert done.returncode == 0, done.stderr
     assert (back / "model.safetensors").read_bytes() == (base_dir / "model.safetensors").read_bytes()
+
+
+def test_an_adapter_on_fewer_parameters_saves_the_nesting_it_has_alone(moe, tmp_path):
+    """Two adapters on different expert parameters: the second one's file keys are those of a model holding it alone
+    (no `base_layer` step for a wrapper it is not in), so the real peft loads it into a fresh model."""
+    model = oxpeft.get_peft_model(copy.deepcopy(moe), _config(oxpeft, init_lora_weights=False))
+    torch.manual_seed(4)
+    model.add_adapter("gate", _config(oxpeft, target_parameters=["mlp.experts.gate_up_proj"], init_lora_weights=False))
+    model.set_adapter("gate")
+    model.eval()
+    with torch.no_grad():
+        want = model(_ids()).logits
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["gate"])
+    keys = load_file(tmp_path / "saved" / "gate" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.experts.lora_A.weight" in keys
+    assert not any(".base_layer." in k for k in keys)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(moe), tmp_path / "saved" / "gate").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_ids()).logits, want, rtol=0, atol=1e-6)
+    model.load_adapter(tmp_path / "saved" / "gate", adapter_name="again")
+    model.set_adapter("again")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, want, rtol=0, atol=1e-6)

@@ -59,15 +59,17 @@ def named_modules_for_state_dict(model: nn.Module):
 def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
     """Model state-dict key -> checkpoint key, for every tensor that belongs to `adapter_name`."""
     mapping: dict[str, str] = {}
-    for name, module in named_modules_for_state_dict(model):
+    modules = dict(named_modules_for_state_dict(model))
+    for name, module in modules.items():
         prefix = f"{name}." if name else ""
         if isinstance(module, BaseTunerLayer) and not module.saves_tensors:
             continue
         if isinstance(module, BaseTunerLayer):
             # In a mixed model a layer may sit inside another method's layer (`lin0.base_layer`); its file keys
             # are those of the module it adapts (`lin0.lora_A...`), as a plain model writes them.
-            # (A nest of ParamWrappers, one per parameter of one module, keeps its `base_layer` steps, as PEFT's.)
             ckpt_prefix = prefix
+            if module.file_keys_keep_nesting:
+                ckpt_prefix = _nesting_of(modules, name, adapter_name)
             while ckpt_prefix.endswith(".base_layer.") and not module.file_keys_keep_nesting:
                 ckpt_prefix = ckpt_prefix[: -len("base_layer.")]
             for attr in module.adapter_layer_names:
@@ -89,6 +91,19 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
             for k in module.modules_to_save[adapter_name].state_dict():
                 mapping[f"{prefix}modules_to_save.{adapter_name}.{k}"] = f"{prefix}{k}"
     return mapping
+
+
+def _nesting_of(modules: dict[str, nn.Module], name: str, adapter_name: str) -> str:
+    """The key prefix of the nested layer `name` (a ParamWrapper, `x.base_layer.base_layer`) for one adapter: a
+    `base_layer` step for each wrapper around it that holds the adapter too. That is the nesting PEFT builds when it
+    loads this adapter alone, so a file of one of several adapters on different parameters loads there."""
+    outer, steps = name, 0
+    while outer.endswith(".base_layer"):
+        outer = outer[: -len(".base_layer")]
+        wrapper = modules.get(outer)
+        if isinstance(wrapper, BaseTunerLayer) and adapter_name in wrapper.adapter_names():
+            steps += 1
+    return outer + ".base_layer" * steps + "."
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
