@@ -93,6 +93,24 @@ def input_ids():
     return torch.randint(0, 256, (2, 12))
 
 
+class TwoLinears(torch.nn.Module):
+    """Linear 10 -> 20 -> 6 (the forward), and an embedding beside them (for refusals of Linear-only variants)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(10, 20)
+        self.lin1 = torch.nn.Linear(20, 6)
+        self.emb = torch.nn.Embedding(9, 10)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def two_linears() -> TwoLinears:
+    torch.manual_seed(0)
+    return TwoLinears()
+
+
 def twin(model):
     """An independent copy with identical weights (one per framework under test)."""
     return copy.deepcopy(model)

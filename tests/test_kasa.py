@@ -9,25 +9,10 @@ import pytest
 import torch
 
 import oxpeft
-from conftest import twin
+from conftest import TwoLinears, two_linears, twin
 
 peft = pytest.importorskip("peft")
-
-
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = torch.nn.Linear(10, 20)
-        self.lin1 = torch.nn.Linear(20, 6)
-        self.emb = torch.nn.Embedding(9, 10)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def _base() -> Net:
-    torch.manual_seed(0)
-    return Net()
+_base = two_linears
 
 
 def _kasa(lib, model, **kwargs):
@@ -86,7 +71,7 @@ def test_a_base_built_on_meta_is_truncated_at_its_first_forward():
     reference = _kasa(oxpeft, twin(base))
     _randomise(reference)
     with torch.device("meta"):
-        empty = Net()
+        empty = TwoLinears()
     model = _kasa(oxpeft, empty)
     layer = model.base_model.model.lin0
     assert layer._kasa_pending == {"default"}

@@ -8,25 +8,10 @@ import pytest
 import torch
 
 import oxpeft
-from conftest import twin
+from conftest import two_linears, twin
 
 peft = pytest.importorskip("peft")
-
-
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = torch.nn.Linear(10, 20)
-        self.lin1 = torch.nn.Linear(20, 6)
-        self.emb = torch.nn.Embedding(9, 10)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def _base() -> Net:
-    torch.manual_seed(0)
-    return Net()
+_base = two_linears
 
 
 def _model(lib, base, **settings):

@@ -208,6 +208,20 @@ def runtime_field(default: Any) -> Any:
 PROMPT_LEARNING_TASKS = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM)
 
 
+_Sub = TypeVar("_Sub")
+
+
+def subconfig(value: Any, cls: type[_Sub], name: str) -> _Sub | None:
+    """A nested sub-config field (`velora_config`, `kasa_config`, ...): None, an instance of `cls`, or its dict as
+    read from adapter_config.json (fields that `cls` does not take as arguments are dropped, as PEFT does)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        accepted = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in value.items() if k in accepted})
+    raise ValueError(f"{name} must be a {cls.__name__} (or its dict), got {type(value).__name__}")
+
+
 def check_positive_int(config: Any, name: str, *, required: bool = False) -> None:
     value = getattr(config, name)
     if value is None and not required:

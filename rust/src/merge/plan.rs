@@ -750,16 +750,7 @@ impl Planner<'_> {
         } else {
             [out_features, 1]
         };
-        if tv.shape[..] != expect[..] {
-            return Err(self.ia3_shape_error(
-                key,
-                tv,
-                feedforward,
-                weight_key.as_ref(),
-                w,
-                &expect,
-            ));
-        }
+        self.check_ia3_shape(key, tv, feedforward, weight_key.as_ref(), w, &expect)?;
         let per_row = feedforward == self.settings.fan_in_fan_out;
         self.add_ia3(
             ops,
@@ -789,16 +780,7 @@ impl Planner<'_> {
         let channels = w.shape[if feedforward { 1 } else { 0 }];
         let mut expect = vec![1; w.shape.len()];
         expect[1] = channels;
-        if tv.shape[..] != expect[..] {
-            return Err(self.ia3_shape_error(
-                key,
-                tv,
-                feedforward,
-                weight_key.as_ref(),
-                w,
-                &expect,
-            ));
-        }
+        self.check_ia3_shape(key, tv, feedforward, weight_key.as_ref(), w, &expect)?;
         self.add_ia3(
             ops,
             module,
@@ -810,7 +792,8 @@ impl Planner<'_> {
         )
     }
 
-    fn ia3_shape_error(
+    /// Checks that IA3 vector `tv` has the shape `expect` its base tensor needs.
+    fn check_ia3_shape(
         &self,
         key: &str,
         tv: &TensorInfo,
@@ -818,8 +801,11 @@ impl Planner<'_> {
         weight_key: &str,
         w: &TensorInfo,
         expect: &[usize],
-    ) -> Error {
-        self.err(
+    ) -> Result<()> {
+        if tv.shape[..] == expect[..] {
+            return Ok(());
+        }
+        Err(self.err(
             key,
             format!(
                 "has shape {:?}, but a {} IA3 vector for base tensor '{weight_key}' of shape {:?} has shape \
@@ -828,7 +814,7 @@ impl Planner<'_> {
                 if feedforward { "feedforward" } else { "non-feedforward" },
                 w.shape
             ),
-        )
+        ))
     }
 
     /// Adds an IA3 vector's term to the weight, and to the bias when it scales the output.

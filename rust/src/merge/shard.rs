@@ -532,44 +532,35 @@ impl<'a> ShardOut<'a> {
             spilled?;
         }
         report.sidecar_elements += n_fix as u64;
-        if n_dora > 0 && p.dora_columns {
-            let bytes: Vec<u8> = p
-                .column_factors
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect();
-            spill.spill(
-                (pos, ORDER_DORA),
-                TensorSpec {
-                    name: format!("{}{SUFFIX_DORA}", t.name),
-                    dtype: Dtype::F32,
-                    shape: vec![n_dora, p.cols],
-                },
-                &bytes,
-            )?;
-        } else if n_dora > 0 {
-            // Each block of ROW_BLOCK rows left n_dora runs of its rows' factors.
-            let mut factors = vec![0f32; n_dora * p.rows];
-            for (ci, (fix, _)) in chunks.iter().enumerate() {
-                let mut values = fix.dora.iter();
-                let (row0, end) = (ci * chunk_rows, (ci * chunk_rows + chunk_rows).min(p.rows));
-                for first in (row0..end).step_by(ROW_BLOCK) {
-                    let block_rows = ROW_BLOCK.min(end - first);
-                    for d in 0..n_dora {
-                        for r in 0..block_rows {
-                            factors[d * p.rows + first + r] =
-                                *values.next().expect("kernel wrote them");
+        if n_dora > 0 {
+            // Column factors were fixed before the merge; row factors come from the kernels, each
+            // block of ROW_BLOCK rows having left n_dora runs of its rows' factors.
+            let (factors, per_term) = if p.dora_columns {
+                (p.column_factors.clone(), p.cols)
+            } else {
+                let mut factors = vec![0f32; n_dora * p.rows];
+                for (ci, (fix, _)) in chunks.iter().enumerate() {
+                    let mut values = fix.dora.iter();
+                    let (row0, end) = (ci * chunk_rows, (ci * chunk_rows + chunk_rows).min(p.rows));
+                    for first in (row0..end).step_by(ROW_BLOCK) {
+                        let block_rows = ROW_BLOCK.min(end - first);
+                        for d in 0..n_dora {
+                            for r in 0..block_rows {
+                                factors[d * p.rows + first + r] =
+                                    *values.next().expect("kernel wrote them");
+                            }
                         }
                     }
                 }
-            }
+                (factors, p.rows)
+            };
             let bytes: Vec<u8> = factors.iter().flat_map(|x| x.to_le_bytes()).collect();
             spill.spill(
                 (pos, ORDER_DORA),
                 TensorSpec {
                     name: format!("{}{SUFFIX_DORA}", t.name),
                     dtype: Dtype::F32,
-                    shape: vec![n_dora, p.rows],
+                    shape: vec![n_dora, per_term],
                 },
                 &bytes,
             )?;

@@ -7,10 +7,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
-from oxpeft.config import PeftConfig
+from oxpeft.config import PeftConfig, subconfig
 from oxpeft.tuners.lora.bdlora import BdLoraConfig
-from oxpeft.tuners.lora.kasa import KasaConfig, kasa_config_of
-from oxpeft.tuners.lora.monteclora import MontecloraConfig, monteclora_config_of
+from oxpeft.tuners.lora.kasa import KasaConfig
+from oxpeft.tuners.lora.monteclora import MontecloraConfig
 from oxpeft.tuners.lora.velora import VeloraConfig
 from oxpeft.utils.peft_types import PeftType
 
@@ -118,22 +118,16 @@ class LoraConfig(PeftConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         self._check_init(self.init_lora_weights)
         self._refuse_unsupported()
-        if isinstance(self.use_bdlora, dict):
-            self.use_bdlora = BdLoraConfig(**self.use_bdlora)
-        if self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
-            raise ValueError(f"use_bdlora must be a BdLoraConfig (or its dict), got {type(self.use_bdlora).__name__}")
+        self.use_bdlora = subconfig(self.use_bdlora, BdLoraConfig, "use_bdlora")
+        self.velora_config = subconfig(self.velora_config, VeloraConfig, "velora_config")
+        self.kasa_config = subconfig(self.kasa_config, KasaConfig, "kasa_config")
+        self.monteclora_config = subconfig(self.monteclora_config, MontecloraConfig, "monteclora_config")
         if self.use_bdlora is not None and self.use_dora:
             raise ValueError("use_bdlora and use_dora cannot be combined")
-        if isinstance(self.velora_config, dict):
-            self.velora_config = VeloraConfig(**self.velora_config)
-        if self.velora_config is not None and not isinstance(self.velora_config, VeloraConfig):
-            raise ValueError(f"velora_config must be a VeloraConfig (or its dict), got {type(self.velora_config).__name__}")
         if self.velora_config is not None and (self.use_dora or self.use_bdlora is not None):
             raise ValueError("velora_config cannot be combined with use_dora or use_bdlora")
         if self.init_lora_weights == "mica" and (self.use_dora or self.use_bdlora is not None or self.velora_config):
             raise ValueError("init_lora_weights='mica' cannot be combined with use_dora, use_bdlora or velora_config")
-        self.kasa_config = kasa_config_of(self.kasa_config)
-        self.monteclora_config = monteclora_config_of(self.monteclora_config)
         variants = [n for n, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
                                     ("velora_config", self.velora_config is not None),
                                     ("init_lora_weights='mica'", self.init_lora_weights == "mica"),

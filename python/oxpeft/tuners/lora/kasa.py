@@ -14,7 +14,6 @@ waits for the first forward or merge, once the weight is real.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,16 +33,6 @@ class KasaConfig:
             raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
         if self.gamma < 0:
             raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
-
-
-def kasa_config_of(value: Any) -> KasaConfig | None:
-    """A KasaConfig from a config field: None, an instance, or its dict (as read from adapter_config.json)."""
-    if value is None or isinstance(value, KasaConfig):
-        return value
-    if isinstance(value, dict):
-        fields = {f.name for f in dataclasses.fields(KasaConfig) if f.init}
-        return KasaConfig(**{k: v for k, v in value.items() if k in fields})
-    raise ValueError(f"kasa_config must be a KasaConfig (or its dict), got {type(value).__name__}")
 
 
 def add_kasa(layer: nn.Module, adapter_name: str, key: str) -> None:

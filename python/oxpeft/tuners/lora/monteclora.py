@@ -24,7 +24,6 @@ accepts `buffer_size` for compatibility only.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -51,16 +50,6 @@ class MontecloraConfig:
             raise ValueError("`dirichlet_prior` must be greater than 0.")
         if self.buffer_size <= 0:
             raise ValueError("`buffer_size` must be greater than 0.")
-
-
-def monteclora_config_of(value: Any) -> MontecloraConfig | None:
-    """A MontecloraConfig from a config field: None, an instance, or its dict (from adapter_config.json)."""
-    if value is None or isinstance(value, MontecloraConfig):
-        return value
-    if isinstance(value, dict):
-        fields = {f.name for f in dataclasses.fields(MontecloraConfig) if f.init}
-        return MontecloraConfig(**{k: v for k, v in value.items() if k in fields})
-    raise ValueError(f"monteclora_config must be a MontecloraConfig (or its dict), got {type(value).__name__}")
 
 
 def _spd_cholesky(matrix: torch.Tensor) -> torch.Tensor:
