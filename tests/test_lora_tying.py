@@ -87,13 +87,48 @@ def test_peft_merge_adds_the_shared_delta_twice():
     assert (after - before).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("saved", ["embed_tokens", "lm_head"])
+def test_modules_to_save_share_one_trained_copy_like_peft(tmp_path, saved):
+    """The tied embedding in modules_to_save: the output layer's trained copy shares the embedding copy's weight."""
+    base = make_llama(tie_word_embeddings=True)
+    ids = torch.randint(0, 100, (2, 7))
+    models = {}
+    for lib in (oxpeft, peft):
+        model = lib.get_peft_model(twin(base), lib.LoraConfig(
+            target_modules=["q_proj"], modules_to_save=[saved], ensure_weight_tying=True, init_lora_weights=False))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if "modules_to_save" in name and "embed_tokens" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+                elif "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        models[lib.__name__] = model
+    ours, theirs = models["oxpeft"], models["peft"]
+    assert ours.peft_config["default"].modules_to_save == theirs.peft_config["default"].modules_to_save
+    head, embedding = ours.base_model.model.lm_head, ours.base_model.model.model.embed_tokens
+    assert head.modules_to_save["default"].weight is embedding.modules_to_save["default"].weight
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    mine, peft_file = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert mine.keys() == peft_file.keys()
+    for loaded in (oxpeft.PeftModel.from_pretrained(twin(base), tmp_path / "theirs"),
+                   peft.PeftModel.from_pretrained(twin(base), tmp_path / "ours")):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, expected)
+    merged = ours.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_what_cannot_be_tied():
     with pytest.raises(ValueError, match="cannot tie DoRA"):
         oxpeft.get_peft_model(make_llama(tie_word_embeddings=True), oxpeft.LoraConfig(
             target_modules=["embed_tokens"], ensure_weight_tying=True, use_dora=True))
-    with pytest.raises(ValueError, match="modules_to_save is not implemented"):
-        oxpeft.get_peft_model(make_llama(tie_word_embeddings=True), oxpeft.LoraConfig(
-            target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True))
     with pytest.warns(UserWarning, match="no tied modules were found"):
         oxpeft.get_peft_model(make_llama(tie_word_embeddings=False), oxpeft.LoraConfig(
             target_modules=["embed_tokens"], ensure_weight_tying=True))
@@ -126,3 +161,22 @@ def test_oxpeft_merge_of_a_tied_adapter_into_a_tied_checkpoint(tmp_path):
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
     oxpeft.unmerge_checkpoint(tmp_path / "merged", tmp_path / "adapter", tmp_path / "back", progress=False)
     assert sha_per_tensor(tmp_path / "back") == sha_per_tensor(tmp_path / "base")
+
+
+def test_oxpeft_merge_of_a_tied_modules_to_save_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = make_llama(tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    model = oxpeft.get_peft_model(twin(base), oxpeft.LoraConfig(
+        target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True, init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    oxpeft.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)

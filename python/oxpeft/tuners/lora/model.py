@@ -11,6 +11,7 @@ from torch import nn
 from oxpeft.config import PeftConfig
 from oxpeft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, matches_list_entry, pattern_key
 from oxpeft.utils.error import NoMatchingPeftModuleError
+from oxpeft.utils.other import ModulesToSaveWrapper
 from oxpeft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from oxpeft.tuners.lora.bdlora import apply_bdlora
 from oxpeft.tuners.lora.kasa import add_kasa, kasa_loss, truncate_base
@@ -135,10 +136,11 @@ class LoraModel(BaseTuner):
                 warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model", stacklevel=5)
             return
         if saved:
-            raise ValueError(
-                "ensure_weight_tying=True with the tied embedding in modules_to_save is not implemented by oxpeft "
-                "(a LoRA target or trainable_token_indices on it is); it is refused rather than trained untied"
-            )
+            # PEFT's rewrite: the embedding's copy is trained, and the tied layers' copies share its weight.
+            kept = [e for e in config.modules_to_save if not any(matches_list_entry(t, e) for t in tied)]
+            config.modules_to_save = kept + ([embedding] if embedding not in kept else [])
+            config._tied_saves = tied
+            return
         if not in_targets:
             if config.trainable_token_indices is None:
                 warnings.warn(
@@ -173,7 +175,24 @@ class LoraModel(BaseTuner):
                 setattr(parent, target_name, target)
             tie_to_embedding(target, embedding_layer, adapter_name)
 
+    def _tie_saved_output_layers(self, config: LoraConfig, adapter_name: str) -> None:
+        """`modules_to_save` with `ensure_weight_tying`: each tied layer's trained copy shares the weight of the
+        embedding's trained copy (one parameter, so the model stays tied through training, saving and unloading)."""
+        source = self.model.get_input_embeddings()
+        if not isinstance(source, ModulesToSaveWrapper) or adapter_name not in source.modules_to_save:
+            raise ValueError("ensure_weight_tying: the input embedding has no trained copy to tie the output layer to")
+        for key in config._tied_saves:
+            parent, target, target_name = self._get_submodules(key)
+            if isinstance(target, ModulesToSaveWrapper):
+                target.update(adapter_name)
+            else:
+                target = ModulesToSaveWrapper(target, adapter_name)
+                setattr(parent, target_name, target)
+            target.modules_to_save[adapter_name].weight = source.modules_to_save[adapter_name].weight
+
     def _after_module_injection(self, config: LoraConfig, adapter_name: str, module_targets: list[str]) -> None:
+        if getattr(config, "_tied_saves", None):
+            self._tie_saved_output_layers(config, adapter_name)
         if getattr(config, "_tied_targets", None):
             self._tie_output_layers(config, adapter_name)
         self._inject_parameters(config, adapter_name, module_targets)
