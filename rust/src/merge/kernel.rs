@@ -600,37 +600,43 @@ fn deltas(p: &Prepared, first_row: usize, nrows: usize, scratch: &mut Scratch) {
 
 /// DoRA along columns (PEFT's embedding and fan_in_fan_out DoRA): factor j of each DoRA term is
 /// m[j] / ||W[:, j] + D[:, j]||, the norm over every row of the base tensor `data` (as in the
-/// forward pass, whatever else is merged). Sums of squares are reduced in f64 over row blocks.
-pub(super) fn set_column_factors(p: &mut Prepared, data: &[u8]) {
+/// forward pass, whatever else is merged). Sums of squares are reduced in f64; the rows are read in
+/// chunks of `chunk_rows`, and `done(chunk)` is called as each is finished (its pages can go).
+pub(super) fn set_column_factors(
+    p: &mut Prepared,
+    data: &[u8],
+    chunk_rows: usize,
+    done: &(dyn Fn(usize) + Sync),
+) {
     let (cols, n_dora) = (p.cols, p.n_dora());
     let row_bytes = cols * p.ft.size();
     let shared: &Prepared = p;
-    let sums = (0..shared.rows.div_ceil(ROW_BLOCK))
+    let sums = (0..shared.rows.div_ceil(chunk_rows))
         .into_par_iter()
         .fold(
             || (Scratch::new(shared), vec![0f64; n_dora * cols]),
-            |(mut scratch, mut sums), bi| {
-                let first = bi * ROW_BLOCK;
-                let nrows = ROW_BLOCK.min(shared.rows - first);
-                deltas(shared, first, nrows, &mut scratch);
-                let Scratch { acc, deltas, .. } = &mut scratch;
-                for rr in 0..nrows {
-                    let at = (first + rr) * row_bytes;
-                    decode(shared.ft, &data[at..at + row_bytes], acc);
-                    let dora = shared
-                        .terms
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, t)| t.magnitude.is_some());
-                    for (di, (ti, _)) in dora.enumerate() {
-                        let d = &deltas[delta_row(cols, ti, rr)];
-                        let s = &mut sums[di * cols..(di + 1) * cols];
-                        for ((s, a), dj) in s.iter_mut().zip(acc.iter()).zip(d) {
-                            let v = (a + dj) as f64;
-                            *s += v * v;
+            |(mut scratch, mut sums), ci| {
+                let end = ((ci + 1) * chunk_rows).min(shared.rows);
+                for first in (ci * chunk_rows..end).step_by(ROW_BLOCK) {
+                    let nrows = ROW_BLOCK.min(end - first);
+                    deltas(shared, first, nrows, &mut scratch);
+                    let Scratch { acc, deltas, .. } = &mut scratch;
+                    for rr in 0..nrows {
+                        let at = (first + rr) * row_bytes;
+                        decode(shared.ft, &data[at..at + row_bytes], acc);
+                        let dora = (shared.terms.iter().enumerate())
+                            .filter(|(_, t)| t.magnitude.is_some());
+                        for (di, (ti, _)) in dora.enumerate() {
+                            let d = &deltas[delta_row(cols, ti, rr)];
+                            let s = &mut sums[di * cols..(di + 1) * cols];
+                            for ((s, a), dj) in s.iter_mut().zip(acc.iter()).zip(d) {
+                                let v = (a + dj) as f64;
+                                *s += v * v;
+                            }
                         }
                     }
                 }
+                done(ci);
                 (scratch, sums)
             },
         )

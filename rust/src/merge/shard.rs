@@ -387,7 +387,9 @@ impl<'a> ShardOut<'a> {
         };
         let data = self.shard.data(t);
         if p.dora_columns && !unmerge {
-            kernel::set_column_factors(p, data);
+            // A first pass over the tensor for the norms, releasing its pages as it goes (RAM stays flat).
+            let release = ChunkRelease::new(self.shard, t, chunk_rows * row_bytes);
+            kernel::set_column_factors(p, data, chunk_rows, &|ci| release.complete(ci));
         }
         let p: &Prepared = p;
         let release = ChunkRelease::new(self.shard, t, chunk_rows * row_bytes);
