@@ -713,12 +713,7 @@ fn apply_terms(
         }
         if let Some(m) = &t.magnitude {
             let d = &deltas[delta_row(p.cols, ti, rr)];
-            let mut sq = 0f64;
-            for (a, dj) in acc.iter().zip(d) {
-                let v = (a + dj) as f64;
-                sq += v * v;
-            }
-            factors[di][rr] = m[row] / (sq.sqrt() as f32);
+            factors[di][rr] = m[row] / (sum_of_squares(acc, d).sqrt() as f32);
             di += 1;
         }
     }
@@ -747,6 +742,27 @@ fn apply_terms(
             }
         }
     }
+}
+
+/// sum((a + d)^2) over a row, in f64, in 8 independent lanes (so that it vectorises).
+#[inline(always)]
+fn sum_of_squares(a: &[f32], d: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut lanes = [0f64; LANES];
+    let (a8, d8) = (a.chunks_exact(LANES), d.chunks_exact(LANES));
+    let tail: f64 = (a8.remainder().iter().zip(d8.remainder()))
+        .map(|(x, y)| {
+            let v = (x + y) as f64;
+            v * v
+        })
+        .sum();
+    for (x, y) in a8.zip(d8) {
+        for k in 0..LANES {
+            let v = (x[k] + y[k]) as f64;
+            lanes[k] += v * v;
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// Undoes the terms in reverse order on `acc` (a row of float(W')), as PEFT's unmerge does.
