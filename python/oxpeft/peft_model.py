@@ -27,6 +27,7 @@ from oxpeft.utils.save_and_load import (
     save_peft_weights,
     set_peft_model_state_dict,
 )
+from oxpeft.tuners.lora.legacy_moe import fuse_per_expert_adapter
 from oxpeft.tuners.tuners_utils import BaseTuner, classifier_modules_for, set_requires_grad
 from oxpeft.prompt_learning import PromptLearningMixin
 
@@ -604,7 +605,9 @@ def _read_adapter(
         )
     weights = load_peft_weights(model_id, device=torch_device, **hub)
     check_ranks_against_file(config, weights, os.fspath(model_id))
-    return config, rename_keys(weights, key_mapping, model, config)
+    weights = rename_keys(weights, key_mapping, model, config)
+    # An adapter saved for transformers 4's per-expert MoE layers, for transformers 5's fused experts.
+    return fuse_per_expert_adapter(getattr(model, "get_base_model", lambda: model)(), config, weights)
 
 
 def _check_loading_options(model: nn.Module, device_map: Any) -> None:
