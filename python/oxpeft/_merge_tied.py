@@ -48,11 +48,12 @@ def convert(config: dict, weights: Path, base: Path, tensors_of_base: dict, out:
             continue  # not a tied layer: the Rust planner names the missing base tensor
         dropped |= {a_key, b_key, f"{module}.base_layer.weight"}
     # modules_to_save: the tied layer's trained copy is the embedding's (one weight, saved under both names).
+    saved = [tensors[f"{e}.weight"] for e in _saved_embeddings(tensors, tensors_of_base)]
     for key, value in tensors.items():
         name = key[len(_PREFIX) :]
         if "lora_" in key or name in tensors_of_base or key in dropped:
             continue
-        if any(f"{e}.weight" in tensors and torch.equal(value, tensors[f"{e}.weight"]) for e in _saved_embeddings(tensors, tensors_of_base)):
+        if any(torch.equal(value, copy) for copy in saved):
             dropped.add(key)
     kept = {k: v for k, v in tensors.items() if k not in dropped}
     out.mkdir()

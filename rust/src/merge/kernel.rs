@@ -706,15 +706,14 @@ fn apply_terms(
     // DoRA's norm is that of the base row (`acc` on entry) plus the adapter's own delta, whatever was
     // merged before it, as in the forward pass (and PEFT's merge): the merged weight then computes what
     // the unmerged adapters do together.
-    let mut di = 0;
-    for (ti, t) in p.terms.iter().enumerate() {
-        if p.dora_columns {
-            break;
-        }
-        if let Some(m) = &t.magnitude {
-            let d = &deltas[delta_row(p.cols, ti, rr)];
-            factors[di][rr] = m[row] / (sum_of_squares(acc, d).sqrt() as f32);
-            di += 1;
+    if !p.dora_columns {
+        let mut di = 0;
+        for (ti, t) in p.terms.iter().enumerate() {
+            if let Some(m) = &t.magnitude {
+                let d = &deltas[delta_row(p.cols, ti, rr)];
+                factors[di][rr] = m[row] / (sum_of_squares(acc, d).sqrt() as f32);
+                di += 1;
+            }
         }
     }
     let mut di = 0;

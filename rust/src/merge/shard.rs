@@ -537,8 +537,9 @@ impl<'a> ShardOut<'a> {
         if n_dora > 0 {
             // Column factors were fixed before the merge; row factors come from the kernels, each
             // block of ROW_BLOCK rows having left n_dora runs of its rows' factors.
-            let (factors, per_term) = if p.dora_columns {
-                (p.column_factors.clone(), p.cols)
+            let gathered;
+            let (factors, per_term): (&[f32], usize) = if p.dora_columns {
+                (&p.column_factors, p.cols)
             } else {
                 let mut factors = vec![0f32; n_dora * p.rows];
                 for (ci, (fix, _)) in chunks.iter().enumerate() {
@@ -554,7 +555,8 @@ impl<'a> ShardOut<'a> {
                         }
                     }
                 }
-                (factors, p.rows)
+                gathered = factors;
+                (&gathered, p.rows)
             };
             let bytes: Vec<u8> = factors.iter().flat_map(|x| x.to_le_bytes()).collect();
             spill.spill(

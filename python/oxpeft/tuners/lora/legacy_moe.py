@@ -56,11 +56,11 @@ def fuse_per_expert_adapter(
     config.rank_pattern, config.alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
     stacks_used: set[str] = set()
     for module, layers in found.items():
-        fused = modules.get(module) or modules.get(module.replace(".block_sparse_moe.", ".mlp."))
+        target = module if module in modules else module.replace(".block_sparse_moe.", ".mlp.")
+        fused = modules.get(target)
         stacks = {name: getattr(fused, name, None) for name in ("gate_up_proj", "down_proj")}
         if fused is None or not all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in stacks.values()):
             return config, weights  # the model has per-expert layers: the keys fit as they are
-        target = next(name for name, m in modules.items() if m is fused)
         by_stack: dict[str, list[str]] = {}
         for layer in layers:
             by_stack.setdefault(_STACKS[layer][0], []).append(layer)
